@@ -65,6 +65,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the finished folder is read by other users
     try:
         yield tmp
         if final.exists():

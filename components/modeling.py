@@ -1,0 +1,118 @@
+"""Loading Gemma 4 the same way in every step: device, dtype, 4-bit nf4, LoRA targets.
+
+Fine-tuning, evaluation and merging all go through these functions so a model folder (a staged
+hub checkpoint, the tiny stand-in, or a merged export) loads identically everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Parts of Gemma4ForConditionalGeneration whose linear layers get LoRA: the language model, the
+# vision tower and the projection that feeds image soft tokens into the language model. The
+# lm_head (tied to the embeddings) and any audio tower are left alone.
+LORA_SCOPES = ("model.language_model.", "model.vision_tower.", "model.embed_vision.")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (what the checkpoints ship and the tensor cores want); fp32 on CPU, where
+    bf16 matmuls are slow and lose precision the tiny CPU runs would notice."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_quantization(quantization: str, device: torch.device) -> str:
+    if quantization == "auto":
+        return "nf4" if device.type == "cuda" else "none"
+    if quantization == "nf4" and device.type != "cuda":
+        raise ValueError("--quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit); use --quantization none on CPU")
+    if quantization not in ("nf4", "none"):
+        raise ValueError(f"--quantization must be auto, nf4 or none, got {quantization!r}")
+    return quantization
+
+
+def nf4_config():
+    """QLoRA's storage: nf4 weights, double-quantised scales, bf16 compute and bf16 quant storage
+    (bf16 storage lets FSDP shard the packed weights like any bf16 tensor)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+
+
+def check_model_dir(model_dir: str, flag: str = "--model-dir") -> Path:
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{flag} {model_dir}: no config.json there (not a model folder)")
+    return path
+
+
+def load_processor(model_dir: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_dir)
+
+
+def load_model(model_dir: str, device: torch.device, quantization: str = "none", attn_implementation: str = "sdpa"):
+    """The base model on ``device``: 4-bit nf4 (QLoRA) or unquantised in the compute dtype."""
+    from transformers import AutoModelForMultimodalLM
+
+    check_model_dir(model_dir)
+    kwargs = dict(dtype=compute_dtype(device), attn_implementation=attn_implementation)
+    if quantization == "nf4":
+        kwargs["quantization_config"] = nf4_config()
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForMultimodalLM.from_pretrained(model_dir, **kwargs)
+    if quantization != "nf4":
+        model.to(device)
+    return model
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    try:  # bitsandbytes' 4-bit layer is not an nn.Linear subclass in every release
+        import bitsandbytes as bnb
+
+        return isinstance(module, bnb.nn.Linear4bit)
+    except ImportError:
+        return False
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Full names of every linear layer of the language model, vision tower and vision projection.
+
+    Inside Gemma4ClippableLinear the target is the inner ``.linear``, so PEFT wraps that layer and
+    the clamps before and after it keep working around base + adapter.
+    """
+    names = [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(LORA_SCOPES) and _is_linear(module)
+    ]
+    if not names:
+        raise ValueError("found no linear layers to adapt: is this a Gemma 4 model?")
+    return names
+
+
+def load_with_adapter(model_dir: str, adapter_dir: str, device: torch.device, quantization: str = "none"):
+    """Base + LoRA adapter (unmerged), for evaluating a fine-tuned adapter."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter-dir {adapter_dir}: no adapter_config.json there")
+    base = load_model(model_dir, device, quantization)
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
