@@ -1,0 +1,116 @@
+"""One thin KFP component per step: wire artifact paths into the step's ``run(Config(...))``.
+
+The bodies are lightweight Python components: KFP copies each function's source into the task
+command, so every import sits inside the body and no module-level name is visible there. They run
+in the project's image, which has ``components``, ``pipelines`` and kfp installed, so nothing is
+pip-installed at run time (packages_to_install=[], install_kfp_package=False). The same
+definitions run under kfp.local's SubprocessRunner (in this venv) and on Vertex AI Pipelines.
+
+``build`` is a constant input (project version, git commit, image) fixed at compile time, so a
+task's cache key changes with the code and every artifact records the code that made it.
+No ``from __future__ import annotations`` here: KFP reads the annotations as types.
+"""
+
+import types
+from typing import Optional
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+
+def stage_weights(source: str, revision: str, hf_token_secret: str, build: dict,
+                  weights: Output[Model]):
+    from components import stage_weights as step
+    from pipelines import runtime
+
+    runtime.load_hf_token(hf_token_secret)  # Vertex: Secret Manager -> this task's env only
+    step.run(step.StageWeightsConfig(source=source, destination=weights.path, revision=revision))
+    runtime.annotate([weights], runtime.lineage(build, model_dir=weights.path))
+
+
+def prepare_dataset(source: str, source_format: str, train_size: Optional[int],
+                    eval_size: Optional[int], num_classes: Optional[int], seed: int, build: dict,
+                    dataset: Output[Dataset]):
+    from components import prepare_dataset as step
+    from pipelines import runtime
+
+    step.run(step.PrepareDatasetConfig(source=source, output_dir=dataset.path,
+                                       source_format=source_format, train_size=train_size,
+                                       eval_size=eval_size, num_classes=num_classes, seed=seed))
+    runtime.annotate([dataset], runtime.lineage(build, dataset_dir=dataset.path))
+
+
+def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, lora_r: int,
+             lora_alpha: int, lora_dropout: float, learning_rate: float, epochs: int,
+             micro_batch_size: int, grad_accum_steps: int, max_length: int, seed: int,
+             save_every_steps: int, build: dict, adapter: Output[Model],
+             train_metrics: Output[Metrics]):
+    from components import finetune as step
+    from pipelines import runtime
+
+    result = step.run(step.FinetuneConfig(
+        model_dir=weights.path, dataset_dir=dataset.path, output_dir=adapter.path,
+        quantization=quantization, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        learning_rate=learning_rate, epochs=epochs, micro_batch_size=micro_batch_size,
+        grad_accum_steps=grad_accum_steps, max_length=max_length, seed=seed,
+        save_every_steps=save_every_steps))
+    for key in ("final_loss", "steps", "samples_per_s", "peak_memory_mb"):
+        if isinstance(result.get(key), (int, float)):
+            train_metrics.log_metric(key, float(result[key]))
+    runtime.annotate([adapter, train_metrics], runtime.lineage(
+        build, model_dir=weights.path, dataset_dir=dataset.path, adapter_dir=adapter.path))
+
+
+def evaluate(weights: Input[Model], dataset: Input[Dataset], mode: str, batch_size: int,
+             limit: Optional[int], build: dict, evaluation: Output[Artifact],
+             metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
+             adapter: Optional[Input[Model]] = None):
+    from components import evaluate as step
+    from pipelines import runtime
+
+    adapter_dir = adapter.path if adapter is not None else None
+    step.run(step.EvaluateConfig(model_dir=weights.path, dataset_dir=dataset.path,
+                                 output_dir=evaluation.path, adapter_dir=adapter_dir, mode=mode,
+                                 batch_size=batch_size, limit=limit))
+    runtime.publish_evaluation(evaluation.path, metrics, confusion)
+    runtime.annotate([evaluation, metrics, confusion], runtime.lineage(
+        build, model_dir=weights.path, dataset_dir=dataset.path, adapter_dir=adapter_dir))
+
+
+def compare_accuracy(baseline: Input[Artifact], tuned: Input[Artifact], margin: float,
+                     build: dict, report: Output[HTML]) -> bool:
+    from pipelines import runtime
+
+    tuned_lineage = {k: v for k, v in tuned.metadata.items() if k in runtime.LINEAGE_KEYS}
+    return runtime.gate(baseline.path, tuned.path, margin, report, build, tuned_lineage)
+
+
+def merge_export(weights: Input[Model], adapter: Input[Model], dataset: Input[Dataset],
+                 tuned_evaluation: Input[Artifact], tolerance: float, build: dict,
+                 export: Output[Model]):
+    from components import merge_export as step
+    from pipelines import runtime
+
+    result = step.run(step.MergeExportConfig(
+        model_dir=weights.path, adapter_dir=adapter.path, output_dir=export.path,
+        dataset_dir=dataset.path, metrics_path=f"{tuned_evaluation.path}/metrics.json",
+        tolerance=tolerance))
+    tuned = runtime.load_metrics(tuned_evaluation.path)
+    runtime.annotate([export], runtime.lineage(build, model_dir=weights.path,
+                                               dataset_dir=dataset.path, adapter_dir=adapter.path))
+    export.metadata.update({f"tuned_{k}": float(tuned[k])
+                            for k in ("accuracy", "macro_f1", "unknown_rate")})
+    if isinstance(result.get("max_abs_logit_diff"), (int, float)):
+        export.metadata["max_abs_logit_diff"] = float(result["max_abs_logit_diff"])
+
+
+STEP_FUNCTIONS = (stage_weights, prepare_dataset, finetune, evaluate, compare_accuracy,
+                  merge_export)
+
+
+def build_components(image: str) -> types.SimpleNamespace:
+    """The KFP components, all running in ``image`` with nothing installed at run time."""
+    return types.SimpleNamespace(**{
+        func.__name__: dsl.component(func, base_image=image, packages_to_install=[],
+                                     install_kfp_package=False)
+        for func in STEP_FUNCTIONS})

@@ -1,0 +1,147 @@
+"""Compile-time options of the pipeline: container image, resource presets, build identity.
+
+Accelerator type/count and CPU/memory limits are baked into the compiled YAML by KFP (they are
+not runtime parameters), so they are chosen here, at compile time, through a named preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PIPELINE_NAME = "gemma-pets-finetune"
+PROJECT_DISTRIBUTION = "gemma-pets"
+IMAGE_ENV = "GEMMA_PETS_IMAGE"
+IMAGE_REPOSITORY = "us-central1-docker.pkg.dev/PROJECT/gemma-pets/trainer"
+# The image kfp.local runs under is the local venv, not a container: say so in lineage. The name
+# contains "python" so kfp.local does not warn that a non-Python image runs in a subprocess.
+LOCAL_IMAGE = "local-python-venv"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def project_version() -> str:
+    try:
+        return metadata.version(PROJECT_DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        import components
+
+        return components.__version__
+
+
+def default_image() -> str:
+    """The trainer image, tagged by the project version; $GEMMA_PETS_IMAGE overrides it."""
+    return os.environ.get(IMAGE_ENV) or f"{IMAGE_REPOSITORY}:{project_version()}"
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str:
+    """HEAD of the checkout compiling the pipeline, "+dirty" when tracked files have changes.
+
+    Read at compile time: the task containers have no git checkout. "unknown" outside git.
+    """
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True,
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, check=True, capture_output=True, text=True,
+                               timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """Limits of one task. accelerator_type "" means a CPU-only task."""
+
+    cpu_limit: str
+    memory_limit: str
+    accelerator_type: str = ""
+    accelerator_count: int = 0
+
+    def __post_init__(self) -> None:
+        if bool(self.accelerator_type) != (self.accelerator_count > 0):
+            raise ValueError(f"accelerator_type {self.accelerator_type!r} and accelerator_count "
+                             f"{self.accelerator_count} must be set together")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Resources for the GPU tasks (fine-tune, evaluations, merge) and the CPU tasks."""
+
+    name: str
+    description: str
+    gpu_task: Resources
+    cpu_task: Resources
+
+
+# Vertex AI picks the smallest machine that satisfies the limits, so the numbers are sized to the
+# machine that carries the accelerator: a3-highgpu-1g (1x H100 80GB, 26 vCPU, 234 GB) and
+# g2-standard-12 / g2-standard-8 (1x L4 24GB, 12 vCPU 48 GB / 8 vCPU 32 GB).
+PRESETS: dict[str, Preset] = {
+    "31b-qlora": Preset(
+        name="31b-qlora",
+        description="Gemma 4 31B, 4-bit QLoRA: NF4 base ~18 GB + activations fit one H100 80GB; "
+                    "170 GB RAM holds the bf16 shards (~62 GB) while merging on CPU.",
+        gpu_task=Resources(cpu_limit="12", memory_limit="170G",
+                           accelerator_type="NVIDIA_H100_80GB", accelerator_count=1),
+        cpu_task=Resources(cpu_limit="8", memory_limit="32G"),
+    ),
+    "e4b": Preset(
+        name="e4b",
+        description="Gemma 4 E4B: bf16 weights ~16 GB, QLoRA/LoRA on one L4 24GB.",
+        gpu_task=Resources(cpu_limit="12", memory_limit="48G",
+                           accelerator_type="NVIDIA_L4", accelerator_count=1),
+        cpu_task=Resources(cpu_limit="4", memory_limit="16G"),
+    ),
+    "e2b": Preset(
+        name="e2b",
+        description="Gemma 4 E2B: bf16 weights ~10 GB, LoRA on one L4 24GB.",
+        # 30G, not 32G: g2-standard-8 has 32 GB and part of it is reserved for the system
+        gpu_task=Resources(cpu_limit="8", memory_limit="30G",
+                           accelerator_type="NVIDIA_L4", accelerator_count=1),
+        cpu_task=Resources(cpu_limit="4", memory_limit="16G"),
+    ),
+    "cpu-smoke": Preset(
+        name="cpu-smoke",
+        description="No accelerator: the tiny stand-in model on Vertex, to test the wiring cheaply.",
+        gpu_task=Resources(cpu_limit="8", memory_limit="32G"),
+        cpu_task=Resources(cpu_limit="4", memory_limit="16G"),
+    ),
+}
+DEFAULT_PRESET = "31b-qlora"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """What is fixed when the pipeline is compiled (everything else is a runtime parameter)."""
+
+    image: str
+    preset: Preset
+    project_version: str
+    git_commit: str
+    fine_tune_retries: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.image or any(c.isspace() for c in self.image):
+            raise ValueError(f"image {self.image!r}: must be a non-empty image reference "
+                             "without spaces (flag --image or $GEMMA_PETS_IMAGE)")
+        if not 0 <= self.fine_tune_retries <= 10:
+            raise ValueError(f"fine_tune_retries {self.fine_tune_retries}: must be in 0..10")
+
+    @property
+    def build(self) -> dict[str, str]:
+        """Code identity recorded on every artifact (a constant input of every task)."""
+        return {"project_version": self.project_version, "git_commit": self.git_commit,
+                "image": self.image}
+
+
+def compile_options(image: str | None = None, preset: str = DEFAULT_PRESET,
+                    fine_tune_retries: int = 2) -> CompileOptions:
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r} (flag --preset): choose one of {', '.join(PRESETS)}")
+    return CompileOptions(image=image or default_image(), preset=PRESETS[preset],
+                          project_version=project_version(), git_commit=git_commit(),
+                          fine_tune_retries=fine_tune_retries)

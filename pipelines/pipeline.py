@@ -1,0 +1,114 @@
+"""The DAG: stage weights -> prepare dataset -> {baseline eval, fine-tune} -> tuned eval -> gate ->
+merge/export -> eval of the export.
+
+``build_pipeline(options)`` returns the @dsl.pipeline function for one set of compile-time options
+(image, resource preset, build identity); runtime parameters are the pipeline function's
+arguments. Task display names are the role names below; local_run and lineage find tasks by them.
+No ``from __future__ import annotations``: KFP reads the pipeline signature's annotations as types.
+"""
+
+from typing import Callable, Optional
+
+from kfp import dsl
+
+from pipelines.components import build_components
+from pipelines.options import PIPELINE_NAME, CompileOptions, Resources
+
+# Display names of the tasks (what the Vertex UI shows, and what local_run/lineage look up).
+STAGE_WEIGHTS = "stage-weights"
+PREPARE_DATASET = "prepare-dataset"
+EVALUATE_BASELINE = "evaluate-baseline"
+FINETUNE = "finetune"
+EVALUATE_TUNED = "evaluate-tuned"
+GATE = "compare-accuracy"
+MERGE_EXPORT = "merge-export"
+EVALUATE_MERGED = "evaluate-merged"
+GATED_TASKS = (MERGE_EXPORT, EVALUATE_MERGED)
+GATE_CONDITION_NAME = "tuned-beats-baseline"
+
+GPU_TASKS = (EVALUATE_BASELINE, FINETUNE, EVALUATE_TUNED, MERGE_EXPORT, EVALUATE_MERGED)
+CPU_TASKS = (STAGE_WEIGHTS, PREPARE_DATASET, GATE)
+
+
+def _apply(task: dsl.PipelineTask, resources: Resources) -> dsl.PipelineTask:
+    task.set_cpu_limit(resources.cpu_limit).set_memory_limit(resources.memory_limit)
+    if resources.accelerator_type:
+        task.set_accelerator_type(resources.accelerator_type)
+        task.set_accelerator_limit(resources.accelerator_count)
+    return task
+
+
+def build_pipeline(options: CompileOptions) -> Callable:
+    ops = build_components(options.image)
+    build = options.build
+    preset = options.preset
+
+    def task(op_task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+        _apply(op_task, preset.gpu_task if name in GPU_TASKS else preset.cpu_task)
+        return op_task.set_display_name(name).set_caching_options(True)
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description=("QLoRA fine-tune of a Gemma 4 vision-language model for image "
+                     f"classification (preset {preset.name}, image {options.image}, "
+                     f"code {options.project_version} @ {options.git_commit})"),
+    )
+    def gemma_pets_pipeline(
+        weights_source: str,
+        dataset_source: str,
+        weights_revision: str = "main",
+        hf_token_secret: str = "",
+        dataset_format: str = "auto",
+        train_size: Optional[int] = None,
+        eval_size: Optional[int] = None,
+        num_classes: Optional[int] = None,
+        seed: int = 0,
+        quantization: str = "auto",
+        lora_r: int = 64,
+        lora_alpha: int = 64,
+        lora_dropout: float = 0.05,
+        learning_rate: float = 5e-5,
+        epochs: int = 3,
+        micro_batch_size: int = 4,
+        grad_accum_steps: int = 4,
+        max_length: int = 512,
+        save_every_steps: int = 100,
+        eval_mode: str = "generate",
+        eval_batch_size: int = 8,
+        eval_limit: Optional[int] = None,
+        margin: float = 0.0,
+        merge_tolerance: float = 0.05,
+    ):
+        weights = task(ops.stage_weights(source=weights_source, revision=weights_revision,
+                                         hf_token_secret=hf_token_secret, build=build),
+                       STAGE_WEIGHTS).outputs["weights"]
+        dataset = task(ops.prepare_dataset(source=dataset_source, source_format=dataset_format,
+                                           train_size=train_size, eval_size=eval_size,
+                                           num_classes=num_classes, seed=seed, build=build),
+                       PREPARE_DATASET).outputs["dataset"]
+        eval_args = dict(dataset=dataset, mode=eval_mode, batch_size=eval_batch_size,
+                         limit=eval_limit, build=build)
+        baseline = task(ops.evaluate(weights=weights, **eval_args), EVALUATE_BASELINE)
+        tuning = task(ops.finetune(
+            weights=weights, dataset=dataset, quantization=quantization, lora_r=lora_r,
+            lora_alpha=lora_alpha, lora_dropout=lora_dropout, learning_rate=learning_rate,
+            epochs=epochs, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
+            max_length=max_length, seed=seed, save_every_steps=save_every_steps, build=build),
+            FINETUNE)
+        # A preempted or failed fine-tune restarts with the same output folder and resumes from
+        # its last checkpoint; backoff 60 s doubling, capped at one hour.
+        tuning.set_retry(num_retries=options.fine_tune_retries, backoff_duration="60s",
+                         backoff_factor=2.0, backoff_max_duration="3600s")
+        adapter = tuning.outputs["adapter"]
+        tuned = task(ops.evaluate(weights=weights, adapter=adapter, **eval_args), EVALUATE_TUNED)
+        gate = task(ops.compare_accuracy(baseline=baseline.outputs["evaluation"],
+                                         tuned=tuned.outputs["evaluation"], margin=margin,
+                                         build=build), GATE)
+        with dsl.If(gate.outputs["Output"] == True, name=GATE_CONDITION_NAME):  # noqa: E712 (KFP DSL)
+            export = task(ops.merge_export(weights=weights, adapter=adapter, dataset=dataset,
+                                           tuned_evaluation=tuned.outputs["evaluation"],
+                                           tolerance=merge_tolerance, build=build),
+                          MERGE_EXPORT).outputs["export"]
+            task(ops.evaluate(weights=export, **eval_args), EVALUATE_MERGED)
+
+    return gemma_pets_pipeline

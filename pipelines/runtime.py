@@ -1,0 +1,265 @@
+"""Code the KFP components run inside their task, next to the step they call.
+
+Kept out of the component bodies so each body stays a few lines of wiring, and so it can be
+tested without KFP: lineage records read from the step outputs' manifests, metric publishing in
+the shapes Vertex AI renders, the accuracy gate and its HTML report, and fetching the Hugging Face
+token from Secret Manager on Vertex. Standard library plus ``components.files``; no torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from components.files import read_json, sha256_file, write_bytes_atomic
+
+HF_TOKEN_ENV = "HF_TOKEN"
+SECRET_MANAGER_URL = "https://secretmanager.googleapis.com/v1"
+
+# File names the step modules write (see the step contracts).
+WEIGHTS_MANIFEST = "weights_manifest.json"
+DATASET_MANIFEST = "manifest.json"
+TRAIN_METRICS = "train_metrics.json"
+EXPORT_METADATA = "export_metadata.json"
+EVAL_METRICS = "metrics.json"
+
+UNKNOWN_CLASS = "Unknown"  # the extra predicted column of generate-mode confusion matrices
+LINEAGE_KEYS = ("base_model_id", "base_model_revision", "weights_manifest_sha256",
+                "dataset_manifest_sha256", "dataset_source", "hyperparameters",
+                "project_version", "git_commit", "image")
+
+
+class LineageError(ValueError):
+    """A step output lacks the manifest lineage is read from."""
+
+
+def _require(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise LineageError(f"{what}: {path} is missing (the step that writes it did not finish)")
+    return read_json(path)
+
+
+def _pick(record: Mapping[str, Any], keys: tuple[str, ...], path: Path) -> Any:
+    for key in keys:
+        if record.get(key) not in (None, ""):
+            return record[key]
+    raise LineageError(f"{path}: none of the keys {list(keys)} is set")
+
+
+def weights_lineage(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Which base weights a model folder holds: staged weights (weights_manifest.json) or a merged
+    export (export_metadata.json, which carries the base model's identity forward)."""
+    model_dir = Path(model_dir)
+    manifest_path = model_dir / WEIGHTS_MANIFEST
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path)
+        return {"base_model_id": _pick(manifest, ("source",), manifest_path),
+                "base_model_revision": str(manifest.get("revision", "")),
+                "weights_manifest_sha256": _pick(manifest, ("manifest_sha256",), manifest_path)}
+    export_path = model_dir / EXPORT_METADATA
+    export = _require(export_path, f"model folder {model_dir} (neither {WEIGHTS_MANIFEST} nor "
+                                   f"{EXPORT_METADATA})")
+    return {"base_model_id": _pick(export, ("base_model_id", "base_model", "source"), export_path),
+            "base_model_revision": str(export.get("base_model_revision", export.get("revision", ""))),
+            "weights_manifest_sha256": _pick(export, ("weights_manifest_sha256",
+                                                      "base_manifest_sha256", "manifest_sha256"),
+                                             export_path)}
+
+
+def dataset_lineage(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    """The prepared dataset's identity: the hash of its manifest (which lists every shard's hash)."""
+    manifest_path = Path(dataset_dir) / DATASET_MANIFEST
+    manifest = _require(manifest_path, "prepared dataset")
+    return {"dataset_manifest_sha256": sha256_file(manifest_path),
+            "dataset_source": str(manifest.get("source", "")),
+            "num_classes": len(manifest.get("class_names", []))}
+
+
+def hyperparameters_lineage(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """The fine-tune's hyperparameters as the fine-tune step recorded them."""
+    path = Path(adapter_dir) / TRAIN_METRICS
+    return {"hyperparameters": dict(_pick(_require(path, "adapter"), ("hyperparameters",), path))}
+
+
+def export_lineage(export_dir: str | os.PathLike) -> dict[str, Any]:
+    """Lineage a merged export carries itself (export_metadata.json): dataset and hyperparameters."""
+    path = Path(export_dir) / EXPORT_METADATA
+    export = _require(path, "merged export")
+    out: dict[str, Any] = {}
+    for key in ("dataset_manifest_sha256", "hyperparameters"):
+        if export.get(key) not in (None, ""):
+            out[key] = export[key]
+    return out
+
+
+def lineage(build: Mapping[str, str], model_dir: str | None = None,
+            dataset_dir: str | None = None, adapter_dir: str | None = None) -> dict[str, Any]:
+    """The lineage record put on an artifact, from the folders the task read or wrote."""
+    record: dict[str, Any] = {}
+    if model_dir is not None:
+        record.update(weights_lineage(model_dir))
+        if (Path(model_dir) / EXPORT_METADATA).is_file():
+            record.update(export_lineage(model_dir))
+    if dataset_dir is not None:
+        record.update(dataset_lineage(dataset_dir))
+    if adapter_dir is not None:
+        record.update(hyperparameters_lineage(adapter_dir))
+    for key in ("project_version", "git_commit", "image"):
+        record[key] = str(build.get(key, ""))
+    return record
+
+
+def annotate(artifacts: list[Any], record: Mapping[str, Any]) -> None:
+    """Copy a lineage record onto each KFP artifact's metadata (what Vertex ML Metadata keeps)."""
+    for artifact in artifacts:
+        artifact.metadata.update(record)
+
+
+def load_metrics(evaluation_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(evaluation_dir) / EVAL_METRICS
+    metrics = _require(path, "evaluation")
+    for key in ("accuracy", "macro_f1", "unknown_rate", "class_names", "confusion_matrix"):
+        if key not in metrics:
+            raise LineageError(f"{path}: key {key!r} is missing")
+    return metrics
+
+
+def square_confusion(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[int]]]:
+    """(categories, matrix) in the square shape ClassificationMetrics needs.
+
+    Generate-mode matrices have one more predicted column ("Unknown": the answer named no class)
+    than true rows; an all-zero "Unknown" true row makes the matrix square without changing a count.
+    """
+    names = list(metrics["class_names"])
+    matrix = [[int(v) for v in row] for row in metrics["confusion_matrix"]]
+    if len(matrix) != len(names):
+        raise LineageError(f"confusion_matrix has {len(matrix)} rows for {len(names)} classes")
+    widths = {len(row) for row in matrix}
+    if widths == {len(names)}:
+        return names, matrix
+    if widths == {len(names) + 1}:
+        return names + [UNKNOWN_CLASS], matrix + [[0] * (len(names) + 1)]
+    raise LineageError(f"confusion_matrix rows have widths {sorted(widths)} for "
+                       f"{len(names)} classes (expected {len(names)} or {len(names) + 1})")
+
+
+def publish_evaluation(evaluation_dir: str, metrics_artifact: Any,
+                       confusion_artifact: Any) -> dict[str, Any]:
+    """Log the evaluation's scalars and confusion matrix on the KFP artifacts Vertex renders."""
+    metrics = load_metrics(evaluation_dir)
+    for key in ("accuracy", "macro_f1", "unknown_rate", "top5_accuracy"):
+        if metrics.get(key) is not None:
+            metrics_artifact.log_metric(key, float(metrics[key]))
+    if metrics.get("num_examples") is not None:
+        metrics_artifact.log_metric("num_examples", float(metrics["num_examples"]))
+    categories, matrix = square_confusion(metrics)
+    confusion_artifact.log_confusion_matrix(categories, matrix)
+    return metrics
+
+
+def decide(baseline: Mapping[str, Any], tuned: Mapping[str, Any], margin: float) -> dict[str, Any]:
+    """Export only when tuned accuracy beats the baseline by at least ``margin`` (a fraction)."""
+    delta = float(tuned["accuracy"]) - float(baseline["accuracy"])
+    # 1e-12: a delta equal to the margin up to float rounding counts as reaching it
+    passed = delta + 1e-12 >= margin
+    return {"passed": passed, "margin": float(margin), "accuracy_delta": delta,
+            "baseline_accuracy": float(baseline["accuracy"]),
+            "tuned_accuracy": float(tuned["accuracy"])}
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{float(value):.3f}"
+
+
+def render_report(baseline: Mapping[str, Any], tuned: Mapping[str, Any],
+                  decision: Mapping[str, Any], lineage_record: Mapping[str, Any]) -> str:
+    """An HTML page: overall and per-class baseline vs tuned, the gate decision, the lineage."""
+    rows = []
+    for key in ("accuracy", "macro_f1", "unknown_rate"):
+        b, t = baseline.get(key), tuned.get(key)
+        rows.append(f"<tr><th>{key}</th><td>{_fmt(b)}</td><td>{_fmt(t)}</td>"
+                    f"<td>{_fmt(None if b is None or t is None else t - b)}</td></tr>")
+    per_class = []
+    b_classes, t_classes = baseline.get("per_class", {}), tuned.get("per_class", {})
+    for name in tuned.get("class_names", []):
+        b, t = b_classes.get(name, {}), t_classes.get(name, {})
+        delta = (None if b.get("f1") is None or t.get("f1") is None else t["f1"] - b["f1"])
+        per_class.append(
+            f"<tr><th>{html.escape(str(name))}</th><td>{t.get('support', b.get('support', ''))}</td>"
+            f"<td>{_fmt(b.get('recall'))}</td><td>{_fmt(t.get('recall'))}</td>"
+            f"<td>{_fmt(b.get('f1'))}</td><td>{_fmt(t.get('f1'))}</td><td>{_fmt(delta)}</td></tr>")
+    verdict = "PASSED: export runs" if decision["passed"] else "HELD BACK: no export"
+    lineage_rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v, sort_keys=True))}</td></tr>"
+        for k, v in lineage_record.items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Baseline vs tuned</title>
+<style>body{{font-family:sans-serif}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head><body>
+<h2>Gate: {verdict}</h2>
+<p>tuned accuracy {decision['tuned_accuracy']:.4f} - baseline {decision['baseline_accuracy']:.4f}
+= {decision['accuracy_delta']:+.4f}; required margin {decision['margin']:+.4f}</p>
+<table><tr><th></th><th>baseline</th><th>tuned</th><th>delta</th></tr>{''.join(rows)}</table>
+<h3>Per class</h3>
+<table><tr><th>class</th><th>support</th><th>recall base</th><th>recall tuned</th>
+<th>F1 base</th><th>F1 tuned</th><th>F1 delta</th></tr>{''.join(per_class)}</table>
+<h3>Lineage</h3><table>{lineage_rows}</table>
+</body></html>
+"""
+
+
+def gate(baseline_dir: str, tuned_dir: str, margin: float, report_artifact: Any,
+         build: Mapping[str, str], tuned_lineage: Mapping[str, Any]) -> bool:
+    """Decide, write the HTML report and put the decision on the report's metadata."""
+    if not -1.0 <= margin <= 1.0:
+        raise ValueError(f"margin {margin}: an accuracy difference, must lie in [-1, 1]")
+    baseline, tuned = load_metrics(baseline_dir), load_metrics(tuned_dir)
+    decision = decide(baseline, tuned, margin)
+    record = {**tuned_lineage, **{k: str(build.get(k, "")) for k in ("project_version",
+                                                                     "git_commit", "image")}}
+    write_bytes_atomic(report_artifact.path,
+                       render_report(baseline, tuned, decision, record).encode())
+    report_artifact.metadata.update(record)
+    report_artifact.metadata.update({f"gate_{k}": v for k, v in decision.items()})
+    return bool(decision["passed"])
+
+
+def load_hf_token(secret_name: str, endpoint: str = SECRET_MANAGER_URL,
+                  session: Any = None) -> bool:
+    """Put the Hugging Face token into this task's environment from Secret Manager.
+
+    ``secret_name`` is a resource NAME ("projects/P/secrets/S[/versions/V]"), never a token. On
+    Vertex the task's service account needs roles/secretmanager.secretAccessor on it. The value
+    only lives in this process's environment, where the stage step reads HF_TOKEN; it is never
+    logged, returned or written. A token already in the environment wins. True if one was loaded.
+    """
+    if not secret_name or os.environ.get(HF_TOKEN_ENV):
+        return False
+    parts = secret_name.strip("/").split("/")
+    if len(parts) == 4 and parts[0] == "projects" and parts[2] == "secrets":
+        parts += ["versions", "latest"]
+    if len(parts) != 6 or parts[0] != "projects" or parts[2] != "secrets" or parts[4] != "versions":
+        raise ValueError(f"hf_token_secret {secret_name!r}: expected "
+                         "projects/PROJECT/secrets/NAME[/versions/VERSION]")
+    if session is None:
+        import google.auth
+        from google.auth.transport.requests import AuthorizedSession
+
+        credentials, _ = google.auth.default(
+            scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        session = AuthorizedSession(credentials)
+    response = session.get(f"{endpoint}/{'/'.join(parts)}:access", timeout=60)
+    if response.status_code != 200:
+        # the body names the missing permission; it never contains the secret
+        raise PermissionError(f"Secret Manager {'/'.join(parts)}: HTTP {response.status_code} "
+                              f"{response.text[:300]}")
+    data = response.json().get("payload", {}).get("data", "")
+    token = base64.b64decode(data).decode().strip()
+    if not token:
+        raise ValueError(f"Secret Manager {'/'.join(parts)}: the secret version is empty")
+    os.environ[HF_TOKEN_ENV] = token
+    return True
