@@ -104,9 +104,9 @@ class TinyModelConfig:
 
 def _tokenizer_corpus() -> list[str]:
     """Text the BPE is trained on: the task's own words, so class names get compact tokens."""
-    from components.synthetic_pets import CLASS_NAMES  # the 37 official Oxford-IIIT Pet names
+    from components.prepare_dataset import OXFORD_PET_CLASSES  # the 37 official class names
 
-    names = list(CLASS_NAMES)
+    names = list(OXFORD_PET_CLASSES)
     lines = [
         "What breed of pet is in this image? Answer with exactly one of these class names:",
         "Classify the image. Options: " + ", ".join(names),

@@ -1,0 +1,102 @@
+"""The tiny stand-in must load and behave like a real Gemma 4 checkpoint folder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from components import tiny_model
+
+
+def test_loads_through_auto_classes(tiny_model_dir):
+    from transformers import AutoModelForMultimodalLM, AutoProcessor, Gemma4ForConditionalGeneration, Gemma4Processor
+
+    model = AutoModelForMultimodalLM.from_pretrained(tiny_model_dir)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    assert isinstance(model, Gemma4ForConditionalGeneration)
+    assert isinstance(processor, Gemma4Processor)
+    assert model.config.vision_config.use_clipped_linears
+    assert model.config.text_config.num_kv_shared_layers > 0
+    # The config's media token ids are the tokenizer's.
+    tok = processor.tokenizer
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image|>")
+    assert model.config.boi_token_id == tok.convert_tokens_to_ids("<|image>")
+    assert model.config.eoi_token_id == tok.convert_tokens_to_ids("<image|>")
+    assert model.generation_config.eos_token_id == [tok.eos_token_id, tok.convert_tokens_to_ids("<turn|>")]
+
+
+def test_folder_is_small(tiny_model_dir):
+    size = sum(p.stat().st_size for p in Path(tiny_model_dir).rglob("*") if p.is_file())
+    assert size < 5 * 2**20
+
+
+def test_chat_template_renders_official_framing(tiny_model_dir, tiny_large_model_dir):
+    from transformers import AutoProcessor
+
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which breed?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "pug"}]},
+    ]
+    small = AutoProcessor.from_pretrained(tiny_model_dir)
+    assert small.apply_chat_template(messages, tokenize=False) == (
+        "<bos><|turn>user\n<|image|>Which breed?<turn|>\n<|turn>model\npug<turn|>\n"
+    )
+    assert small.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True) == (
+        "<bos><|turn>user\n<|image|>Which breed?<turn|>\n<|turn>model\n"
+    )
+    large = AutoProcessor.from_pretrained(tiny_large_model_dir)
+    assert large.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True) == (
+        "<bos><|turn>user\n<|image|>Which breed?<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    )
+
+
+def test_special_tokens_stay_whole(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    tok = AutoProcessor.from_pretrained(tiny_model_dir).tokenizer
+    text = "<|turn>model\n<|channel>thought\n<channel|>pug<turn|>\n"
+    pieces = tok.tokenize(text)
+    for special in ("<|turn>", "<|channel>", "<channel|>", "<turn|>"):
+        assert special in pieces
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+
+
+def test_forward_and_generate_on_an_image(tiny_model_dir):
+    from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+    model = AutoModelForMultimodalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which breed?"}]}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    batch = processor(text=[text], images=[[Image.new("RGB", (96, 64), (10, 200, 30))]], return_tensors="pt")
+    n_image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
+    assert n_image_tokens > 0
+    with torch.inference_mode():
+        logits = model(**batch).logits
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert logits.shape[-1] == model.config.text_config.vocab_size
+    assert torch.isfinite(logits).all()
+    assert out.shape[1] > batch["input_ids"].shape[1]
+
+
+def test_clipped_linears_have_finite_bounds(tiny_model_dir):
+    from transformers import AutoModelForMultimodalLM
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
+
+    model = AutoModelForMultimodalLM.from_pretrained(tiny_model_dir)
+    clipped = [m for m in model.modules() if isinstance(m, Gemma4ClippableLinear)]
+    assert clipped
+    for m in clipped:
+        assert math.isfinite(float(m.input_max)) and math.isfinite(float(m.output_max))
+
+
+def test_bad_options_are_rejected():
+    import pytest
+
+    with pytest.raises(ValueError, match="--max-soft-tokens"):
+        tiny_model.TinyModelConfig(output_dir="x", max_soft_tokens=64)
