@@ -1,0 +1,845 @@
+"""``gemma-pets prepare-dataset``: any supported image-classification source -> Parquet shards.
+
+Sources (``--source-format auto`` tells them apart from ``--source``):
+
+* ``official``: the Oxford-IIIT Pet layout, either a folder holding ``images/`` and
+  ``annotations/{list,trainval,test}.txt``, or the official tarballs ``images.tar.gz`` and
+  ``annotations.tar.gz`` (a folder holding both, or the two paths joined by a comma). The
+  split is kept (trainval -> train, test -> eval) unless ``--resplit``.
+* ``hf``: a Hugging Face dataset with an Image column and a ClassLabel column, loaded by
+  ``datasets.load_dataset`` (hub id + ``--revision``, token only from ``HF_TOKEN``), or by
+  ``datasets.load_from_disk`` when the path is a ``save_to_disk`` folder.
+* ``imagefolder``: one sub-folder per class (class names = sub-folder names, sorted); no
+  split, so it is always re-split (stratified, ``--eval-fraction``).
+
+Output: ``{train,eval}-0000i-of-0000N.parquet`` shards (columns id, image, label, label_name)
+and ``manifest.json``, written last; ``components.shards`` reads them back. Images are decoded
+by content (not by extension) and stored as RGB JPEG: a source JPEG that already is RGB is
+kept byte for byte (no second lossy generation), anything else (grayscale, RGBA, palette,
+CMYK, 16-bit, PNG, GIF...) is converted to RGB and encoded at ``--jpeg-quality``. JPEG rather
+than PNG because the sources are JPEG photos: PNG of a photo is several times larger and the
+model resizes the image anyway; ``--image-format png`` is there for lossless sources.
+Files that do not decode are skipped and listed in the manifest with the reason.
+
+Every check that needs no pixel data (annotation files, class list, labels, requested sizes)
+runs before any image is read, and nothing is written to ``--output-dir`` until every image
+has been read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageFile
+from tqdm import tqdm
+
+from components.cli import parse_config
+from components.files import sha256_bytes, write_bytes_atomic, write_json_atomic
+from components.shards import MANIFEST_NAME, SPLITS
+
+# ---------------------------------------------------------------------------------------------
+# The official Oxford-IIIT Pet format (also written by components.synthetic_pets)
+
+# In official CLASS-ID order: alphabetical, ignoring case. Cats capitalised, dogs lower case.
+OXFORD_PET_CLASSES = (
+    "Abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound", "beagle",
+    "Bengal", "Birman", "Bombay", "boxer", "British_Shorthair", "chihuahua", "Egyptian_Mau",
+    "english_cocker_spaniel", "english_setter", "german_shorthaired", "great_pyrenees",
+    "havanese", "japanese_chin", "keeshond", "leonberger", "Maine_Coon", "miniature_pinscher",
+    "newfoundland", "Persian", "pomeranian", "pug", "Ragdoll", "Russian_Blue", "saint_bernard",
+    "samoyed", "scottish_terrier", "shiba_inu", "Siamese", "Sphynx",
+    "staffordshire_bull_terrier", "wheaten_terrier", "yorkshire_terrier",
+)
+assert list(OXFORD_PET_CLASSES) == sorted(OXFORD_PET_CLASSES, key=str.lower)
+
+# list.txt's header, verbatim (typos included) as in the official annotations.tar.gz
+LIST_HEADER = (
+    "#Image CLASS-ID SPECIES BREED ID\n"
+    "#ID: 1:37 Class ids\n"
+    "#SPECIES: 1:Cat 2:Dog\n"
+    "#BREED ID: 1-25:Cat 1:12:Dog\n"
+    "#All images with 1st letter as captial are cat images\n"
+    "#images with small first letter are dog images\n"
+)
+ANNOTATION_FILES = ("list.txt", "trainval.txt", "test.txt")
+SPLIT_FILES = {"train": "trainval.txt", "eval": "test.txt"}  # our split <- official list
+
+
+def species_id(class_name: str) -> int:
+    """1 = cat (name capitalised), 2 = dog."""
+    return 1 if class_name[0].isupper() else 2
+
+
+def breed_id(class_index: int) -> int:
+    """1-based rank of the class among the classes of its species, in class-id order."""
+    species = species_id(OXFORD_PET_CLASSES[class_index])
+    return sum(1 for name in OXFORD_PET_CLASSES[: class_index + 1] if species_id(name) == species)
+
+
+def annotation_line(image_name: str, class_index: int) -> str:
+    """``<image> <CLASS-ID> <SPECIES> <BREED ID>`` line of list/trainval/test.txt."""
+    name = OXFORD_PET_CLASSES[class_index]
+    return f"{image_name} {class_index + 1} {species_id(name)} {breed_id(class_index)}\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+SOURCE_FORMATS = ("auto", "official", "hf", "imagefolder")
+IMAGE_FORMATS = ("jpeg", "png")
+HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+
+
+@dataclass
+class Config:
+    """Turn an image-classification source into the Parquet shards + manifest the later steps read."""
+
+    source: str = field(metadata={
+        "help": "official layout folder; folder with images.tar.gz + annotations.tar.gz (or "
+                "'IMAGES.tar.gz,ANNOTATIONS.tar.gz'); Hugging Face dataset id or local dataset "
+                "folder; or an image folder with one sub-folder per class"})
+    output_dir: str = field(metadata={"help": "folder for the shards and manifest.json"})
+    source_format: str = field(default="auto", metadata={
+        "help": "how to read --source; auto decides from what --source is",
+        "choices": list(SOURCE_FORMATS)})
+    revision: str | None = field(default=None, metadata={
+        "help": "Hugging Face dataset revision (commit sha, tag or branch); pin it for reproducible runs"})
+    hf_train_split: str = field(default="train", metadata={"help": "Hugging Face split used as train"})
+    hf_eval_split: str = field(default="test", metadata={
+        "help": "Hugging Face split used as eval; empty string: re-split train by --eval-fraction"})
+    image_column: str = field(default="image", metadata={"help": "Hugging Face Image column"})
+    label_column: str = field(default="label", metadata={"help": "Hugging Face ClassLabel column"})
+    id_column: str = field(default="image_id", metadata={
+        "help": "Hugging Face column of stable image ids; when absent, ids are '<split>-<row>'"})
+    hf_cache_dir: str | None = field(default=None, metadata={
+        "help": "datasets cache folder (default: the datasets library's, e.g. under HF_HOME)"})
+    num_classes: int | None = field(default=None, metadata={
+        "help": "keep only the first N classes in source class order (labels stay 0..N-1)"})
+    classes: list[str] = field(default_factory=list, metadata={
+        "help": "keep only these class names (space or comma separated); labels 0..K-1 follow "
+                "the source class order"})
+    train_size: int | None = field(default=None, metadata={
+        "help": "take this many train examples, stratified by class, seeded (default: all)"})
+    eval_size: int | None = field(default=None, metadata={
+        "help": "take this many eval examples, stratified by class, seeded (default: all)"})
+    resplit: bool = field(default=False, metadata={
+        "help": "ignore the source's split and re-split everything by --eval-fraction (stratified)"})
+    eval_fraction: float = field(default=0.2, metadata={
+        "help": "share of each class put in eval when re-splitting (image folders always are)"})
+    seed: int = field(default=0, metadata={"help": "seed for splits, subsets and shard order"})
+    image_format: str = field(default="jpeg", metadata={
+        "help": "encoding of the stored RGB images", "choices": list(IMAGE_FORMATS)})
+    jpeg_quality: int = field(default=95, metadata={
+        "help": "JPEG quality (1-100) for images that must be re-encoded"})
+    examples_per_shard: int = field(default=1000, metadata={
+        "help": "rows per Parquet shard (about 100 MB of official-size photos)"})
+    num_workers: int = field(default=0, metadata={
+        "help": "decoding threads; 0 = one per CPU core"})
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("--source must not be empty")
+        if not self.output_dir:
+            raise ValueError("--output-dir must not be empty")
+        if self.source_format not in SOURCE_FORMATS:
+            raise ValueError(f"--source-format must be one of {SOURCE_FORMATS}, got {self.source_format!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"--image-format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        # accept "--classes a,b c" as well as "--classes a b c" (KFP passes one string)
+        self.classes = [name for item in self.classes for name in item.split(",") if name]
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"--classes lists a class twice: {self.classes}")
+        if self.classes and self.num_classes is not None:
+            raise ValueError("give --classes or --num-classes, not both")
+        for flag, value in (("--num-classes", self.num_classes), ("--train-size", self.train_size),
+                            ("--eval-size", self.eval_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        if self.examples_per_shard < 1:
+            raise ValueError(f"--examples-per-shard must be >= 1, got {self.examples_per_shard}")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: a cheap listing (ids, labels, splits) first, pixel data only when asked
+
+
+@dataclass
+class Item:
+    id: str
+    label: int  # index into the source's class_names
+    split: str | None  # "train" / "eval" from the source, None when it has no split
+    ref: Any  # what read() needs: a file path, a tar member, a dataset row
+    origin: str  # where it came from, for the skipped list
+
+
+class Source:
+    format: str = ""
+    revision: str | None = None
+    class_names: list[str]
+    items: list[Item]
+    has_split: bool
+    pre_skipped: list[dict]  # found unreadable while listing (e.g. a listed file is missing)
+
+    def fetch(self, items: list[Item]) -> None:
+        """Make ``items`` readable (e.g. extract them); called once, before any read()."""
+
+    def read(self, item: Item) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release temporary files."""
+
+
+def _parse_annotation_file(text: str, filename: str) -> list[tuple[str, int]]:
+    """(image name, 0-based class index) per line of list/trainval/test.txt; strict checks."""
+    rows: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        where = f"{filename}:{lineno}"
+        if len(parts) != 4:
+            raise ValueError(f"{where}: expected 4 columns 'Image CLASS-ID SPECIES BREED-ID', got {line!r}")
+        image, *numbers = parts
+        try:
+            class_id, species, breed = (int(n) for n in numbers)
+        except ValueError:
+            raise ValueError(f"{where}: CLASS-ID, SPECIES and BREED ID must be integers: {line!r}") from None
+        if not 1 <= class_id <= len(OXFORD_PET_CLASSES):
+            raise ValueError(f"{where}: CLASS-ID {class_id} is outside the class list "
+                             f"1..{len(OXFORD_PET_CLASSES)}: {line!r}")
+        class_index = class_id - 1
+        name = OXFORD_PET_CLASSES[class_index]
+        if image.rsplit("_", 1)[0] != name:
+            raise ValueError(f"{where}: image {image!r} does not belong to CLASS-ID {class_id} ({name})")
+        if species != species_id(name) or breed != breed_id(class_index):
+            raise ValueError(f"{where}: SPECIES/BREED ID {species}/{breed} do not match class "
+                             f"{name} ({species_id(name)}/{breed_id(class_index)})")
+        if image in seen:
+            raise ValueError(f"{where}: image {image!r} is listed twice")
+        seen.add(image)
+        rows.append((image, class_index))
+    return rows
+
+
+class OfficialSource(Source):
+    """Oxford-IIIT Pet: images/ + annotations/ folders, or the two official tarballs."""
+
+    format = "official"
+
+    def __init__(self, root: Path | None, images_tar: Path | None = None,
+                 annotations_tar: Path | None = None):
+        self.root, self.images_tar = root, images_tar
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if annotations_tar is not None:
+            texts = self._read_annotations_tar(annotations_tar)
+            label = f"{annotations_tar.name}:annotations/"
+        else:
+            assert root is not None
+            if not (root / "images").is_dir():
+                raise FileNotFoundError(f"missing image folder {root / 'images'} (official layout: "
+                                        "images/ + annotations/)")
+            folder = root / "annotations"
+            texts = {}
+            for name in ANNOTATION_FILES:
+                if not (folder / name).is_file():
+                    raise FileNotFoundError(f"missing annotation file {folder / name} "
+                                            "(the official layout needs list.txt, trainval.txt, test.txt)")
+                texts[name] = (folder / name).read_text(encoding="utf-8")
+            label = f"{folder}/"
+        listed = {name: _parse_annotation_file(texts[name], label + name) for name in ANNOTATION_FILES}
+        catalogue = dict(listed["list.txt"])
+        split_of: dict[str, str] = {}
+        for split, filename in SPLIT_FILES.items():
+            for image, class_index in listed[filename]:
+                if catalogue.get(image) != class_index:
+                    raise ValueError(f"{label}{filename}: {image!r} with CLASS-ID {class_index + 1} "
+                                     "is not listed with that CLASS-ID in list.txt")
+                if image in split_of:
+                    raise ValueError(f"{label}{filename}: {image!r} is also in "
+                                     f"{SPLIT_FILES[split_of[image]]}")
+                split_of[image] = split
+        self.class_names = list(OXFORD_PET_CLASSES)
+        self.has_split = True
+        self.pre_skipped = []
+        # images in list.txt but in neither split file have no split: they are left out
+        self.items = [Item(id=image, label=class_index, split=split_of[image], ref=f"images/{image}.jpg",
+                           origin=f"images/{image}.jpg")
+                      for image, class_index in listed["list.txt"] if image in split_of]
+
+    @staticmethod
+    def _safe_member_name(member: tarfile.TarInfo, tar_path: Path) -> str:
+        """The member's normalised relative name; refuses absolute or '..' paths and links."""
+        name = member.name
+        parts = PurePosixPath(name).parts
+        if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+            raise ValueError(f"{tar_path}: unsafe member path {name!r} (absolute or outside the archive)")
+        if member.issym() or member.islnk():
+            raise ValueError(f"{tar_path}: member {name!r} is a link; refusing to follow it")
+        return str(PurePosixPath(*[p for p in parts if p not in (".", "")])) if parts else ""
+
+    def _read_annotations_tar(self, path: Path) -> dict[str, str]:
+        wanted = {f"annotations/{name}": name for name in ANNOTATION_FILES}
+        texts: dict[str, str] = {}
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                name = self._safe_member_name(member, path)
+                if member.isfile() and name in wanted:
+                    texts[wanted[name]] = tar.extractfile(member).read().decode("utf-8")
+        missing = [f"annotations/{n}" for n in ANNOTATION_FILES if n not in texts]
+        if missing:
+            raise FileNotFoundError(f"missing annotation file(s) {missing} in {path}")
+        return texts
+
+    def fetch(self, items: list[Item]) -> None:
+        if self.images_tar is None:
+            return
+        # Extract only the listed images; each is written under a path we build from the
+        # validated name, never from the member's own path, so nothing lands outside tmp.
+        self._tmp = tempfile.TemporaryDirectory(prefix="prepare-dataset-")
+        needed = {item.ref for item in items}
+        with tarfile.open(self.images_tar, "r:*") as tar, tqdm(
+                total=len(needed), desc=f"extract {self.images_tar.name}", unit="img",
+                file=sys.stderr) as bar:
+            for member in tar:
+                name = self._safe_member_name(member, self.images_tar)
+                if member.isfile() and name in needed:
+                    target = Path(self._tmp.name, *PurePosixPath(name).parts)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(member) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    bar.update(1)
+        self.root = Path(self._tmp.name)
+
+    def read(self, item: Item) -> bytes:
+        assert self.root is not None
+        return (self.root / item.ref).read_bytes()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+class ImageFolderSource(Source):
+    """One sub-folder per class; every file under it is a candidate image (decoded by content)."""
+
+    format = "imagefolder"
+
+    def __init__(self, root: Path):
+        self.root = root
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise ValueError(f"--source {root}: no class sub-folders (image folder layout: "
+                             "<source>/<class name>/<image files>)")
+        self.class_names = [p.name for p in class_dirs]
+        self.has_split = False
+        self.pre_skipped = [
+            {"id": p.name, "file": str(p), "reason": "not inside a class sub-folder"}
+            for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        self.items = []
+        for label, class_dir in enumerate(class_dirs):
+            files = sorted(p for p in class_dir.rglob("*")
+                           if p.is_file() and not any(part.startswith(".")
+                                                      for part in p.relative_to(root).parts))
+            if not files:
+                raise ValueError(f"class folder {class_dir} is empty: every class needs images")
+            for path in files:
+                rel = path.relative_to(root).as_posix()
+                self.items.append(Item(id=rel, label=label, split=None, ref=path, origin=rel))
+
+    def read(self, item: Item) -> bytes:
+        return Path(item.ref).read_bytes()
+
+
+class HFSource(Source):
+    """A Hugging Face dataset with an Image column and a ClassLabel column."""
+
+    format = "hf"
+
+    def __init__(self, config: Config):
+        import datasets  # heavy import (~2 s): only for this source
+
+        self.revision = config.revision
+        path = Path(config.source)
+        is_saved = path.is_dir() and ((path / "dataset_dict.json").is_file()
+                                      or (path / "state.json").is_file())
+        try:
+            if is_saved:
+                loaded = datasets.load_from_disk(str(path))
+            else:
+                # the token comes only from the environment and is never logged or stored
+                loaded = datasets.load_dataset(config.source, revision=config.revision,
+                                               token=os.environ.get("HF_TOKEN") or None,
+                                               cache_dir=config.hf_cache_dir)
+        except Exception as err:  # noqa: BLE001 - re-raised with the flag named
+            raise RuntimeError(f"--source {config.source} (revision {config.revision}): could not "
+                               f"load the Hugging Face dataset: {type(err).__name__}: {err}") from err
+        splits = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
+        wanted = {"train": config.hf_train_split}
+        if config.hf_eval_split:
+            wanted["eval"] = config.hf_eval_split
+        for ours, theirs in wanted.items():
+            if theirs not in splits:
+                flag = "--hf-train-split" if ours == "train" else "--hf-eval-split"
+                raise ValueError(f"{flag} {theirs!r}: no such split in {config.source} "
+                                 f"(splits: {sorted(splits)})")
+        self.has_split = "eval" in wanted
+        self.class_names = []
+        self._views: dict[str, Any] = {}
+        self._lock = threading.Lock()  # Dataset row access is not documented as thread-safe
+        self.items = []
+        self.pre_skipped = []
+        seen_ids: dict[str, str] = {}
+        for ours, theirs in wanted.items():
+            ds = splits[theirs]
+            features = ds.features
+            for flag, column, kind in (("--image-column", config.image_column, datasets.Image),
+                                       ("--label-column", config.label_column, datasets.ClassLabel)):
+                if column not in features:
+                    raise ValueError(f"{flag} {column!r}: no such column in split {theirs!r} "
+                                     f"(columns: {list(features)})")
+                if not isinstance(features[column], kind):
+                    raise ValueError(f"{flag} {column!r} in split {theirs!r} is {features[column]}, "
+                                     f"not a datasets.{kind.__name__}")
+            names = list(features[config.label_column].names)
+            if self.class_names and names != self.class_names:
+                raise ValueError(f"--label-column {config.label_column!r}: split {theirs!r} has "
+                                 f"class names {names}, split {wanted['train']!r} has {self.class_names}")
+            self.class_names = names
+            labels = list(ds[config.label_column])
+            for row, label in enumerate(labels):
+                if label is None or not 0 <= label < len(names):
+                    raise ValueError(f"--label-column {config.label_column!r}: split {theirs!r} row "
+                                     f"{row} has label {label}, outside the class list 0..{len(names) - 1}")
+            if config.id_column and config.id_column in features:
+                ids = [str(v) for v in ds[config.id_column]]
+            else:
+                ids = [f"{theirs}-{row:06d}" for row in range(len(labels))]
+            for row, (image_id, label) in enumerate(zip(ids, labels)):
+                if image_id in seen_ids:
+                    raise ValueError(f"--id-column {config.id_column!r}: id {image_id!r} appears in "
+                                     f"{seen_ids[image_id]} and {theirs}[{row}]; give a unique "
+                                     "column or --id-column '' for '<split>-<row>' ids")
+                seen_ids[image_id] = f"{theirs}[{row}]"
+                self.items.append(Item(id=image_id, label=label, split=ours if self.has_split else None,
+                                       ref=(ours, row), origin=f"{theirs}[{row}]"))
+            # undecoded view: {"bytes", "path"} per row, so every source goes through one decoder
+            self._views[ours] = ds.select_columns([config.image_column]).cast_column(
+                config.image_column, datasets.Image(decode=False))
+        self._image_column = config.image_column
+
+    def read(self, item: Item) -> bytes:
+        split, row = item.ref
+        with self._lock:
+            value = self._views[split][row][self._image_column]
+        if value is None:
+            raise FileNotFoundError("no image in this row")
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        return Path(value["path"]).read_bytes()
+
+
+def _split_pair(source: str) -> tuple[Path, Path] | None:
+    """'IMAGES.tar.gz,ANNOTATIONS.tar.gz' -> (images, annotations) paths, else None."""
+    if "," not in source:
+        return None
+    first, second = (Path(p.strip()) for p in source.split(",", 1))
+    if "annotation" in first.name and "annotation" not in second.name:
+        first, second = second, first
+    return first, second
+
+
+def detect_format(source: str) -> str:
+    path = Path(source)
+    pair = _split_pair(source)
+    if pair is not None:
+        return "official"
+    if path.is_dir():
+        names = {p.name for p in path.iterdir()}
+        if {"images", "annotations"} & names or {"images.tar.gz", "annotations.tar.gz"} <= names:
+            return "official"
+        if names & {"dataset_dict.json", "state.json", "dataset_info.json"} or any(
+                p.suffix in (".parquet", ".arrow") for p in path.rglob("*") if p.is_file()):
+            return "hf"
+        return "imagefolder"
+    if path.exists():
+        raise ValueError(f"--source {source}: a file, but sources are folders, two tarballs "
+                         "'IMAGES.tar.gz,ANNOTATIONS.tar.gz', or Hugging Face dataset ids")
+    if HF_ID.match(source):
+        return "hf"
+    raise FileNotFoundError(f"--source {source}: no such folder, and not a Hugging Face id (owner/name)")
+
+
+def open_source(config: Config) -> Source:
+    fmt = detect_format(config.source) if config.source_format == "auto" else config.source_format
+    if fmt == "hf":
+        return HFSource(config)
+    if fmt == "imagefolder":
+        root = Path(config.source)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--source {root}: no such folder")
+        return ImageFolderSource(root)
+    # official
+    pair = _split_pair(config.source)
+    root = Path(config.source)
+    if pair is None and root.is_dir() and not (root / "annotations").exists() and (
+            (root / "images.tar.gz").exists() or (root / "annotations.tar.gz").exists()):
+        pair = root / "images.tar.gz", root / "annotations.tar.gz"
+    if pair is not None:
+        for tar_path in pair:
+            if not tar_path.is_file():
+                raise FileNotFoundError(f"--source: missing official tarball {tar_path}")
+        return OfficialSource(None, images_tar=pair[0], annotations_tar=pair[1])
+    if not root.is_dir():
+        raise FileNotFoundError(f"--source {root}: no such folder")
+    return OfficialSource(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: by content, to RGB
+
+
+class UnreadableImage(Exception):
+    pass
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as RGB; alpha composited on white, 16-bit scaled (not clipped) to 8-bit."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        samples = np.asarray(img).astype(np.float64)
+        # 16-bit: 0..65535 -> 0..255 (Pillow's convert would clip everything above 255 to
+        # white). A 32-bit "I" image whose samples all fit in 8 bits is taken as 8-bit.
+        scale = 1.0 if mode == "I" and samples.max(initial=0) <= 255 else 257.0
+        return Image.fromarray(np.clip(np.round(samples / scale), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        samples = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(samples), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def encode_rgb(data: bytes, image_format: str, jpeg_quality: int) -> tuple[bytes, str, bool]:
+    """(stored bytes, source mode, original kept?) for one file; UnreadableImage if it won't decode."""
+    if not data:
+        raise UnreadableImage("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # full decode: a truncated file fails here, not later in training
+            source_format, source_mode = img.format, img.mode
+            if image_format == "jpeg" and source_format == "JPEG" and source_mode == "RGB":
+                return data, source_mode, True
+            rgb = to_rgb(img)
+    except Exception as err:  # noqa: BLE001 - any decoder failure means "skip this file"
+        raise UnreadableImage(f"cannot decode: {type(err).__name__}: {err}") from None
+    buf = io.BytesIO()
+    if image_format == "jpeg":
+        rgb.save(buf, "JPEG", quality=jpeg_quality)
+    else:
+        rgb.save(buf, "PNG", compress_level=3)  # level 3: most of level 9's size at a fraction of its time
+    return buf.getvalue(), source_mode, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and stratified subsets
+
+
+SPLIT_STREAM = {"train": 1, "eval": 2, "resplit": 3, "order-train": 4, "order-eval": 5}
+
+
+def _rng(seed: int, stream: str, *extra: int) -> np.random.Generator:
+    """Independent seeded stream per purpose, so e.g. the class filter never shifts a subset."""
+    return np.random.default_rng([seed, SPLIT_STREAM[stream], *extra])
+
+
+def _ranked(items: list[Item], seed: int, stream: str, label: int) -> list[Item]:
+    """``items`` (one class) in a seeded order that does not depend on listing order."""
+    ordered = sorted(items, key=lambda item: item.id)
+    return [ordered[i] for i in _rng(seed, stream, label).permutation(len(ordered))]
+
+
+def stratified_quotas(available: list[int], total: int | None) -> list[int]:
+    """Per-class counts summing to ``total``: one per class, the rest proportional to size.
+
+    Largest-remainder rounding (ties to the lower class index); never above ``available``.
+    ``total=None`` means everything.
+    """
+    if total is None:
+        return list(available)
+    spare = [count - 1 for count in available]
+    rest = total - len(available)
+    assert rest >= 0 and rest <= sum(spare)
+    if rest == 0:
+        return [1] * len(available)
+    exact = [rest * s / sum(spare) for s in spare]
+    quotas = [1 + math.floor(e) for e in exact]
+    leftover = total - sum(quotas)
+    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+    for i in by_remainder[:leftover]:
+        quotas[i] += 1
+    return quotas
+
+
+def resplit_items(items: list[Item], labels: list[int], eval_fraction: float, seed: int) -> dict[str, list[Item]]:
+    """Stratified train/eval split: about eval_fraction of each class, at least one each side."""
+    out: dict[str, list[Item]] = {"train": [], "eval": []}
+    for label in labels:
+        members = _ranked([it for it in items if it.label == label], seed, "resplit", label)
+        if len(members) < 2:
+            raise ValueError(f"class {label} has {len(members)} example(s); re-splitting needs >= 2 "
+                             "per class (one for train, one for eval)")
+        n_eval = min(max(round(len(members) * eval_fraction), 1), len(members) - 1)
+        out["eval"] += members[:n_eval]
+        out["train"] += members[n_eval:]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def _select_classes(source: Source, config: Config) -> list[int]:
+    """Source label indices kept, in source order."""
+    present = sorted({item.label for item in source.items})
+    if source.format != "official":
+        # image folders reject empty folders while listing; here: a ClassLabel name nobody uses
+        empty = [source.class_names[i] for i in range(len(source.class_names)) if i not in present]
+        chosen_names = set(config.classes) if config.classes else None
+        if chosen_names is not None:
+            empty = [name for name in empty if name in chosen_names]
+        elif config.num_classes is not None:
+            empty = [name for name in empty if source.class_names.index(name) < config.num_classes]
+        if empty:
+            raise ValueError(f"class(es) {empty} of --source {config.source} have no examples")
+        present = list(range(len(source.class_names)))
+    if config.classes:
+        names = [source.class_names[i] for i in present]
+        unknown = [name for name in config.classes if name not in names]
+        if unknown:
+            raise ValueError(f"--classes {unknown}: not in the source's classes {names}")
+        return [i for i in present if source.class_names[i] in set(config.classes)]
+    if config.num_classes is not None:
+        if config.num_classes > len(present):
+            raise ValueError(f"--num-classes {config.num_classes} is larger than the "
+                             f"{len(present)} classes of --source {config.source}")
+        return present[: config.num_classes]
+    return present
+
+
+def plan_splits(source: Source, config: Config, kept: list[int]) -> dict[str, list[Item]]:
+    items = [item for item in source.items if item.label in set(kept)]
+    if source.has_split and not config.resplit:
+        splits = {split: [item for item in items if item.split == split] for split in SPLITS}
+    else:
+        splits = resplit_items(items, kept, config.eval_fraction, config.seed)
+    for split in SPLITS:
+        counts = Counter(item.label for item in splits[split])
+        empty = [source.class_names[label] for label in kept if counts[label] == 0]
+        if empty:
+            where = SPLIT_FILES[split] if source.format == "official" else f"the {split} split"
+            raise ValueError(f"class(es) {empty} have no examples in {where} of --source {config.source}")
+        size = config.train_size if split == "train" else config.eval_size
+        if size is not None:
+            flag = f"--{split}-size"
+            if size > len(splits[split]):
+                raise ValueError(f"{flag} {size} is larger than the {len(splits[split])} {split} "
+                                 f"examples of --source {config.source} (after the class filter)")
+            if size < len(kept):
+                raise ValueError(f"{flag} {size} is smaller than the {len(kept)} classes: "
+                                 "a stratified subset needs at least one example per class")
+    return splits
+
+
+def _decode_all(source: Source, splits: dict[str, list[Item]], config: Config, kept: list[int]):
+    """Decode exactly the examples to keep: seeded stratified picks, replacing unreadable ones.
+
+    Per class, examples are taken in a seeded rank order; a pick that does not decode is
+    skipped and the quotas are recomputed from what is left, until every quota is met by
+    readable files. The outcome depends only on the seed and the data, not on thread timing.
+    """
+    ranked = {(split, label): _ranked([it for it in splits[split] if it.label == label],
+                                      config.seed, split, label)
+              for split in SPLITS for label in kept}
+    bad: dict[tuple[str, int], set[str]] = {key: set() for key in ranked}
+    done: dict[str, tuple[bytes, str, bool]] = {}
+    skipped: list[dict] = []
+    workers = config.num_workers or os.cpu_count() or 1
+
+    def process(item: Item):
+        try:
+            return encode_rgb(source.read(item), config.image_format, config.jpeg_quality)
+        except FileNotFoundError:
+            return UnreadableImage("file not found")
+        except UnreadableImage as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+            desc="decode", unit="img", total=0, file=sys.stderr) as bar:
+        while True:
+            chosen: dict[str, list[Item]] = {}
+            for split in SPLITS:
+                size = config.train_size if split == "train" else config.eval_size
+                available = [len(ranked[split, label]) - len(bad[split, label]) for label in kept]
+                for label, count in zip(kept, available):
+                    if count == 0:
+                        raise ValueError(f"class {source.class_names[label]!r} has no readable "
+                                         f"image in the {split} split ({len(bad[split, label])} skipped)")
+                if size is not None and size > sum(available):
+                    raise ValueError(f"--{split}-size {size}: only {sum(available)} readable {split} "
+                                     f"examples remain after skipping unreadable files")
+                quotas = stratified_quotas(available, size)
+                chosen[split] = []
+                for label, quota in zip(kept, quotas):
+                    good = [it for it in ranked[split, label] if it.id not in bad[split, label]]
+                    chosen[split] += good[:quota]
+            todo = [(split, it) for split in SPLITS for it in chosen[split] if it.id not in done]
+            if not todo:
+                return chosen, done, skipped
+            bar.total += len(todo)
+            bar.refresh()
+            for (split, item), result in zip(todo, pool.map(process, [it for _, it in todo])):
+                bar.update(1)
+                if isinstance(result, UnreadableImage):
+                    bad[split, item.label].add(item.id)
+                    skipped.append({"id": item.id, "file": item.origin, "reason": str(result)})
+                else:
+                    done[item.id] = result
+
+
+def _shard_bytes(rows: list[tuple[Item, bytes]], class_names: list[str], remap: dict[int, int]) -> bytes:
+    table = pa.table({
+        "id": pa.array([item.id for item, _ in rows], pa.string()),
+        "image": pa.array([data for _, data in rows], pa.binary()),
+        "label": pa.array([remap[item.label] for item, _ in rows], pa.int64()),
+        "label_name": pa.array([class_names[remap[item.label]] for item, _ in rows], pa.string()),
+    }).replace_schema_metadata({"gemma_pets.class_names": json.dumps(class_names)})
+    buf = io.BytesIO()
+    # images are already compressed: compressing them again costs time and saves nothing
+    pq.write_table(table, buf, compression={"id": "zstd", "image": "none", "label": "zstd",
+                                            "label_name": "zstd"})
+    return buf.getvalue()
+
+
+def _check_output(config: Config) -> Path:
+    output = Path(config.output_dir)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output-dir {output} is a file, not a folder")
+    source = Path(config.source)
+    if source.is_dir() and output.resolve().is_relative_to(source.resolve()):
+        raise ValueError(f"--output-dir {output} is inside --source {source}; it would be read as data")
+    return output
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Prepare the dataset; returns the manifest written to ``output_dir/manifest.json``."""
+    start = time.perf_counter()
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode half grey
+    output = _check_output(config)
+    source = open_source(config)
+    try:
+        kept = _select_classes(source, config)
+        class_names = [source.class_names[i] for i in kept]
+        remap = {label: new for new, label in enumerate(kept)}
+        splits = plan_splits(source, config, kept)
+        source.fetch([item for split in SPLITS for item in splits[split]])
+        chosen, decoded, skipped = _decode_all(source, splits, config, kept)
+    finally:
+        source.close()
+    skipped = source.pre_skipped + skipped
+
+    # ---- everything is read and valid: only now touch the output folder ----
+    output.mkdir(parents=True, exist_ok=True)
+    # drop the old manifest first: from here until the new one lands the folder is incomplete
+    (output / MANIFEST_NAME).unlink(missing_ok=True)
+    for split in SPLITS:
+        for stale in output.glob(f"{split}-*-of-*.parquet"):
+            stale.unlink()
+    split_info: dict[str, Any] = {}
+    for split in SPLITS:
+        picked = sorted(chosen[split], key=lambda item: item.id)
+        order = _rng(config.seed, f"order-{split}").permutation(len(picked))
+        rows = [(picked[i], decoded[picked[i].id][0]) for i in order]
+        n_shards = max(1, math.ceil(len(rows) / config.examples_per_shard))
+        shards = []
+        for index in tqdm(range(n_shards), desc=f"write {split}", unit="shard", file=sys.stderr):
+            part = rows[index * config.examples_per_shard:(index + 1) * config.examples_per_shard]
+            data = _shard_bytes(part, class_names, remap)
+            name = f"{split}-{index:05d}-of-{n_shards:05d}.parquet"
+            write_bytes_atomic(output / name, data)
+            shards.append({"file": name, "sha256": sha256_bytes(data), "num_examples": len(part),
+                           "num_bytes": len(data)})
+        per_class = Counter(remap[item.label] for item, _ in rows)
+        split_info[split] = {"num_examples": len(rows),
+                             "per_class": {name: per_class[i] for i, name in enumerate(class_names)},
+                             "shards": shards}
+    used = [decoded[item.id] for split in SPLITS for item in chosen[split]]
+    converted = Counter(mode for _, mode, kept_original in used if mode != "RGB")
+    manifest = {
+        "format": "gemma-pets/prepared-dataset/v1",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "class_names": class_names,
+        "num_classes": len(class_names),
+        "splits": split_info,
+        "source": {"source": config.source, "format": source.format, "revision": source.revision,
+                   "split": "source" if source.has_split and not config.resplit else "resplit"},
+        "seed": config.seed,
+        "options": asdict(config),
+        "image_encoding": {"format": config.image_format, "jpeg_quality": config.jpeg_quality,
+                           "original_bytes_kept": sum(1 for _, _, k in used if k),
+                           "converted_to_rgb_by_mode": dict(sorted(converted.items()))},
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "elapsed_s": round(time.perf_counter() - start, 2),
+    }
+    write_json_atomic(output / MANIFEST_NAME, manifest)  # last: marks the folder complete
+    print(f"prepared {split_info['train']['num_examples']} train + {split_info['eval']['num_examples']} "
+          f"eval examples of {len(class_names)} classes from {source.format} source in "
+          f"{manifest['elapsed_s']:.1f} s -> {output}")
+    if converted:
+        print("converted to RGB: " + ", ".join(f"{mode} x{n}" for mode, n in sorted(converted.items())))
+    print(f"skipped {len(skipped)} unreadable file(s)" + (" (listed in manifest.json):" if skipped else ""))
+    for entry in skipped[:20]:
+        print(f"  {entry['file']}: {entry['reason']}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(Config, argv)
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
