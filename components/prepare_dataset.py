@@ -28,6 +28,7 @@ has been read.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -49,7 +50,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from components.cli import parse_config
@@ -110,7 +111,7 @@ HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 
 
 @dataclass
-class Config:
+class PrepareDatasetConfig:
     """Turn an image-classification source into the Parquet shards + manifest the later steps read."""
 
     source: str = field(metadata={
@@ -182,6 +183,9 @@ class Config:
             raise ValueError(f"--examples-per-shard must be >= 1, got {self.examples_per_shard}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+
+
+Config = PrepareDatasetConfig  # the name every step module also answers to
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +365,7 @@ class ImageFolderSource(Source):
         self.class_names = [p.name for p in class_dirs]
         self.has_split = False
         self.pre_skipped = [
-            {"id": p.name, "file": str(p), "reason": "not inside a class sub-folder"}
+            {"id": p.name, "file": p.name, "reason": "not inside a class sub-folder"}
             for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")]
         self.items = []
         for label, class_dir in enumerate(class_dirs):
@@ -383,7 +387,7 @@ class HFSource(Source):
 
     format = "hf"
 
-    def __init__(self, config: Config):
+    def __init__(self, config: PrepareDatasetConfig):
         import datasets  # heavy import (~2 s): only for this source
 
         self.revision = config.revision
@@ -401,9 +405,10 @@ class HFSource(Source):
         except Exception as err:  # noqa: BLE001 - re-raised with the flag named
             raise RuntimeError(f"--source {config.source} (revision {config.revision}): could not "
                                f"load the Hugging Face dataset: {type(err).__name__}: {err}") from err
-        splits = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
+        single = isinstance(loaded, datasets.Dataset)  # a saved Dataset has no split names
+        splits = {config.hf_train_split: loaded} if single else dict(loaded)
         wanted = {"train": config.hf_train_split}
-        if config.hf_eval_split:
+        if config.hf_eval_split and not single:
             wanted["eval"] = config.hf_eval_split
         for ours, theirs in wanted.items():
             if theirs not in splits:
@@ -497,7 +502,7 @@ def detect_format(source: str) -> str:
     raise FileNotFoundError(f"--source {source}: no such folder, and not a Hugging Face id (owner/name)")
 
 
-def open_source(config: Config) -> Source:
+def open_source(config: PrepareDatasetConfig) -> Source:
     fmt = detect_format(config.source) if config.source_format == "auto" else config.source_format
     if fmt == "hf":
         return HFSource(config)
@@ -562,6 +567,9 @@ def encode_rgb(data: bytes, image_format: str, jpeg_quality: int) -> tuple[bytes
             if image_format == "jpeg" and source_format == "JPEG" and source_mode == "RGB":
                 return data, source_mode, True
             rgb = to_rgb(img)
+    except UnidentifiedImageError:
+        # (Pillow's own message carries a memory address: not reproducible in a manifest)
+        raise UnreadableImage("cannot decode: not a recognised image format") from None
     except Exception as err:  # noqa: BLE001 - any decoder failure means "skip this file"
         raise UnreadableImage(f"cannot decode: {type(err).__name__}: {err}") from None
     buf = io.BytesIO()
@@ -591,24 +599,24 @@ def _ranked(items: list[Item], seed: int, stream: str, label: int) -> list[Item]
 
 
 def stratified_quotas(available: list[int], total: int | None) -> list[int]:
-    """Per-class counts summing to ``total``: one per class, the rest proportional to size.
+    """Per-class counts summing to ``total``, proportional to ``available``, at least 1 each.
 
-    Largest-remainder rounding (ties to the lower class index); never above ``available``.
-    ``total=None`` means everything.
+    Largest-remainder rounding (ties to the lower class index), never above ``available``;
+    a class rounded down to 0 takes one from the largest quota. ``total=None``: everything.
     """
     if total is None:
         return list(available)
-    spare = [count - 1 for count in available]
-    rest = total - len(available)
-    assert rest >= 0 and rest <= sum(spare)
-    if rest == 0:
-        return [1] * len(available)
-    exact = [rest * s / sum(spare) for s in spare]
-    quotas = [1 + math.floor(e) for e in exact]
-    leftover = total - sum(quotas)
-    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
-    for i in by_remainder[:leftover]:
+    assert len(available) <= total <= sum(available) and min(available) >= 1
+    exact = [total * count / sum(available) for count in available]
+    quotas = [math.floor(e) for e in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - quotas[i]), i))
+    for i in by_remainder[: total - sum(quotas)]:
         quotas[i] += 1
+    for i, quota in enumerate(quotas):
+        if quota == 0:
+            donor = max(range(len(quotas)), key=lambda k: (quotas[k], -k))
+            quotas[donor] -= 1
+            quotas[i] = 1
     return quotas
 
 
@@ -630,7 +638,7 @@ def resplit_items(items: list[Item], labels: list[int], eval_fraction: float, se
 # The step
 
 
-def _select_classes(source: Source, config: Config) -> list[int]:
+def _select_classes(source: Source, config: PrepareDatasetConfig) -> list[int]:
     """Source label indices kept, in source order."""
     present = sorted({item.label for item in source.items})
     if source.format != "official":
@@ -658,7 +666,7 @@ def _select_classes(source: Source, config: Config) -> list[int]:
     return present
 
 
-def plan_splits(source: Source, config: Config, kept: list[int]) -> dict[str, list[Item]]:
+def plan_splits(source: Source, config: PrepareDatasetConfig, kept: list[int]) -> dict[str, list[Item]]:
     items = [item for item in source.items if item.label in set(kept)]
     if source.has_split and not config.resplit:
         splits = {split: [item for item in items if item.split == split] for split in SPLITS}
@@ -682,7 +690,7 @@ def plan_splits(source: Source, config: Config, kept: list[int]) -> dict[str, li
     return splits
 
 
-def _decode_all(source: Source, splits: dict[str, list[Item]], config: Config, kept: list[int]):
+def _decode_all(source: Source, splits: dict[str, list[Item]], config: PrepareDatasetConfig, kept: list[int]):
     """Decode exactly the examples to keep: seeded stratified picks, replacing unreadable ones.
 
     Per class, examples are taken in a seeded rank order; a pick that does not decode is
@@ -752,7 +760,7 @@ def _shard_bytes(rows: list[tuple[Item, bytes]], class_names: list[str], remap: 
     return buf.getvalue()
 
 
-def _check_output(config: Config) -> Path:
+def _check_output(config: PrepareDatasetConfig) -> Path:
     output = Path(config.output_dir)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output-dir {output} is a file, not a folder")
@@ -762,10 +770,26 @@ def _check_output(config: Config) -> Path:
     return output
 
 
-def run(config: Config) -> dict[str, Any]:
+def _local_source(source: str) -> str:
+    """gs:// URIs in --source (one, or a comma pair) -> Vertex AI's Cloud Storage FUSE paths."""
+    if "gs://" not in source:
+        return source
+    from components import gcs  # google-cloud-storage import: only when needed
+
+    if not Path(gcs.FUSE_ROOT).is_dir():
+        raise FileNotFoundError(f"--source {source}: gs:// sources are read through the Cloud "
+                                f"Storage FUSE mount {gcs.FUSE_ROOT}/ (as on Vertex AI), which is "
+                                "not mounted here; copy the data to a local folder instead")
+    return ",".join(gcs.fuse_path(part.strip()) if gcs.is_gcs(part.strip()) else part
+                    for part in source.split(","))
+
+
+def run(config: PrepareDatasetConfig) -> dict[str, Any]:
     """Prepare the dataset; returns the manifest written to ``output_dir/manifest.json``."""
     start = time.perf_counter()
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode half grey
+    given_source = config.source
+    config = dataclasses.replace(config, source=_local_source(config.source))
     output = _check_output(config)
     source = open_source(config)
     try:
@@ -812,10 +836,10 @@ def run(config: Config) -> dict[str, Any]:
         "class_names": class_names,
         "num_classes": len(class_names),
         "splits": split_info,
-        "source": {"source": config.source, "format": source.format, "revision": source.revision,
+        "source": {"source": given_source, "format": source.format, "revision": source.revision,
                    "split": "source" if source.has_split and not config.resplit else "resplit"},
         "seed": config.seed,
-        "options": asdict(config),
+        "options": {**asdict(config), "source": given_source},
         "image_encoding": {"format": config.image_format, "jpeg_quality": config.jpeg_quality,
                            "original_bytes_kept": sum(1 for _, _, k in used if k),
                            "converted_to_rgb_by_mode": dict(sorted(converted.items()))},
@@ -836,7 +860,7 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(Config, argv)
+    config = parse_config(PrepareDatasetConfig, argv)
     run(config)
     return 0
 

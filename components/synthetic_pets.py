@@ -55,7 +55,7 @@ QUIRKS = ("grayscale", "cmyk", "png_rgba_named_jpg", "gif_palette_named_jpg",
 
 
 @dataclass
-class Config:
+class SyntheticPetsConfig:
     """Generate a synthetic Oxford-IIIT Pet data set in the official layout."""
 
     output_dir: str = field(metadata={"help": "folder to create (images/ + annotations/, or the "
@@ -97,6 +97,9 @@ class Config:
             raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
         if self.layout not in ("folders", "tarballs"):
             raise ValueError(f"--layout must be folders or tarballs, got {self.layout!r}")
+
+
+Config = SyntheticPetsConfig  # the name every step module also answers to
 
 
 def class_signature(class_index: int) -> dict:
@@ -208,7 +211,7 @@ def render_image(class_index: int, image_number: int, seed: int, size: int) -> I
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def class_counts(config: Config) -> list[int]:
+def class_counts(config: SyntheticPetsConfig) -> list[int]:
     """Images per class for the first ``num_classes`` classes."""
     if config.num_images is None:
         return [config.images_per_class] * config.num_classes
@@ -260,7 +263,7 @@ def plan_quirks(counts: list[int]) -> dict[tuple[int, int], str]:
     return plan
 
 
-def generate(config: Config) -> dict[str, bytes]:
+def generate(config: SyntheticPetsConfig) -> dict[str, bytes]:
     """Every file of the data set as {relative path: bytes}, in a fixed order."""
     counts = class_counts(config)
     quirks = plan_quirks(counts) if config.quirks else {}
@@ -304,7 +307,7 @@ def _write_tarball(path: Path, files: dict[str, bytes], prefix: str) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-def run(config: Config) -> Path:
+def run(config: SyntheticPetsConfig) -> Path:
     output = Path(config.output_dir)
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not config.overwrite:
         raise FileExistsError(f"--output-dir {output} exists and is not empty; "
@@ -328,7 +331,7 @@ def run(config: Config) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(Config, argv)
+    config = parse_config(SyntheticPetsConfig, argv)
     run(config)
     return 0
 
