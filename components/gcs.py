@@ -254,6 +254,11 @@ class TransferOptions:
             raise ValueError("parts_prefix must name a folder, e.g. '.gemma-pets-upload-parts'")
 
 
+def _is_large(size: int, options: TransferOptions) -> bool:
+    """Goes in parallel chunks: at least the threshold and more than one chunk."""
+    return size >= max(options.parallel_threshold, 1) and size > options.chunk_size
+
+
 def _run_parallel(fn: Callable, items: Sequence, max_workers: int) -> list:
     """``[fn(x) for x in items]`` over threads; on the first error, cancel what has not started,
     let running calls finish (so their chunks are recorded for a resume), then raise it."""
@@ -371,7 +376,7 @@ def download_file(uri: str, local_path: str | os.PathLike, *, client=None,
     local_path.parent.mkdir(parents=True, exist_ok=True)
     partial = local_path.with_name(local_path.name + PARTIAL_SUFFIX)
     sidecar = local_path.with_name(local_path.name + CHUNKS_SUFFIX)
-    if obj.size >= max(options.parallel_threshold, 1) and obj.size > options.chunk_size:
+    if _is_large(obj.size, options):
         _download_chunked(client, obj, partial, sidecar, options, stats)
     else:
         with contextlib.suppress(FileNotFoundError):
@@ -481,10 +486,8 @@ def _check_relative(rel: str, where: str) -> None:
 
 def _transfer_many(fn: Callable, items: list, sizes: list[int], options: TransferOptions) -> list:
     """Large files one after another (each is parallel inside), small files in parallel."""
-    big = [it for it, size in zip(items, sizes) if size >= options.parallel_threshold
-           and size > options.chunk_size]
-    small = [it for it, size in zip(items, sizes) if not (size >= options.parallel_threshold
-                                                         and size > options.chunk_size)]
+    big = [it for it, size in zip(items, sizes) if _is_large(size, options)]
+    small = [it for it, size in zip(items, sizes) if not _is_large(size, options)]
     results = [fn(it) for it in big]
     results += _run_parallel(fn, small, options.max_workers)
     return results
@@ -539,7 +542,7 @@ def upload_file(local_path: str | os.PathLike, uri: str, *, client=None,
         log.debug("skip %s: object already has the file's size and crc32c", uri)
         return digest
     bucket = client.bucket(bucket_name)
-    if digest.size >= max(options.parallel_threshold, 1) and digest.size > options.chunk_size:
+    if _is_large(digest.size, options):
         _composite_upload(client, bucket, name, local_path, digest, options, stats)
     else:
         blob = bucket.blob(name)

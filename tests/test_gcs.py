@@ -114,14 +114,14 @@ def test_round_trip_upload_list_download(gcs_env, tmp_path):
 
 
 def test_compose_tree_beyond_32_pieces(gcs_env, tmp_path):
-    data = _random_bytes(70 * 2 * KiB + 3, 3)  # 71 pieces of 2 KiB: two compose levels
+    data = _random_bytes(40 * 2 * KiB + 3, 3)  # 41 pieces of 2 KiB: two compose levels
     src = _write(tmp_path / "big.bin", data)
     options = gcs.TransferOptions(chunk_size=2 * KiB, parallel_threshold=4 * KiB, max_workers=2)
     stats = gcs.TransferStats()
     gcs.upload_file(src, gcs_env.uri("big.bin"), options=options, stats=stats)
-    assert stats.chunks_transferred == 71
+    assert stats.chunks_transferred == 41
     composes = [r for r in gcs_env.emulator.snapshot() if r.is_compose]
-    assert len(composes) == 3 + 1  # ceil(71/32) groups, then the final join
+    assert len(composes) == 2 + 1  # ceil(41/32) groups, then the final join
     obj = gcs.stat(gcs_env.uri("big.bin"))
     assert obj.size == len(data) and obj.crc32c == gcs.crc32c_b64(data)
     assert gcs.list_objects(gcs_env.uri(options.parts_prefix)) == []
