@@ -42,16 +42,17 @@ def prepare_dataset(source: str, source_format: str, train_size: Optional[int],
 
 def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, lora_r: int,
              lora_alpha: int, lora_dropout: float, learning_rate: float, epochs: int,
-             micro_batch_size: int, grad_accum_steps: int, max_length: int, seed: int,
-             save_every_steps: int, build: dict, adapter: Output[Model],
-             train_metrics: Output[Metrics]):
+             max_steps: Optional[int], warmup_ratio: float, micro_batch_size: int,
+             grad_accum_steps: int, max_length: int, seed: int, save_every_steps: int,
+             build: dict, adapter: Output[Model], train_metrics: Output[Metrics]):
     from components import finetune as step
     from pipelines import runtime
 
     result = step.run(step.FinetuneConfig(
         model_dir=weights.path, dataset_dir=dataset.path, output_dir=adapter.path,
         quantization=quantization, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        learning_rate=learning_rate, epochs=epochs, micro_batch_size=micro_batch_size,
+        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
+        warmup_ratio=warmup_ratio, micro_batch_size=micro_batch_size,
         grad_accum_steps=grad_accum_steps, max_length=max_length, seed=seed,
         save_every_steps=save_every_steps))
     for key in ("final_loss", "steps", "samples_per_s", "peak_memory_mb"):

@@ -69,10 +69,12 @@ def build_pipeline(options: CompileOptions) -> Callable:
         lora_dropout: float = 0.05,
         learning_rate: float = 5e-5,
         epochs: int = 3,
+        max_steps: Optional[int] = None,
+        warmup_ratio: float = 0.1,
         micro_batch_size: int = 4,
         grad_accum_steps: int = 4,
-        max_length: int = 512,
-        save_every_steps: int = 100,
+        max_length: int = 2048,
+        save_every_steps: int = 50,
         eval_mode: str = "generate",
         eval_batch_size: int = 8,
         eval_limit: Optional[int] = None,
@@ -92,7 +94,8 @@ def build_pipeline(options: CompileOptions) -> Callable:
         tuning = task(ops.finetune(
             weights=weights, dataset=dataset, quantization=quantization, lora_r=lora_r,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, learning_rate=learning_rate,
-            epochs=epochs, micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
+            epochs=epochs, max_steps=max_steps, warmup_ratio=warmup_ratio,
+            micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
             max_length=max_length, seed=seed, save_every_steps=save_every_steps, build=build),
             FINETUNE)
         # A preempted or failed fine-tune restarts with the same output folder and resumes from
