@@ -293,8 +293,9 @@ def _describe_local(config: StageWeightsConfig) -> SourcePlan:
     root = Path(config.source_location)
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     chosen = [p for p in paths if _matches(p, config.allow_patterns)]
-    own = root / MANIFEST_NAME
-    stated = _stated_sha256(read_json(own) if own.is_file() else None, str(root))
+    own_path = root / MANIFEST_NAME  # a folder staged earlier by this step states its hashes
+    own = read_json(own_path) if own_path.is_file() else None
+    stated = _stated_sha256(own, str(root))
     files, digests = [], {}
     for rel in chosen:
         digest = gcs.file_digest(root / rel)  # SHA-256 of the source: what the copy must equal
@@ -306,9 +307,11 @@ def _describe_local(config: StageWeightsConfig) -> SourcePlan:
                              f"{stated[rel]['sha256']})")
         files.append(SourceFile(path=rel, size=digest.size, sha256=digest.sha256))
     _require_config(files, f"--source {config.source}")
-    revision = str(read_json(own).get("revision") or "") if own.is_file() else ""
+    revision = str(own.get("revision") or "") if own else ""
     plan = SourcePlan("local", files, revision, _fingerprint("local", files, revision))
     plan.extra["digests"] = digests
+    if own:
+        plan.extra["origin"] = {"source": own.get("source"), "source_kind": own.get("source_kind")}
     return plan
 
 

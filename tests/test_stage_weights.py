@@ -431,6 +431,11 @@ def test_hf_source_via_fake_hub_token_only_in_headers(fake_hub, tmp_path, caplog
     assert sw.run(sw.StageWeightsConfig(source=fake_hub.repo, destination=str(dest))) == manifest
     assert fake_hub.file_gets() == []  # only the revision + tree look-ups
 
+    # Re-staging the staged folder keeps the Hub commit as its revision (lineage carries over).
+    copy = sw.run(sw.StageWeightsConfig(source=str(dest), destination=str(tmp_path / "copy")))
+    assert copy["revision"] == fake_hub.sha and copy["origin"]["source"] == fake_hub.repo
+    assert copy["manifest_sha256"] == manifest["manifest_sha256"]
+
 
 def test_hf_interrupted_download_refetches_only_missing_files(fake_hub, tmp_path):
     dest = tmp_path / "artifact"
