@@ -29,11 +29,13 @@ one checksum both sides always have.) Files at least ``parallel_threshold`` byte
   gcp-storage-emulator answers that API with 501 Not Implemented (checked: ``POST
   /<bucket>/<object>?uploads``), and it cannot resume either, so it is not used.
 
-What the emulator tests cover: listing, single and chunked downloads (ranged GETs), resume of
-both directions, single uploads (multipart and resumable JSON uploads), composite uploads with
-more than 32 pieces (compose tree), skip-if-same, CRC32C mismatch detection. What they cannot
-cover: IAM/auth (the emulator takes anonymous requests), real-GCS rate limits and retries, and
-the absence of MD5 on real composite objects (the emulator computes one; nothing here uses it).
+What tests/test_gcs.py covers against the emulator: listing, single and chunked downloads
+(ranged GETs), resume in both directions, single uploads (JSON multipart requests), composite
+uploads with more than 32 pieces (compose tree), skip-if-same, CRC32C mismatch detection. Not
+covered: files over 8 MiB below the parallel threshold (the library then switches to a resumable
+JSON upload; the emulator supports it, but test files are KBs), IAM/auth (the emulator takes
+anonymous requests), real-GCS rate limits and retries, and the absence of MD5 on real composite
+objects (the emulator computes one; nothing here relies on MD5).
 Cost note for real buckets: deleted pieces are kept (and billed) for the bucket's soft-delete
 retention (7 days by default), and buckets whose default class is Nearline/Coldline/Archive
 charge early deletion for them; raise ``parallel_threshold`` above the largest file to upload
