@@ -620,14 +620,15 @@ def stratified_quotas(available: list[int], total: int | None) -> list[int]:
     return quotas
 
 
-def resplit_items(items: list[Item], labels: list[int], eval_fraction: float, seed: int) -> dict[str, list[Item]]:
+def resplit_items(items: list[Item], labels: list[int], class_names: list[str], eval_fraction: float,
+                  seed: int) -> dict[str, list[Item]]:
     """Stratified train/eval split: about eval_fraction of each class, at least one each side."""
     out: dict[str, list[Item]] = {"train": [], "eval": []}
     for label in labels:
         members = _ranked([it for it in items if it.label == label], seed, "resplit", label)
         if len(members) < 2:
-            raise ValueError(f"class {label} has {len(members)} example(s); re-splitting needs >= 2 "
-                             "per class (one for train, one for eval)")
+            raise ValueError(f"class {class_names[label]!r} has {len(members)} example(s); "
+                             "re-splitting needs >= 2 per class (one for train, one for eval)")
         n_eval = min(max(round(len(members) * eval_fraction), 1), len(members) - 1)
         out["eval"] += members[:n_eval]
         out["train"] += members[n_eval:]
@@ -671,7 +672,7 @@ def plan_splits(source: Source, config: PrepareDatasetConfig, kept: list[int]) -
     if source.has_split and not config.resplit:
         splits = {split: [item for item in items if item.split == split] for split in SPLITS}
     else:
-        splits = resplit_items(items, kept, config.eval_fraction, config.seed)
+        splits = resplit_items(items, kept, source.class_names, config.eval_fraction, config.seed)
     for split in SPLITS:
         counts = Counter(item.label for item in splits[split])
         empty = [source.class_names[label] for label in kept if counts[label] == 0]
@@ -703,7 +704,9 @@ def _decode_all(source: Source, splits: dict[str, list[Item]], config: PrepareDa
     bad: dict[tuple[str, int], set[str]] = {key: set() for key in ranked}
     done: dict[str, tuple[bytes, str, bool]] = {}
     skipped: list[dict] = []
-    workers = config.num_workers or os.cpu_count() or 1
+    # cores this process may use (a container's CPU set, not the host's core count; Linux)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = config.num_workers or usable or 1
 
     def process(item: Item):
         try:

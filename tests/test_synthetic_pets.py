@@ -112,6 +112,21 @@ def test_classes_are_separable_at_48_px(num_classes, min_accuracy):
     assert correct / total >= min_accuracy
 
 
+def test_classes_sharing_a_shape_are_far_apart_in_hue():
+    # hue jitter per image is +-0.012 of the colour wheel; classes with the same shape must be
+    # at least 10x that apart, for every pair of the 37 (so for every first-N prefix too)
+    signatures = [synthetic_pets.class_signature(i) for i in range(37)]
+    closest = 1.0
+    for i in range(37):
+        for j in range(i + 1, 37):
+            gap = abs(signatures[i]["hue"] - signatures[j]["hue"])
+            gap = min(gap, 1 - gap)
+            assert gap > 0.005  # all 37 background hues distinct
+            if signatures[i]["shape"] == signatures[j]["shape"]:
+                closest = min(closest, gap)
+    assert closest >= 0.12
+
+
 def test_images_of_a_class_vary():
     a = np.asarray(render_image(2, 1, 0, 64), dtype=np.int32)
     b = np.asarray(render_image(2, 2, 0, 64), dtype=np.int32)
