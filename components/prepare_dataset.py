@@ -8,7 +8,9 @@ Sources (``--source-format auto`` tells them apart from ``--source``):
   split is kept (trainval -> train, test -> eval) unless ``--resplit``.
 * ``hf``: a Hugging Face dataset with an Image column and a ClassLabel column, loaded by
   ``datasets.load_dataset`` (hub id + ``--revision``, token only from ``HF_TOKEN``), or by
-  ``datasets.load_from_disk`` when the path is a ``save_to_disk`` folder.
+  ``datasets.load_from_disk`` when the path is a ``save_to_disk`` folder. The defaults fit
+  ``timm/oxford-iiit-pet`` (splits train/test, columns image, label, image_id). Tested here
+  with local folders only (no hub access from the test machines).
 * ``imagefolder``: one sub-folder per class (class names = sub-folder names, sorted); no
   split, so it is always re-split (stratified, ``--eval-fraction``).
 
@@ -398,6 +400,9 @@ class HFSource(Source):
             if is_saved:
                 loaded = datasets.load_from_disk(str(path))
             else:
+                if not path.exists() and not config.revision:
+                    print(f"note: no --revision for {config.source}: the hub's latest version is "
+                          "used and a later run may see other data; pin a commit sha to reproduce")
                 # the token comes only from the environment and is never logged or stored
                 loaded = datasets.load_dataset(config.source, revision=config.revision,
                                                token=os.environ.get("HF_TOKEN") or None,
