@@ -39,3 +39,15 @@ def tiny_large_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-gemma4-large-template"
     tiny_model.run(tiny_model.TinyModelConfig(output_dir=str(path), large_model_template=True))
     return path
+
+
+@pytest.fixture(scope="session")
+def small_pets_dir(tmp_path_factory):
+    """A prepared 4-class synthetic pets set, small enough for step tests (32 train, 32 eval)."""
+    from components import prepare_dataset, synthetic_pets
+
+    root = tmp_path_factory.mktemp("pets")
+    synthetic_pets.run(synthetic_pets.Config(output_dir=str(root / "raw"), num_classes=4, images_per_class=16,
+                                             image_size=64, seed=1))
+    prepare_dataset.run(prepare_dataset.PrepareDatasetConfig(source=str(root / "raw"), output_dir=str(root / "prepared")))
+    return root / "prepared"

@@ -1,0 +1,407 @@
+"""Fine-tune step: QLoRA (or LoRA over an unquantised base) on one device, with checkpoint/resume.
+
+One readable recipe:
+  1. load the staged base (nf4 4-bit on CUDA by default, fp32 on CPU) and its processor;
+  2. put LoRA on every linear layer of the language model and the vision tower;
+  3. train on (image, class name) pairs with loss only on the answer and its closing <turn|>;
+  4. checkpoint every N optimizer steps (adapter, optimizer, scheduler, RNG, data position),
+     atomically; on start, resume from the newest complete checkpoint in the output folder;
+  5. write the adapter (safetensors), the processor and train_metrics.json.
+
+    gemma-pets finetune --model-dir weights/ --dataset-dir data/ --output-dir adapter/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import threading
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from components.cli import parse_config
+from components.files import read_json, sha256_file, write_json_atomic
+
+CHECKPOINTS = "checkpoints"
+METRICS_FILE = "train_metrics.json"
+STATE_FILE = "trainer_state.json"  # written last inside a checkpoint: its presence marks it complete
+# Fields that may differ between a run and the run that resumes it; every other field must match.
+RESUMABLE_CHANGES = ("output_dir", "stop_after_steps", "save_every_steps", "keep_checkpoints", "log_every_steps")
+
+
+@dataclass
+class FinetuneConfig:
+    """QLoRA fine-tuning of Gemma 4 on a prepared image-classification dataset."""
+
+    model_dir: str = field(metadata={"help": "staged base model folder (config.json, safetensors, processor)"})
+    dataset_dir: str = field(metadata={"help": "prepared dataset folder (manifest.json + Parquet shards)"})
+    output_dir: str = field(metadata={"help": "where the adapter, processor, metrics and checkpoints go"})
+    quantization: str = field(
+        default="auto",
+        metadata={"help": "nf4 (4-bit QLoRA, CUDA only), none (bf16 on CUDA / fp32 on CPU), auto: nf4 on CUDA",
+                  "choices": ["auto", "nf4", "none"]},
+    )
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate (AdamW)"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training split"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of optimizer steps of linear warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on LoRA weights"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
+    micro_batch_size: int = field(default=4, metadata={"help": "samples per forward/backward"})
+    grad_accum_steps: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
+    max_length: int = field(default=2048, metadata={"help": "longest sample in tokens; longer is an error"})
+    max_steps: int | None = field(default=None, metadata={"help": "cap on optimizer steps (the schedule uses it)"})
+    train_limit: int | None = field(default=None, metadata={"help": "use only the first N training samples"})
+    gradient_checkpointing: str = field(
+        default="auto", metadata={"help": "recompute activations in backward; auto: on for CUDA",
+                                  "choices": ["auto", "on", "off"]},
+    )
+    save_every_steps: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk"})
+    log_every_steps: int = field(default=10, metadata={"help": "log loss, lr, samples/s every N steps"})
+    stop_after_steps: int | None = field(
+        default=None,
+        metadata={"help": "checkpoint and stop after N optimizer steps in total (time-sliced jobs); rerun resumes"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed for LoRA init, data order and dropout"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+
+    def __post_init__(self) -> None:
+        positive = ("lora_r", "lora_alpha", "epochs", "micro_batch_size", "grad_accum_steps", "max_length",
+                    "save_every_steps", "keep_checkpoints", "log_every_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "train_limit", "stop_after_steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning-rate must be positive, got {self.learning_rate}")
+
+    def hyperparameters(self) -> dict:
+        """What defines the result: everything but where it is written and how often it is saved."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_CHANGES}
+
+
+# --------------------------------------------------------------------------------------------
+# Data order: a fixed permutation per epoch, so a data position is just (epoch, step in epoch).
+# --------------------------------------------------------------------------------------------
+
+
+def epoch_windows(num_samples: int, epoch: int, cfg: FinetuneConfig) -> list[list[list[int]]]:
+    """Sample indices of one epoch as optimizer steps -> micro-batches -> samples."""
+    import torch
+
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+    micro = [order[i : i + cfg.micro_batch_size] for i in range(0, num_samples, cfg.micro_batch_size)]
+    return [micro[i : i + cfg.grad_accum_steps] for i in range(0, len(micro), cfg.grad_accum_steps)]
+
+
+def total_steps(num_samples: int, cfg: FinetuneConfig) -> int:
+    micro_batches = math.ceil(num_samples / cfg.micro_batch_size)
+    steps = cfg.epochs * math.ceil(micro_batches / cfg.grad_accum_steps)
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+# --------------------------------------------------------------------------------------------
+# Loss: logits only where labels are.
+# --------------------------------------------------------------------------------------------
+
+
+def answer_loss_sum(causal_lm, batch: dict):
+    """Summed cross-entropy over answer tokens, and how many there are.
+
+    The LM head runs only on positions that predict an answer token: with Gemma's 262k-entry
+    vocabulary the full [batch, seq, vocab] logits tensor would dominate memory.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = causal_lm.model(**inputs, use_cache=False).last_hidden_state
+    # Position t predicts token t + 1.
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = causal_lm.lm_head(hidden[:, :-1][keep])
+    softcap = causal_lm.config.get_text_config().final_logit_softcapping
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """Newest checkpoint whose state file exists (a folder without it was cut off mid-write)."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    complete = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Write checkpoint ``step`` so that a reader never takes a partial one as complete.
+
+    No folder rename: on a Cloud Storage FUSE mount (Vertex's /gcs, Cloud Run's GCS volume) a
+    rename copies object by object and can be cut off half-way. Each file is instead an object
+    that appears when closed, and the state file is closed last, so its presence means every
+    other file is whole.
+    """
+    import torch
+
+    final = output_dir / CHECKPOINTS / f"step-{step:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    final.mkdir(parents=True)
+    model.save_pretrained(final)
+    torch.save(optimizer.state_dict(), final / "optimizer.pt")
+    torch.save(scheduler.state_dict(), final / "scheduler.pt")
+    torch.save(rng_state(), final / "rng.pt")
+    write_json_atomic(final / STATE_FILE, state)
+    older = sorted((p for p in final.parent.iterdir() if re.fullmatch(r"step-\d+", p.name)), key=lambda p: p.name)
+    for stale in older[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    return read_json(ckpt / STATE_FILE)
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from components import modeling, prompting, shards
+
+    output_dir = Path(cfg.output_dir)
+    # Validate everything cheap before the model (and any GPU time) is touched.
+    modeling.check_model_dir(cfg.model_dir)
+    manifest = shards.read_manifest(cfg.dataset_dir)
+    class_names = manifest["class_names"]
+    device = modeling.pick_device(cfg.device)
+    quantization = modeling.resolve_quantization(cfg.quantization, device)
+    use_checkpointing = cfg.gradient_checkpointing == "on" or (
+        cfg.gradient_checkpointing == "auto" and device.type == "cuda"
+    )
+
+    if (output_dir / METRICS_FILE).is_file():
+        done = read_json(output_dir / METRICS_FILE)
+        if done.get("hyperparameters") == cfg.hyperparameters():
+            print(f"{output_dir} already holds a finished run with these hyperparameters; nothing to do")
+            return done
+
+    examples = shards.load_examples(cfg.dataset_dir, "train", limit=cfg.train_limit)
+    if not examples:
+        raise ValueError(f"--dataset-dir {cfg.dataset_dir}: the train split is empty")
+    steps = total_steps(len(examples), cfg)
+
+    attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    processor = modeling.load_processor(cfg.model_dir)
+    model = modeling.load_model(cfg.model_dir, device, quantization)
+    if use_checkpointing:
+        # Non-reentrant checkpointing recomputes each layer with the same arguments, KV-shared
+        # layers' shared key/value states included (tests/test_finetune.py checks the gradients).
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = modeling.lora_target_modules(model)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none")
+    model = get_peft_model(model, lora)
+    causal_lm = model.get_base_model()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * steps), steps)
+
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "log": []}
+    ckpt = latest_checkpoint(output_dir)
+    if ckpt is not None:
+        saved = read_json(ckpt / STATE_FILE)
+        if saved.get("hyperparameters") != cfg.hyperparameters():
+            raise ValueError(
+                f"{ckpt} was written with other hyperparameters; use a new --output-dir or the same flags "
+                f"(saved: {saved.get('hyperparameters')})"
+            )
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        print(f"resuming from {ckpt} (step {state['global_step']} of {steps}, attempt {attempt})")
+    elif attempt > 0:
+        print(f"Cloud Run task attempt {attempt}: no complete checkpoint in {output_dir}, starting over")
+
+    print(f"training {len(targets)} LoRA-adapted linear layers "
+          f"({sum(p.numel() for p in trainable):,} trainable parameters) on {device}, {quantization}, "
+          f"{len(examples)} samples, {steps} optimizer steps")
+    # Cloud Run and Vertex stop a task with SIGTERM and a grace period: finish the current step,
+    # checkpoint, and exit non-zero so the retry resumes from here.
+    preempted: list[int] = []
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum)) if in_main_thread else None
+    model.train()
+    progress = tqdm(total=steps, initial=state["global_step"], desc="finetune", unit="step", mininterval=2)
+    started, samples_this_run = time.perf_counter(), 0
+    try:
+        windows, windows_epoch = [], None
+        while state["global_step"] < steps:
+            if windows_epoch != state["epoch"]:
+                windows, windows_epoch = epoch_windows(len(examples), state["epoch"], cfg), state["epoch"]
+            window = windows[state["step_in_epoch"]]
+            batches = [
+                prompting.encode_training_batch(
+                    processor,
+                    [examples[i].image() for i in micro],
+                    [examples[i].label_name for i in micro],
+                    class_names,
+                    max_length=cfg.max_length,
+                )
+                for micro in window
+            ]
+            # Normalise by the answer tokens of the whole optimizer step, so the gradient is the same
+            # however the step is split into micro-batches (or across devices).
+            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                batch["pixel_values"] = batch["pixel_values"].to(modeling.compute_dtype(device))
+                loss_sum, _ = answer_loss_sum(causal_lm, batch)
+                (loss_sum / n_tokens).backward()
+                step_loss += loss_sum.item()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            n_samples = sum(len(m) for m in window)
+            samples_this_run += n_samples
+            state["samples_seen"] += n_samples
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            if state["step_in_epoch"] == len(windows):
+                state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+            loss = step_loss / n_tokens
+            rate = samples_this_run / (time.perf_counter() - started)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
+            finished = state["global_step"] >= steps
+            if state["global_step"] % cfg.log_every_steps == 0 or finished:
+                entry = {"step": state["global_step"], "loss": loss, "lr": scheduler.get_last_lr()[0],
+                         "samples_per_s": rate, "peak_memory_mb": peak_memory_mb(device)}
+                state["log"].append(entry)
+                progress.write(json.dumps(entry))
+            stopping = cfg.stop_after_steps is not None and state["global_step"] >= cfg.stop_after_steps
+            if preempted and not finished:
+                state["hyperparameters"] = cfg.hyperparameters()
+                save_checkpoint(output_dir, state["global_step"], model, optimizer, scheduler, state, cfg.keep_checkpoints)
+                raise SystemExit(f"SIGTERM: checkpointed step {state['global_step']}; a rerun resumes from it")
+            if finished or stopping or state["global_step"] % cfg.save_every_steps == 0:
+                state["hyperparameters"] = cfg.hyperparameters()
+                save_checkpoint(output_dir, state["global_step"], model, optimizer, scheduler, state,
+                                cfg.keep_checkpoints)
+            if stopping and not finished:
+                progress.close()
+                print(f"stopped after step {state['global_step']} as asked (--stop-after-steps); rerun to resume")
+                return {"stopped_at_step": state["global_step"], "total_steps": steps}
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+    progress.close()
+
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    metrics = {
+        "final_loss": state["log"][-1]["loss"] if state["log"] else None,
+        "steps": state["global_step"],
+        "epochs": cfg.epochs,
+        "train_samples": len(examples),
+        "samples_per_s": samples_this_run / max(time.perf_counter() - started, 1e-9),
+        "peak_memory_mb": peak_memory_mb(device),
+        "device": str(device),
+        "quantization": quantization,
+        "gradient_checkpointing": use_checkpointing,
+        "adapted_modules": targets,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "cloud_run_task_attempt": attempt,
+        "dataset_manifest_sha256": sha256_file(Path(cfg.dataset_dir) / "manifest.json"),
+        "hyperparameters": cfg.hyperparameters(),
+        "log": state["log"],
+    }
+    write_json_atomic(output_dir / METRICS_FILE, metrics)  # last: marks the adapter folder complete
+    print(f"wrote adapter to {output_dir}: final loss {metrics['final_loss']}, {metrics['samples_per_s']:.2f} samples/s")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_config(FinetuneConfig, argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Fine-tune step on the tiny model: LoRA placement, clipping, checkpointing, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components import finetune, modeling, prompting
+
+
+def small_config(tiny_model_dir, small_pets_dir, output_dir, **overrides) -> finetune.FinetuneConfig:
+    values = dict(model_dir=str(tiny_model_dir), dataset_dir=str(small_pets_dir), output_dir=str(output_dir),
+                  lora_r=4, lora_alpha=8, learning_rate=5e-3, epochs=2, micro_batch_size=2, grad_accum_steps=2,
+                  train_limit=12, save_every_steps=2, log_every_steps=1, seed=3)
+    values.update(overrides)
+    return finetune.FinetuneConfig(**values)
+
+
+def peft_tiny(tiny_model_dir, r=4):
+    from peft import LoraConfig, get_peft_model
+
+    model = modeling.load_model(str(tiny_model_dir), torch.device("cpu"))
+    targets = modeling.lora_target_modules(model)
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)), targets
+
+
+def test_lora_covers_every_linear_of_language_model_and_vision_tower(tiny_model_dir):
+    model = modeling.load_model(str(tiny_model_dir), torch.device("cpu"))
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = set(modeling.lora_target_modules(model))
+    language = {n for n in linears if n.startswith("model.language_model.")}
+    vision = {n for n in linears if n.startswith("model.vision_tower.")}
+    assert language and vision
+    assert language <= targets and vision <= targets
+    assert "lm_head" not in targets
+
+
+def test_clipping_stays_around_the_adapted_layer(tiny_model_dir):
+    from peft.tuners.lora import LoraLayer
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ClippableLinear
+
+    model, _ = peft_tiny(tiny_model_dir)
+    clipped = [m for n, m in model.named_modules() if isinstance(m, Gemma4ClippableLinear) and "vision_tower" in n]
+    assert clipped
+    module = clipped[0]
+    assert isinstance(module.linear, LoraLayer), "LoRA must wrap the inner linear, inside the clamps"
+    torch.nn.init.normal_(module.linear.lora_B["default"].weight, std=1.0)  # make the adapter matter
+    x = torch.randn(3, 5, module.linear.in_features) * 10  # well past the input bounds (about +-2 to +-3)
+    out = module(x)
+    inner = module.linear(torch.clamp(x, module.input_min, module.input_max))
+    expected = torch.clamp(inner, module.output_min, module.output_max)
+    assert torch.equal(out, expected)
+    assert (out.abs() == module.output_max).any(), "the output clamp should bind on this input"
+    assert not torch.allclose(module.linear(x), out), "without the clamps the result would differ"
+    # And the adapter really contributes inside the clamps.
+    with model.disable_adapter():
+        assert not torch.allclose(module(x), out)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_on_kv_shared_layers(tiny_model_dir):
+    from PIL import Image
+
+    assert modeling.load_model(str(tiny_model_dir), torch.device("cpu")).config.text_config.num_kv_shared_layers > 0
+    processor = modeling.load_processor(str(tiny_model_dir))
+    batch = prompting.encode_training_batch(
+        processor, [Image.new("RGB", (64, 64), (200, 10, 10)), Image.new("RGB", (96, 48), (10, 10, 200))],
+        ["pug", "Bengal"], ["pug", "Bengal"])
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, _ = peft_tiny(tiny_model_dir)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        if checkpointing:
+            model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.get_base_model().enable_input_require_grads()
+        model.train()
+        for m in model.modules():  # dropout off: compare the arithmetic, not the masks
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        loss, n = finetune.answer_loss_sum(model.get_base_model(), dict(batch))
+        (loss / n).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    no_ckpt, ckpt = grads
+    shared_layer_grads = [k for k in no_ckpt if "language_model.layers.3." in k and "lora_A" in k]
+    assert shared_layer_grads, "the last (KV-shared) layer must be adapted and get gradients"
+    for k in no_ckpt:
+        torch.testing.assert_close(ckpt[k], no_ckpt[k], rtol=1e-4, atol=1e-6)
+
+
+def test_train_writes_adapter_processor_and_metrics(tiny_model_dir, small_pets_dir, tmp_path):
+    metrics = finetune.run(small_config(tiny_model_dir, small_pets_dir, tmp_path / "adapter", epochs=1))
+    out = tmp_path / "adapter"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
+                 "train_metrics.json"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "train_metrics.json").read_text())
+    assert saved["steps"] == 3 and saved["train_samples"] == 12
+    assert any("vision_tower" in m for m in saved["adapted_modules"])
+    assert any("language_model" in m for m in saved["adapted_modules"])
+    assert saved["hyperparameters"]["lora_r"] == 4
+    assert metrics["final_loss"] == saved["final_loss"]
+    assert {"loss", "lr", "samples_per_s", "peak_memory_mb"} <= set(saved["log"][0])
+    # A rerun of a finished run does nothing and returns the same metrics.
+    again = finetune.run(small_config(tiny_model_dir, small_pets_dir, out, epochs=1))
+    assert again["final_loss"] == saved["final_loss"]
+
+
+def test_resume_ends_with_the_same_adapter(tiny_model_dir, small_pets_dir, tmp_path, capsys):
+    straight = tmp_path / "straight"
+    finetune.run(small_config(tiny_model_dir, small_pets_dir, straight))
+    resumed = tmp_path / "resumed"
+    stopped = finetune.run(small_config(tiny_model_dir, small_pets_dir, resumed, stop_after_steps=3))
+    assert stopped == {"stopped_at_step": 3, "total_steps": 6}
+    assert not (resumed / "adapter_model.safetensors").exists()
+    finetune.run(small_config(tiny_model_dir, small_pets_dir, resumed))
+    assert "resuming from" in capsys.readouterr().out
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    # The adapter moved away from its initialisation (lora_B starts at zero).
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    root = tmp_path / finetune.CHECKPOINTS
+    (root / "step-000002").mkdir(parents=True)
+    (root / "step-000002" / finetune.STATE_FILE).write_text("{}")
+    (root / "step-000004").mkdir()  # cut off before its state file: not complete
+    (root / ".step-000006.abc.partial").mkdir()
+    assert finetune.latest_checkpoint(tmp_path).name == "step-000002"
+
+
+def test_resume_refuses_other_hyperparameters(tiny_model_dir, small_pets_dir, tmp_path):
+    out = tmp_path / "run"
+    finetune.run(small_config(tiny_model_dir, small_pets_dir, out, stop_after_steps=2))
+    with pytest.raises(ValueError, match="other hyperparameters"):
+        finetune.run(small_config(tiny_model_dir, small_pets_dir, out, learning_rate=1e-3))
+
+
+def test_bad_input_fails_before_loading_the_model(tiny_model_dir, small_pets_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--model-dir"):
+        finetune.run(small_config(tmp_path / "nope", small_pets_dir, tmp_path / "o"))
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        finetune.run(small_config(tiny_model_dir, tmp_path, tmp_path / "o"))
+    with pytest.raises(ValueError, match="--lora-r"):
+        small_config(tiny_model_dir, small_pets_dir, tmp_path / "o", lora_r=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--quantization nf4 needs a CUDA GPU"):
+            finetune.run(small_config(tiny_model_dir, small_pets_dir, tmp_path / "o", quantization="nf4"))
+    assert not (tmp_path / "o").exists()
