@@ -124,14 +124,14 @@ def test_merged_export_matches_base_plus_adapter(export, base_dir, adapter_dir, 
     adapter_effect = float((base_logits - reference).abs().max())
     # The check can fail: the adapter moves logits far more than the merged export is off.
     assert adapter_effect > 0.3
-    assert diff <= merge_export.TOLERANCE_BF16
+    assert diff <= merge_export.TOLERANCE_BF16_EXPORT
     assert diff < adapter_effect / 5
     # The step measured the same things on its own samples.
     verification = meta["verification"]
     assert verification["compute_dtype"] == "float32" and meta["dtype"] == "bfloat16"
     assert verification["merge_max_abs_logit_diff"] <= merge_export.TOLERANCE_FP32
     assert verification["save_load_max_abs_logit_diff"] == 0.0  # the files hold exactly the merged weights
-    assert 0 < meta["max_abs_logit_diff"] <= meta["tolerance"] == merge_export.TOLERANCE_BF16
+    assert 0 < meta["max_abs_logit_diff"] <= meta["tolerance"] == merge_export.TOLERANCE_BF16_EXPORT
     assert verification["adapter_effect_max_abs_logit_diff"] > 10 * meta["max_abs_logit_diff"]
     assert verification["samples"] == 2
 
@@ -203,7 +203,7 @@ def test_model_card_and_metadata(export, base_dir, adapter_dir, dataset_dir):
                  meta["dataset"]["manifest_sha256"], meta["adapter"]["adapter_model_sha256"],
                  "| accuracy | 0.8125 |", "| macro_f1 | 0.79 |", "| unknown_rate | 0.0625 |",
                  "| learning_rate | 5e-05 |", "| lora.r | 8 |", f"{meta['max_abs_logit_diff']:.4g}",
-                 "AutoModelForMultimodalLM", components.__version__):
+                 "| training final loss | 0.42 |", "AutoModelForMultimodalLM", components.__version__):
         assert text in body, text
 
 
@@ -325,7 +325,36 @@ def test_merge_export_on_cuda_bf16(base_dir, adapter_dir, dataset_dir, tmp_path)
     verification = meta["verification"]
     print("cuda bf16 verification:", json.dumps(verification))
     assert verification["compute_dtype"] == "bfloat16" and verification["device"].startswith("cuda")
-    assert meta["tolerance"] == merge_export.TOLERANCE_BF16
+    assert meta["tolerance"] == merge_export.TOLERANCE_BF16_EXPORT
     assert meta["max_abs_logit_diff"] <= meta["tolerance"]
     assert verification["save_load_max_abs_logit_diff"] <= merge_export.SAVE_LOAD_TOLERANCE
     assert (output / "export_metadata.json").is_file()
+
+
+def test_fp32_export_without_reload(base_dir, adapter_dir, tmp_path):
+    """--save-dtype float32 keeps the fp32 merge exactly, so the fp32 bound applies to the export;
+    --no-verify-saved checks the merged weights in memory instead of a reload."""
+    from transformers import AutoModelForMultimodalLM
+
+    output = tmp_path / "export"
+    meta = merge_export.run(MergeExportConfig(model_dir=str(base_dir), adapter_dir=str(adapter_dir),
+                                              output_dir=str(output), verify_samples=1, save_dtype="float32",
+                                              verify_saved=False, device="cpu"))
+    assert meta["tolerance"] == merge_export.TOLERANCE_FP32
+    assert meta["max_abs_logit_diff"] == meta["verification"]["merge_max_abs_logit_diff"] <= merge_export.TOLERANCE_FP32
+    assert meta["verification"]["save_load_max_abs_logit_diff"] is None
+    assert "in-memory" in meta["verification"]["verified"]
+    assert "noise images" in meta["verification"]["inputs"] and meta["dataset"] is None
+    assert read_json(output / "config.json")["dtype"] == "float32"
+    assert AutoModelForMultimodalLM.from_pretrained(output, dtype="auto").dtype == torch.float32
+
+
+def test_tolerance_zero_rejects_the_bf16_rounding(base_dir, adapter_dir, tmp_path):
+    """The headline check compares what is served: a bf16 export differs from the fp32 base +
+    adapter by the rounding of the merged weights, so a zero tolerance must refuse it."""
+    output = tmp_path / "export"
+    config = MergeExportConfig(model_dir=str(base_dir), adapter_dir=str(adapter_dir), output_dir=str(output),
+                               verify_samples=1, tolerance=0.0, device="cpu")
+    with pytest.raises(ExportVerificationError, match=r"saved export reloaded from disk versus base \+ adapter.*--tolerance 0"):
+        merge_export.run(config)
+    assert not output.exists()
