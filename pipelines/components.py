@@ -9,6 +9,7 @@ definitions run under kfp.local's SubprocessRunner (in this venv) and on Vertex 
 ``build`` is a constant input (project version, git commit, image) fixed at compile time, so a
 task's cache key changes with the code and every artifact records the code that made it.
 No ``from __future__ import annotations`` here: KFP reads the annotations as types.
+A 0 / "" parameter means "unset" (the step's None); see pipelines/pipeline.py for why.
 """
 
 import types
@@ -28,21 +29,23 @@ def stage_weights(source: str, revision: str, hf_token_secret: str, build: dict,
     runtime.annotate([weights], runtime.lineage(build, model_dir=weights.path))
 
 
-def prepare_dataset(source: str, source_format: str, train_size: Optional[int],
-                    eval_size: Optional[int], num_classes: Optional[int], seed: int, build: dict,
+def prepare_dataset(source: str, source_format: str, revision: str, train_size: int,
+                    eval_size: int, num_classes: int, seed: int, build: dict,
                     dataset: Output[Dataset]):
     from components import prepare_dataset as step
     from pipelines import runtime
 
     step.run(step.PrepareDatasetConfig(source=source, output_dir=dataset.path,
-                                       source_format=source_format, train_size=train_size,
-                                       eval_size=eval_size, num_classes=num_classes, seed=seed))
+                                       source_format=source_format, revision=revision or None,
+                                       train_size=train_size or None,
+                                       eval_size=eval_size or None,
+                                       num_classes=num_classes or None, seed=seed))
     runtime.annotate([dataset], runtime.lineage(build, dataset_dir=dataset.path))
 
 
 def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, lora_r: int,
              lora_alpha: int, lora_dropout: float, learning_rate: float, epochs: int,
-             max_steps: Optional[int], warmup_ratio: float, micro_batch_size: int,
+             max_steps: int, warmup_ratio: float, micro_batch_size: int,
              grad_accum_steps: int, max_length: int, seed: int, save_every_steps: int,
              build: dict, adapter: Output[Model], train_metrics: Output[Metrics]):
     from components import finetune as step
@@ -51,7 +54,7 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, 
     result = step.run(step.FinetuneConfig(
         model_dir=weights.path, dataset_dir=dataset.path, output_dir=adapter.path,
         quantization=quantization, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps,
+        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps or None,
         warmup_ratio=warmup_ratio, micro_batch_size=micro_batch_size,
         grad_accum_steps=grad_accum_steps, max_length=max_length, seed=seed,
         save_every_steps=save_every_steps))
@@ -63,7 +66,7 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, 
 
 
 def evaluate(weights: Input[Model], dataset: Input[Dataset], mode: str, batch_size: int,
-             limit: Optional[int], build: dict, evaluation: Output[Artifact],
+             limit: int, quantization: str, build: dict, evaluation: Output[Artifact],
              metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
              adapter: Optional[Input[Model]] = None):
     from components import evaluate as step
@@ -72,7 +75,8 @@ def evaluate(weights: Input[Model], dataset: Input[Dataset], mode: str, batch_si
     adapter_dir = adapter.path if adapter is not None else None
     step.run(step.EvaluateConfig(model_dir=weights.path, dataset_dir=dataset.path,
                                  output_dir=evaluation.path, adapter_dir=adapter_dir, mode=mode,
-                                 batch_size=batch_size, limit=limit))
+                                 batch_size=batch_size, limit=limit or None,
+                                 quantization=quantization))
     runtime.publish_evaluation(evaluation.path, metrics, confusion)
     runtime.annotate([evaluation, metrics, confusion], runtime.lineage(
         build, model_dir=weights.path, dataset_dir=dataset.path, adapter_dir=adapter_dir))
@@ -95,7 +99,7 @@ def merge_export(weights: Input[Model], adapter: Input[Model], dataset: Input[Da
     result = step.run(step.MergeExportConfig(
         model_dir=weights.path, adapter_dir=adapter.path, output_dir=export.path,
         dataset_dir=dataset.path, metrics_path=f"{tuned_evaluation.path}/metrics.json",
-        tolerance=tolerance))
+        tolerance=tolerance or None))
     tuned = runtime.load_metrics(tuned_evaluation.path)
     runtime.annotate([export], runtime.lineage(build, model_dir=weights.path,
                                                dataset_dir=dataset.path, adapter_dir=adapter.path))

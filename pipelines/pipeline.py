@@ -5,9 +5,13 @@ merge/export -> eval of the export.
 (image, resource preset, build identity); runtime parameters are the pipeline function's
 arguments. Task display names are the role names below; local_run and lineage find tasks by them.
 No ``from __future__ import annotations``: KFP reads the pipeline signature's annotations as types.
+
+"Unset" is 0 / "" rather than an Optional parameter defaulting to None: kfp.local (2.17.3) cannot
+run a pipeline whose Optional parameter is left unset (it fails converting the spec's empty
+default) and refuses None as an argument, so the components map 0 / "" to the step's None.
 """
 
-from typing import Callable, Optional
+from typing import Callable
 
 from kfp import dsl
 
@@ -59,9 +63,10 @@ def build_pipeline(options: CompileOptions) -> Callable:
         weights_revision: str = "main",
         hf_token_secret: str = "",
         dataset_format: str = "auto",
-        train_size: Optional[int] = None,
-        eval_size: Optional[int] = None,
-        num_classes: Optional[int] = None,
+        dataset_revision: str = "",
+        train_size: int = 0,
+        eval_size: int = 0,
+        num_classes: int = 0,
         seed: int = 0,
         quantization: str = "auto",
         lora_r: int = 64,
@@ -69,7 +74,7 @@ def build_pipeline(options: CompileOptions) -> Callable:
         lora_dropout: float = 0.05,
         learning_rate: float = 5e-5,
         epochs: int = 3,
-        max_steps: Optional[int] = None,
+        max_steps: int = 0,
         warmup_ratio: float = 0.1,
         micro_batch_size: int = 4,
         grad_accum_steps: int = 4,
@@ -77,19 +82,20 @@ def build_pipeline(options: CompileOptions) -> Callable:
         save_every_steps: int = 50,
         eval_mode: str = "generate",
         eval_batch_size: int = 8,
-        eval_limit: Optional[int] = None,
+        eval_limit: int = 0,
         margin: float = 0.0,
-        merge_tolerance: float = 0.05,
+        merge_tolerance: float = 0.0,
     ):
         weights = task(ops.stage_weights(source=weights_source, revision=weights_revision,
                                          hf_token_secret=hf_token_secret, build=build),
                        STAGE_WEIGHTS).outputs["weights"]
         dataset = task(ops.prepare_dataset(source=dataset_source, source_format=dataset_format,
+                                           revision=dataset_revision,
                                            train_size=train_size, eval_size=eval_size,
                                            num_classes=num_classes, seed=seed, build=build),
                        PREPARE_DATASET).outputs["dataset"]
         eval_args = dict(dataset=dataset, mode=eval_mode, batch_size=eval_batch_size,
-                         limit=eval_limit, build=build)
+                         limit=eval_limit, quantization=quantization, build=build)
         baseline = task(ops.evaluate(weights=weights, **eval_args), EVALUATE_BASELINE)
         tuning = task(ops.finetune(
             weights=weights, dataset=dataset, quantization=quantization, lora_r=lora_r,

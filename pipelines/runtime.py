@@ -29,8 +29,8 @@ EVAL_METRICS = "metrics.json"
 
 UNKNOWN_CLASS = "Unknown"  # the extra predicted column of generate-mode confusion matrices
 LINEAGE_KEYS = ("base_model_id", "base_model_revision", "weights_manifest_sha256",
-                "dataset_manifest_sha256", "dataset_source", "hyperparameters",
-                "project_version", "git_commit", "image")
+                "dataset_manifest_sha256", "dataset_source", "dataset_revision", "num_classes",
+                "hyperparameters", "project_version", "git_commit", "image")
 
 
 class LineageError(ValueError):
@@ -52,30 +52,31 @@ def _pick(record: Mapping[str, Any], keys: tuple[str, ...], path: Path) -> Any:
 
 def weights_lineage(model_dir: str | os.PathLike) -> dict[str, Any]:
     """Which base weights a model folder holds: staged weights (weights_manifest.json) or a merged
-    export (export_metadata.json, which carries the base model's identity forward)."""
+    export (export_metadata.json's ``base_model``, which carries the base's identity forward)."""
     model_dir = Path(model_dir)
     manifest_path = model_dir / WEIGHTS_MANIFEST
     if manifest_path.is_file():
-        manifest = read_json(manifest_path)
-        return {"base_model_id": _pick(manifest, ("source",), manifest_path),
-                "base_model_revision": str(manifest.get("revision", "")),
-                "weights_manifest_sha256": _pick(manifest, ("manifest_sha256",), manifest_path)}
-    export_path = model_dir / EXPORT_METADATA
-    export = _require(export_path, f"model folder {model_dir} (neither {WEIGHTS_MANIFEST} nor "
-                                   f"{EXPORT_METADATA})")
-    return {"base_model_id": _pick(export, ("base_model_id", "base_model", "source"), export_path),
-            "base_model_revision": str(export.get("base_model_revision", export.get("revision", ""))),
-            "weights_manifest_sha256": _pick(export, ("weights_manifest_sha256",
-                                                      "base_manifest_sha256", "manifest_sha256"),
-                                             export_path)}
+        manifest, path = read_json(manifest_path), manifest_path
+    else:
+        path = model_dir / EXPORT_METADATA
+        export = _require(path, f"model folder {model_dir} (neither {WEIGHTS_MANIFEST} nor "
+                                f"{EXPORT_METADATA})")
+        manifest = export.get("base_model") or {}
+    return {"base_model_id": _pick(manifest, ("source",), path),
+            "base_model_revision": str(manifest.get("revision") or ""),
+            "weights_manifest_sha256": _pick(manifest, ("manifest_sha256",), path)}
 
 
 def dataset_lineage(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     """The prepared dataset's identity: the hash of its manifest (which lists every shard's hash)."""
     manifest_path = Path(dataset_dir) / DATASET_MANIFEST
     manifest = _require(manifest_path, "prepared dataset")
+    source = manifest.get("source", "")
+    if not isinstance(source, dict):  # prepare-dataset records {source, format, revision, ...}
+        source = {"source": source}
     return {"dataset_manifest_sha256": sha256_file(manifest_path),
-            "dataset_source": str(manifest.get("source", "")),
+            "dataset_source": str(source.get("source") or ""),
+            "dataset_revision": str(source.get("revision") or ""),
             "num_classes": len(manifest.get("class_names", []))}
 
 
@@ -90,9 +91,11 @@ def export_lineage(export_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(export_dir) / EXPORT_METADATA
     export = _require(path, "merged export")
     out: dict[str, Any] = {}
-    for key in ("dataset_manifest_sha256", "hyperparameters"):
-        if export.get(key) not in (None, ""):
-            out[key] = export[key]
+    if (export.get("dataset") or {}).get("manifest_sha256"):
+        out["dataset_manifest_sha256"] = export["dataset"]["manifest_sha256"]
+    hyper = export.get("hyperparameters") or {}
+    if hyper.get("finetune"):  # the fine-tune's own record, as hyperparameters_lineage reads it
+        out["hyperparameters"] = dict(hyper["finetune"])
     return out
 
 
@@ -195,7 +198,7 @@ def render_report(baseline: Mapping[str, Any], tuned: Mapping[str, Any],
     verdict = "PASSED: export runs" if decision["passed"] else "HELD BACK: no export"
     lineage_rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v, sort_keys=True))}</td></tr>"
-        for k, v in lineage_record.items())
+        for k, v in sorted(lineage_record.items()))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Baseline vs tuned</title>
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse;margin:1em 0}}
