@@ -62,5 +62,5 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None) -> T:
     args = build_parser(config_cls).parse_args(argv)
     try:
         return config_cls(**vars(args))
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from err
