@@ -106,6 +106,22 @@ def score_models(tiny_model_dir, tiny_large_model_dir, tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def varied_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its (tied) token embeddings redrawn at std 0.02 (seeded): its greedy
+    answers then differ from image to image, so comparing generated texts (padding, adapters)
+    can tell runs apart. The stand-in's own wider embeddings make one token win everywhere."""
+    from transformers import AutoModelForMultimodalLM
+
+    path = tmp_path_factory.mktemp("models") / "tiny-varied"
+    shutil.copytree(tiny_model_dir, path)
+    model = AutoModelForMultimodalLM.from_pretrained(path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(path)
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # Answer -> class
 # --------------------------------------------------------------------------------------------
@@ -150,13 +166,18 @@ def test_class_names_that_answers_cannot_tell_apart_are_refused():
 # --------------------------------------------------------------------------------------------
 
 
-def independent_scores(model, processor, images, class_names):
+def on_device(batch: dict, device) -> dict:
+    dtype = modeling.compute_dtype(device)
+    return {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
+
+
+def independent_scores(model, processor, images, class_names, device=torch.device("cpu")):
     """Reference: each (image, class) as its own unpadded training sequence, full forward, sum of
     log-probs of exactly the tokens fine-tuning labels (answer + <turn|>)."""
     scores = torch.empty(len(images), len(class_names))
     for i, image in enumerate(images):
         for c, name in enumerate(class_names):
-            batch = prompting.encode_training_batch(processor, [image], [name], class_names)
+            batch = on_device(prompting.encode_training_batch(processor, [image], [name], class_names), device)
             labels = batch.pop("labels")
             logprobs = model(**batch).logits[:, :-1].float().log_softmax(-1)
             targets = labels[:, 1:]
@@ -248,20 +269,21 @@ def check_consistent(result, predictions, mode):
     assert result["images_per_s"] > 0 and result["mode"] == mode
 
 
-def test_generate_mode_end_to_end_and_deterministic(tiny_model_dir, dataset_dir, tmp_path):
+def test_generate_mode_end_to_end_and_deterministic(varied_model_dir, dataset_dir, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     # One run through the CLI, one through run(): same flags, same answers.
-    assert evaluate.main(["--model-dir", str(tiny_model_dir), "--dataset-dir", dataset_dir,
+    assert evaluate.main(["--model-dir", str(varied_model_dir), "--dataset-dir", dataset_dir,
                           "--output-dir", str(first), "--batch-size", "4"]) == 0
-    result = evaluate.run(EvaluateConfig(model_dir=str(tiny_model_dir), dataset_dir=dataset_dir,
+    result = evaluate.run(EvaluateConfig(model_dir=str(varied_model_dir), dataset_dir=dataset_dir,
                                          output_dir=str(second), batch_size=4))
     on_disk = json.loads((first / "metrics.json").read_text())
     predictions = read_predictions(first)
     check_consistent(on_disk, predictions, "generate")
+    assert len({p["raw_text"] for p in predictions}) > 1, "answers should differ between images"
     assert read_predictions(second) == predictions
     # Left padding changes nothing: one image per batch generates the same answers.
     unpadded = tmp_path / "unpadded"
-    evaluate.run(EvaluateConfig(model_dir=str(tiny_model_dir), dataset_dir=dataset_dir,
+    evaluate.run(EvaluateConfig(model_dir=str(varied_model_dir), dataset_dir=dataset_dir,
                                 output_dir=str(unpadded), batch_size=1))
     assert [p["raw_text"] for p in read_predictions(unpadded)] == [p["raw_text"] for p in predictions]
     assert {k: v for k, v in result.items() if k not in ("images_per_s", "seconds", "config")} == {
@@ -351,14 +373,14 @@ def make_adapter(model_dir, adapter_dir):
     peft_model.save_pretrained(adapter_dir)
 
 
-def test_adapter_path_changes_predictions(tiny_model_dir, dataset_dir, tmp_path):
+def test_adapter_path_changes_predictions(varied_model_dir, dataset_dir, tmp_path):
     adapter_dir = tmp_path / "adapter"
-    make_adapter(tiny_model_dir, adapter_dir)
+    make_adapter(varied_model_dir, adapter_dir)
     runs = {}
     for name, adapter in [("base", None), ("adapter", str(adapter_dir))]:
         for mode in ("score", "generate"):
             out = tmp_path / f"{name}-{mode}"
-            result = evaluate.run(EvaluateConfig(model_dir=str(tiny_model_dir), dataset_dir=dataset_dir,
+            result = evaluate.run(EvaluateConfig(model_dir=str(varied_model_dir), dataset_dir=dataset_dir,
                                                  output_dir=str(out), adapter_dir=adapter, mode=mode, limit=3))
             assert result["adapter_dir"] == adapter and result["num_examples"] == 3
             runs[name, mode] = read_predictions(out)
@@ -416,3 +438,33 @@ def test_cli_errors_are_one_line(tiny_model_dir, dataset_dir, tmp_path, no_model
         evaluate.main(base + ["--adapter-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="error: .*manifest.json not found"):
         evaluate.main(["--model-dir", str(tiny_model_dir), "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path)])
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA (device machine: `make test-gpu`)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_nf4_cached_scores_and_both_modes(tiny_model_dir, dataset_dir, tmp_path):
+    device = torch.device("cuda")
+    processor = modeling.load_processor(str(tiny_model_dir))
+    model = modeling.load_model(str(tiny_model_dir), device, "nf4").eval()
+    images = [make_image(i) for i in range(3)]
+    candidates = evaluate.answer_token_ids(processor, CLASSES)
+    scorer = evaluate.CandidateScorer(model, candidates, processor.tokenizer.pad_token_id, device, chunk_size=4)
+    with torch.inference_mode():
+        cached = scorer(on_device(prompting.encode_prompt_batch(processor, images, CLASSES), device))
+        reference = independent_scores(model, processor, images, CLASSES, device)
+    diff = (cached - reference).abs().max().item()
+    print(f"nf4/bf16 cached vs independent: max |score diff| {diff:.4f} (scores ~{reference.abs().mean():.1f})")
+    # bf16 activations keep ~3 significant digits; padded, cached and unpadded full forwards
+    # round differently, so sums of log-probs of about -13 (-66 for the long name) agree to a few
+    # hundredths, while a broken cache or shifted positions are off by tenths or more (CPU fp32: 1e-5).
+    assert diff < 0.1
+    for mode in ("score", "generate"):
+        result = evaluate.run(EvaluateConfig(model_dir=str(tiny_model_dir), dataset_dir=dataset_dir,
+                                             output_dir=str(tmp_path / mode), mode=mode, batch_size=4))
+        assert result["quantization"] == "nf4" and result["device"].startswith("cuda")
+        check_consistent(result, read_predictions(tmp_path / mode), mode)
+        print(f"cuda nf4 {mode}: {result['images_per_s']:.1f} img/s")
