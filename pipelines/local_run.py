@@ -8,7 +8,9 @@ The same KFP component definitions as on Vertex run under kfp.local's Subprocess
 venv (no container, no pip installs). kfp 2.17.3's local orchestrator executes dsl.If: when the
 gate says no, merge-export and evaluate-merged simply do not run. It runs tasks one at a time in
 dependency order, so "baseline evaluation and fine-tuning in parallel" is sequential here; it
-ignores accelerator/CPU/memory limits and retries (they are Vertex settings).
+ignores accelerator/CPU/memory limits (Vertex settings) but honours retry policies with their
+backoff, so the local compile uses --fine-tune-retries 0 by default (a local failure is fixed by
+hand, not by waiting 60 s + 120 s for the same error).
 
 Without --weights-source/--dataset-source it first builds the offline stand-ins in
 ``RUN_DIR/inputs`` (reused by later runs): the tiny random-init Gemma 4 and a synthetic
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -83,6 +86,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="JSON/YAML file of pipeline parameter values")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="one pipeline parameter (YAML scalar); overrides the demo defaults")
+    parser.add_argument("--fine-tune-retries", type=int, default=0,
+                        help="retries of the fine-tune task (kfp.local honours them, with the "
+                             "compiled 60 s doubling backoff); default 0")
     return parser.parse_args(argv)
 
 
@@ -140,14 +146,17 @@ def task_layout(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def collect_records(spec: dict[str, Any], kfp_run_dir: Path) -> dict[str, dict[str, Any]]:
     """What each task produced, read back from kfp.local's executor_output.json files.
 
-    kfp.local puts a task's folder at <run>/<component name without "comp-">; a task with no
-    executor output did not run (the gate held it back, or an upstream task failed).
+    kfp.local puts a task's folder at <run>/<component name without "comp-">. No folder: the task
+    did not run (the gate held it back, or an upstream task failed). A folder without executor
+    output: it started and failed.
     """
     records = {}
     for name, info in task_layout(spec).items():
-        output_file = kfp_run_dir / info["component"].removeprefix("comp-") / "executor_output.json"
-        record: dict[str, Any] = {"task": info["task"], "state": "NOT_RUN", "outputs": {},
-                                  "parameters": {}}
+        task_root = kfp_run_dir / info["component"].removeprefix("comp-")
+        output_file = task_root / "executor_output.json"
+        record: dict[str, Any] = {"task": info["task"],
+                                  "state": "FAILED" if task_root.is_dir() else "NOT_RUN",
+                                  "outputs": {}, "parameters": {}}
         if output_file.is_file():
             produced = json.loads(output_file.read_text())
             record["state"] = "SUCCEEDED"
@@ -245,7 +254,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # compile first: it is what ran, and parameters are checked against it before any work
     options = pipeline_options.compile_options(image=pipeline_options.LOCAL_IMAGE,
-                                               preset="cpu-smoke")
+                                               preset="cpu-smoke",
+                                               fine_tune_retries=args.fine_tune_retries)
     pipeline_func = dag.build_pipeline(options)
     run_dir.mkdir(parents=True, exist_ok=True)
     from kfp import compiler, local
@@ -276,7 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         pipeline_func(**arguments)
     except RuntimeError as err:  # kfp.local: "Pipeline ... finished with status FAILURE ..."
-        error = str(err)
+        error = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # drop kfp.local's terminal colours
     wall_s = time.monotonic() - started
     created = sorted(p for p in set(kfp_root.iterdir()) - before if p.is_dir())
     kfp_run_dir = created[-1] if created else None

@@ -208,6 +208,10 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         raise SubmitError(f"--pipeline-root {args.pipeline_root!r}: Vertex AI needs a gs:// folder")
     spec = load_template(args.template)
     build = template_build(spec)
+    if "/PROJECT/" in build.get("image", ""):
+        raise SubmitError(f"--template {args.template} was compiled with the placeholder image "
+                          f"{build['image']}; recompile with --image (or $GEMMA_PETS_IMAGE) "
+                          "naming your project's Artifact Registry image")
     values = check_parameters(load_parameters(args.parameters, args.param), spec)
     labels = parse_labels(args.label, build)
     schedule = None

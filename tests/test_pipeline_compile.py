@@ -24,6 +24,16 @@ IMAGE = "europe-west4-docker.pkg.dev/acme/gemma-pets/trainer:9.9.9"
 PLANTED = "hf_plantedSECRETcompile0123456789"
 
 
+def is_commit_of_this_checkout(value: str) -> bool:
+    """A 40-hex commit (+dirty when the tree had changes) that HEAD descends from. Not "equals
+    HEAD": other people commit to this checkout while the test runs."""
+    sha, _, flag = value.partition("+")
+    if len(sha) != 40 or flag not in ("", "dirty"):
+        return False
+    return subprocess.run(["git", "merge-base", "--is-ancestor", sha, "HEAD"], cwd=REPO,
+                          capture_output=True).returncode == 0
+
+
 def load_spec(path: Path) -> tuple[pipeline_spec_pb2.PipelineSpec,
                                    pipeline_spec_pb2.PipelineDeploymentConfig]:
     raw = yaml.safe_load(path.read_text())
@@ -153,15 +163,13 @@ def test_tasks_run_the_image_without_installing_anything(compiled):
 
 def test_build_identity_is_a_constant_input_of_every_task(compiled):
     spec, _ = load_spec(compiled)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout.strip()
     for name, (_, task) in all_tasks(spec).items():
         if name == dag.GATE_CONDITION_NAME:
             continue
         build = json_format.MessageToDict(task.inputs.parameters["build"].runtime_value.constant)
         assert build["image"] == IMAGE, name
         assert build["project_version"] == pipeline_options.project_version(), name
-        assert build["git_commit"] in (head, head + "+dirty"), name
+        assert is_commit_of_this_checkout(build["git_commit"]), name
 
 
 def test_runtime_parameters(compiled):
@@ -184,14 +192,17 @@ def test_step_config_defaults_match_pipeline_defaults(compiled):
         "components.finetune": ("FinetuneConfig", {
             "quantization": "quantization", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
             "lora_dropout": "lora_dropout", "learning_rate": "learning_rate", "epochs": "epochs",
-            "warmup_ratio": "warmup_ratio",
+            "warmup_ratio": "warmup_ratio", "max_steps": "max_steps",
             "micro_batch_size": "micro_batch_size", "grad_accum_steps": "grad_accum_steps",
             "max_length": "max_length", "seed": "seed", "save_every_steps": "save_every_steps"}),
-        "components.evaluate": ("EvaluateConfig", {"mode": "eval_mode",
-                                                   "batch_size": "eval_batch_size"}),
+        "components.evaluate": ("EvaluateConfig", {"mode": "eval_mode", "limit": "eval_limit",
+                                                   "batch_size": "eval_batch_size",
+                                                   "quantization": "quantization"}),
         "components.stage_weights": ("StageWeightsConfig", {"revision": "weights_revision"}),
-        "components.prepare_dataset": ("PrepareDatasetConfig", {"source_format": "dataset_format",
-                                                                "seed": "seed"}),
+        "components.prepare_dataset": ("PrepareDatasetConfig", {
+            "source_format": "dataset_format", "revision": "dataset_revision", "seed": "seed",
+            "train_size": "train_size", "eval_size": "eval_size", "num_classes": "num_classes"}),
+        "components.merge_export": ("MergeExportConfig", {"tolerance": "merge_tolerance"}),
     }
     checked = 0
     for module_name, (class_name, mapping) in checks.items():
@@ -202,7 +213,10 @@ def test_step_config_defaults_match_pipeline_defaults(compiled):
         for field_name, param in mapping.items():
             default = fields[field_name].default
             value = json_format.MessageToDict(params[param].default_value)
-            assert value == default or float(value) == default, (module_name, field_name)
+            if default is None:  # the pipeline spells "unset" 0 / "" (see pipelines/pipeline.py)
+                assert value in (0, ""), (module_name, field_name, value)
+            else:
+                assert value == default, (module_name, field_name, value, default)
             checked += 1
     if not checked:
         pytest.skip("no step module has landed yet")

@@ -185,6 +185,15 @@ def test_missing_required_parameters_and_bad_root_and_template(template, gcs, fa
     assert fake.requests == []
 
 
+def test_template_with_the_placeholder_image_is_refused(gcs, fake, tmp_path, monkeypatch):
+    monkeypatch.delenv("GEMMA_PETS_IMAGE", raising=False)
+    placeholder = compile_cli.compile_pipeline(tmp_path / "default.yaml")
+    with pytest.raises(SystemExit, match="compiled with the placeholder image "
+                                         "us-central1-docker.pkg.dev/PROJECT/gemma-pets/trainer"):
+        submit.main(base_args(placeholder, gcs, fake, "--parameters", str(write_params(tmp_path))))
+    assert fake.requests == []
+
+
 def test_hf_token_comes_from_secret_manager_into_the_env_only(fake, monkeypatch):
     secret = "projects/acme-ml/secrets/hf-token"
     value = "hf_plantedSECRETfromSecretManager"

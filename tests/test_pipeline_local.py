@@ -1,0 +1,165 @@
+"""The whole DAG under kfp.local, as `make demo` runs it, on a tiny model and a small synthetic set.
+
+Two runs (a few minutes each on 2 CPU cores): one whose gate passes (margin -1: any result
+passes, so the export path always runs) and one whose gate holds the export back (margin 1.0:
+tuned can never beat baseline by a whole accuracy point). Both run as a subprocess of
+`python -m pipelines.local_run` with a planted HF_TOKEN, which must appear in no output and no
+file. Skipped only while a step module has not landed (importable = found on the path).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.files import read_json, sha256_file
+from pipelines import local_run
+from pipelines import pipeline as dag
+
+REPO = Path(__file__).resolve().parent.parent
+PLANTED = "hf_plantedSECRETlocalrun0123456789"
+STEP_MODULES = ("components.stage_weights", "components.prepare_dataset", "components.finetune",
+                "components.evaluate", "components.merge_export", "components.tiny_model",
+                "components.synthetic_pets")
+MISSING = [m for m in STEP_MODULES if importlib.util.find_spec(m) is None]
+needs_steps = pytest.mark.skipif(bool(MISSING), reason=f"step modules not landed yet: {MISSING}")
+# Small enough for minutes on 2 cores: 3 classes x (2 train + 2 eval) images, 2 optimizer steps.
+SMALL = ["--param", "max_steps=2", "--param", "epochs=1", "--param", "micro_batch_size=2",
+         "--param", "eval_batch_size=8", "--param", "save_every_steps=1"]
+
+
+def is_commit_of_this_checkout(value: str) -> bool:
+    """A 40-hex commit (+dirty when the tree had changes) that HEAD descends from. Not "equals
+    HEAD": other people commit to this checkout while the test runs."""
+    sha, _, flag = value.partition("+")
+    if len(sha) != 40 or flag not in ("", "dirty"):
+        return False
+    return subprocess.run(["git", "merge-base", "--is-ancestor", sha, "HEAD"], cwd=REPO,
+                          capture_output=True).returncode == 0
+
+
+def run_pipeline(run_dir: Path, inputs: tuple[str, str], *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_TOKEN": PLANTED, "HF_HUB_OFFLINE": "1"}
+    weights, dataset = inputs
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.local_run", "--run-dir", str(run_dir),
+         "--weights-source", weights, "--dataset-source", dataset, *SMALL, *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def assert_token_never_written(run_dir: Path, result: subprocess.CompletedProcess) -> None:
+    assert PLANTED not in result.stdout and PLANTED not in result.stderr
+    needle = PLANTED.encode()
+    scanned = 0
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert needle not in path.read_bytes(), path
+            scanned += 1
+    assert scanned > 20  # the run's artifacts really were there to scan
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("inputs")
+    return local_run.demo_inputs(root, num_classes=3, images_per_class=4)
+
+
+@pytest.mark.slow
+@needs_steps
+def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_pipeline(run_dir, inputs, "--margin", "-1")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "succeeded"
+    assert set(summary["tasks"].values()) == {"SUCCEEDED"}
+    assert set(summary["tasks"]) == {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.EVALUATE_BASELINE,
+                                     dag.FINETUNE, dag.EVALUATE_TUNED, dag.GATE, dag.MERGE_EXPORT,
+                                     dag.EVALUATE_MERGED}
+    records = read_json(run_dir / "tasks.json")
+    for row in ("baseline", "tuned", "merged"):
+        metrics = summary[row]
+        on_disk = read_json(Path(metrics["evaluation_dir"]) / "metrics.json")
+        assert metrics["accuracy"] == on_disk["accuracy"]
+        assert metrics["num_examples"] == 6  # 3 classes x 2 eval images
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["unknown_rate"] <= 1.0
+    assert summary["gate"]["passed"] is True and summary["export"]["held_back"] is False
+    delta = summary["tuned"]["accuracy"] - summary["baseline"]["accuracy"]
+    assert summary["gate"]["accuracy_delta"] == pytest.approx(delta)
+    export = Path(summary["export"]["path"])
+    assert (export / "export_metadata.json").is_file()
+    assert list(export.glob("*.safetensors"))
+
+    # the KFP metric artifacts carry what Vertex renders
+    tuned = records[dag.EVALUATE_TUNED]["outputs"]
+    tuned_file = read_json(Path(tuned["evaluation"]["uri"]) / "metrics.json")
+    assert tuned["metrics"]["metadata"]["accuracy"] == pytest.approx(tuned_file["accuracy"])
+    assert tuned["metrics"]["metadata"]["macro_f1"] == pytest.approx(tuned_file["macro_f1"])
+    assert tuned["metrics"]["schema_title"] == "system.Metrics"
+    matrix = tuned["confusion"]["metadata"]["confusionMatrix"]
+    names = [spec["displayName"] for spec in matrix["annotationSpecs"]]
+    assert names[:3] == tuned_file["class_names"] and len(matrix["rows"]) == len(names)
+    report = Path(records[dag.GATE]["outputs"]["report"]["uri"]).read_text()
+    assert all(name in report for name in tuned_file["class_names"]) and "PASSED" in report
+
+    # lineage on every artifact, equal to the files it names
+    weights_manifest = read_json(Path(summary["artifacts"]["weights"]) / "weights_manifest.json")
+    dataset_sha = sha256_file(Path(summary["artifacts"]["dataset"]) / "manifest.json")
+    assert is_commit_of_this_checkout(summary["build"]["git_commit"])
+    for name, record in records.items():
+        for output, artifact in record["outputs"].items():
+            meta = artifact["metadata"]
+            assert meta["git_commit"] == summary["build"]["git_commit"], (name, output)
+            assert meta["image"] == "local-python-venv", (name, output)
+            if name != dag.PREPARE_DATASET:
+                assert meta["weights_manifest_sha256"] == weights_manifest["manifest_sha256"]
+            if name != dag.STAGE_WEIGHTS:
+                assert meta["dataset_manifest_sha256"] == dataset_sha, (name, output)
+    assert summary["lineage"]["hyperparameters"]["max_steps"] == 2
+
+    table = result.stdout[result.stdout.rindex("accuracy"):]
+    assert "baseline" in table and "tuned" in table and "merged" in table and "gate: passed" in table
+    assert_token_never_written(run_dir, result)
+
+
+@pytest.mark.slow
+@needs_steps
+def test_gate_holds_the_export_back(inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_pipeline(run_dir, inputs, "--margin", "1.0")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "succeeded"
+    assert summary["gate"]["passed"] is False and summary["export"]["held_back"] is True
+    assert summary["export"]["path"] is None and summary["merged"] is None
+    assert summary["tasks"][dag.MERGE_EXPORT] == "NOT_RUN"
+    assert summary["tasks"][dag.EVALUATE_MERGED] == "NOT_RUN"
+    assert summary["tasks"][dag.EVALUATE_TUNED] == "SUCCEEDED"
+    kfp_run = Path(summary["kfp_run_dir"])
+    assert not (kfp_run / "merge-export").exists() and not (kfp_run / "evaluate-3").exists()
+    assert "gate: held the export back" in result.stdout
+    lineage = subprocess.run([sys.executable, "-m", "pipelines.lineage", str(run_dir)], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert lineage.returncode == 0, lineage.stderr
+    assert "adapter (the gate held the export back)" in lineage.stdout
+    assert_token_never_written(run_dir, result)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--margin", "2"], "--margin 2.0: an accuracy difference"),
+    (["--param", "lora_rank=8"], "parameter 'lora_rank' is not in the pipeline"),
+    (["--param", "epochs=two"], "parameter 'epochs'='two': expected NUMBER_INTEGER"),
+    (["--weights-source", "/no/such/model"], "--weights-source /no/such/model: no such"),
+    (["--num-classes", "0"], "--num-classes must be >= 1"),
+])
+def test_bad_input_fails_before_any_task(tmp_path, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        local_run.main(["--run-dir", str(tmp_path / "run"), *argv])
+    assert message in str(exc.value)
+    assert not (tmp_path / "run" / "inputs").exists()  # nothing was built
