@@ -100,3 +100,22 @@ def test_bad_options_are_rejected():
 
     with pytest.raises(ValueError, match="--max-soft-tokens"):
         tiny_model.TinyModelConfig(output_dir="x", max_soft_tokens=64)
+
+
+def test_vision_path_carries_the_image_at_text_scale(tiny_model_dir):
+    """Soft tokens of different images differ, and reach the LM at the RMS of text embeddings."""
+    from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+    model = AutoModelForMultimodalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    images = [Image.new("RGB", (64, 64), colour) for colour in ((230, 20, 20), (20, 20, 230))]
+    batch = processor.image_processor(images, return_tensors="pt")
+    with torch.no_grad():
+        red, blue = model.model.get_image_features(batch["pixel_values"], batch["image_position_ids"],
+                                                   return_dict=True).pooler_output
+    cosine = torch.nn.functional.cosine_similarity(red.mean(0), blue.mean(0), dim=0)
+    assert cosine < 0.8
+    embed = model.get_input_embeddings()
+    text_rms = (embed.weight * embed.embed_scale).pow(2).mean().sqrt()
+    image_rms = torch.cat([red, blue]).pow(2).mean().sqrt()
+    assert 0.5 < float(image_rms / text_rms) < 2.0
