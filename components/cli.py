@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from typing import Any, Sequence, TypeVar
@@ -63,4 +64,6 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None) -> T:
     try:
         return config_cls(**vars(args))
     except (ValueError, TypeError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from err
+        # Bad flags or missing inputs: one line naming the flag, exit status 2 as argparse uses.
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err

@@ -55,7 +55,7 @@ NOISE_IMAGE_SIDE = 64  # px; verification images when no dataset is given (any s
 #     fp32 (CPU): measured 5e-6 to 1.3e-5; bound 1e-3, while one wrongly merged layer (a test
 #     scales one MLP by 1.5) moves logits by ~1e-1 and an unmerged adapter by ~1.
 #     bf16 (CUDA): both sides round every matmul output and the merged weights to bf16 (8-bit
-#     mantissa); measured 0.17 on an H200. Bound TOLERANCE_BF16_COMPUTE.
+#     mantissa); measured up to 1.17 on an H200 (tiny model). Bound TOLERANCE_BF16_COMPUTE.
 #  2. save/load fidelity: the export reloaded from disk versus the in-memory merged model holding
 #     the save dtype's values, i.e. the very weights written. Same weights, same kernels: measured
 #     exactly 0.0 on CPU (fp32) and on an H200 (bf16); any difference means a tensor was dropped,
@@ -68,15 +68,17 @@ NOISE_IMAGE_SIDE = 64  # px; verification images when no dataset is given (any s
 #     That is the error of casting an fp32 model to bf16, which for billion-parameter LMs is
 #     reported at about 0.1-0.3 in max |logit| over ~10^8 logits (262k vocabulary x a few hundred
 #     positions). Bound TOLERANCE_BF16_EXPORT = 0.5.
-#     bf16 compute (CUDA): bf16 matmul noise on both sides on top of that; measured 0.17 on the
-#     tiny model (of max |logit| ~0.7). Bound TOLERANCE_BF16_COMPUTE = 1.0, below the several
-#     logits a fine-tuned adapter moves the answer tokens by. The adapter's own effect (base
-#     versus base + adapter) is recorded next to it, to show whether the check could tell them
-#     apart. Not yet measured on a real Gemma 4 checkpoint (no hub here): read the recorded
-#     diffs of the first real export and narrow these bounds from them.
+#     bf16 compute (CUDA): bf16 matmul noise on both sides on top of that, which grows with the
+#     size of the logits (bf16 spacing is 0.125 between 16 and 32). Measured on an H200 with the
+#     tiny model, whose logits reach the +-30 softcap: 0.76 to 1.17, against an adapter effect of
+#     13.3. Bound TOLERANCE_BF16_COMPUTE = 2.0, well below the several logits a fine-tuned
+#     adapter moves the answer tokens by. The adapter's own effect (base versus base + adapter)
+#     is recorded next to it, to show whether the check could tell them apart. Not yet measured
+#     on a real Gemma 4 checkpoint (no hub here): read the recorded diffs of the first real
+#     export and narrow these bounds from them.
 TOLERANCE_FP32 = 1e-3
 TOLERANCE_BF16_EXPORT = 0.5
-TOLERANCE_BF16_COMPUTE = 1.0
+TOLERANCE_BF16_COMPUTE = 2.0
 SAVE_LOAD_TOLERANCE = 1e-6
 SHARD_SIZE_PATTERN = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$")
 

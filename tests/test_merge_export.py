@@ -308,9 +308,10 @@ def test_bad_inputs_are_named_before_any_work(base_dir, adapter_dir, dataset_dir
         merge_export.run(config(metrics_path=str(bad_metrics)))
 
     # Through the command line: a clear one-line error and a non-zero exit, no traceback.
-    code = merge_export.main(["--model-dir", str(tmp_path / "missing"), "--adapter-dir", str(adapter_dir),
-                              "--output-dir", str(tmp_path / "out")])
-    assert code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        merge_export.main(["--model-dir", str(tmp_path / "missing"), "--adapter-dir", str(adapter_dir),
+                           "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
     assert "--model-dir" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
