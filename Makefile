@@ -4,8 +4,20 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+RUN_DIR ?= demo-run
 
-.PHONY: venv demo test test-gpu compile bench clean
+# Google Cloud settings for compile/submit/images/Cloud Run (override on the command line).
+PROJECT    ?= my-project
+REGION     ?= us-central1
+REPOSITORY ?= gemma-pets
+BUCKET     ?= $(PROJECT)-gemma-pets
+PRESET     ?= 31b-qlora
+# Cloud Run Job paths inside the bucket: staged weights, prepared dataset, adapter output.
+MODEL_PATH   ?= weights/gemma-4-31b-it
+DATASET_PATH ?= datasets/oxford-iiit-pet
+OUTPUT_PATH  ?= runs/cloud-run-finetune
+
+.PHONY: venv demo test test-gpu compile images cloud-run-job cloud-run-execute clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -16,11 +28,31 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The whole DAG under kfp.local on the offline stand-ins (tiny Gemma 4 + synthetic pets).
+demo: venv
+	$(PY) -m pipelines.local_run --run-dir $(RUN_DIR)
+
 test: venv
 	$(PY) -m pytest tests -q
 
+# On a CUDA machine (the device machine runs these; see README "GPU").
 test-gpu: venv
-	$(PY) -m pytest tests -q -m gpu
+	$(PY) -m pytest tests -q -m gpu -s
+
+compile: venv
+	$(PY) compile.py --preset $(PRESET) --output pipeline.yaml
+
+images:
+	gcloud builds submit --config cloudbuild.yaml --region $(REGION) \
+	  --substitutions=_REGION=$(REGION),_REPOSITORY=$(REPOSITORY),COMMIT_SHA=$$(git rev-parse HEAD),SHORT_SHA=$$(git rev-parse --short=7 HEAD) .
+
+cloud-run-job: venv
+	$(PY) -m deploy.cloud_run_job deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+	  --model-path $(MODEL_PATH) --dataset-path $(DATASET_PATH) --output-path $(OUTPUT_PATH) \
+	  $(if $(SERVICE_ACCOUNT),--service-account $(SERVICE_ACCOUNT))
+
+cloud-run-execute: venv
+	$(PY) -m deploy.cloud_run_job execute --project $(PROJECT) --region $(REGION)
 
 clean:
-	rm -rf $(VENV) runs out .pytest_cache
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache pipeline.yaml
