@@ -91,15 +91,15 @@ def compare_accuracy(baseline: Input[Artifact], tuned: Input[Artifact], margin: 
 
 
 def merge_export(weights: Input[Model], adapter: Input[Model], dataset: Input[Dataset],
-                 tuned_evaluation: Input[Artifact], tolerance: float, build: dict,
-                 export: Output[Model]):
+                 tuned_evaluation: Input[Artifact], tolerance: float, save_dtype: str,
+                 build: dict, export: Output[Model]):
     from components import merge_export as step
     from pipelines import runtime
 
     result = step.run(step.MergeExportConfig(
         model_dir=weights.path, adapter_dir=adapter.path, output_dir=export.path,
         dataset_dir=dataset.path, metrics_path=f"{tuned_evaluation.path}/metrics.json",
-        tolerance=tolerance or None))
+        tolerance=tolerance or None, save_dtype=save_dtype))
     tuned = runtime.load_metrics(tuned_evaluation.path)
     runtime.annotate([export], runtime.lineage(build, model_dir=weights.path,
                                                dataset_dir=dataset.path, adapter_dir=adapter.path))

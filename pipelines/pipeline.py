@@ -85,6 +85,7 @@ def build_pipeline(options: CompileOptions) -> Callable:
         eval_limit: int = 0,
         margin: float = 0.0,
         merge_tolerance: float = 0.0,
+        merge_save_dtype: str = "bfloat16",
     ):
         weights = task(ops.stage_weights(source=weights_source, revision=weights_revision,
                                          hf_token_secret=hf_token_secret, build=build),
@@ -116,7 +117,8 @@ def build_pipeline(options: CompileOptions) -> Callable:
         with dsl.If(gate.outputs["Output"] == True, name=GATE_CONDITION_NAME):  # noqa: E712 (KFP DSL)
             export = task(ops.merge_export(weights=weights, adapter=adapter, dataset=dataset,
                                            tuned_evaluation=tuned.outputs["evaluation"],
-                                           tolerance=merge_tolerance, build=build),
+                                           tolerance=merge_tolerance,
+                                           save_dtype=merge_save_dtype, build=build),
                           MERGE_EXPORT).outputs["export"]
             task(ops.evaluate(weights=export, **eval_args), EVALUATE_MERGED)
 

@@ -213,6 +213,9 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                           f"{build['image']}; recompile with --image (or $GEMMA_PETS_IMAGE) "
                           "naming your project's Artifact Registry image")
     values = check_parameters(load_parameters(args.parameters, args.param), spec)
+    if not -1.0 <= float(values.get("margin", 0.0)) <= 1.0:  # else the gate task fails at run time
+        raise SubmitError(f"parameter 'margin'={values['margin']}: an accuracy difference, "
+                          "must lie in [-1, 1]")
     labels = parse_labels(args.label, build)
     schedule = None
     if args.schedule_cron is not None:

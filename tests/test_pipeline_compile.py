@@ -202,7 +202,8 @@ def test_step_config_defaults_match_pipeline_defaults(compiled):
         "components.prepare_dataset": ("PrepareDatasetConfig", {
             "source_format": "dataset_format", "revision": "dataset_revision", "seed": "seed",
             "train_size": "train_size", "eval_size": "eval_size", "num_classes": "num_classes"}),
-        "components.merge_export": ("MergeExportConfig", {"tolerance": "merge_tolerance"}),
+        "components.merge_export": ("MergeExportConfig", {"tolerance": "merge_tolerance",
+                                                          "save_dtype": "merge_save_dtype"}),
     }
     checked = 0
     for module_name, (class_name, mapping) in checks.items():

@@ -156,6 +156,7 @@ def test_schedule_sends_cron_window_and_concurrency(template, gcs, fake, tmp_pat
     (["--param", "no_such=1"], "parameter 'no_such' is not in the pipeline"),
     (["--param", "lora_r=sixteen"], "parameter 'lora_r'='sixteen': expected NUMBER_INTEGER"),
     (["--param", "weights_source=hf_abcdefghijklmnop"], "looks like a Hugging Face token"),
+    (["--param", "margin=5"], "parameter 'margin'=5: an accuracy difference"),
     (["--schedule-cron", "every monday"], "--schedule-cron 'every monday'"),
     (["--schedule-cron", "0 3 * * 1", "--start-time", "2026-03-01T00:00:00Z",
       "--end-time", "2026-02-01T00:00:00Z"], "is not after --start-time"),
