@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from components import evaluate, finetune, prepare_dataset, synthetic_pets, tiny_model
+from components import evaluate, finetune, prepare_dataset, shards, synthetic_pets, tiny_model
 
 NUM_CLASSES = 8
 
@@ -21,8 +21,8 @@ def test_tiny_model_learns_synthetic_pets(tiny_model_dir, tmp_path):
     manifest = prepare_dataset.run(prepare_dataset.PrepareDatasetConfig(source=str(tmp_path / "raw"),
                                                                         output_dir=str(data)))
     assert manifest["splits"]["train"]["num_examples"] == 160
-    held_out = {e["id"] for e in _ids(data, "eval")}
-    assert held_out and not held_out & {e["id"] for e in _ids(data, "train")}
+    held_out = {e.id for e in shards.load_examples(data, "eval")}
+    assert held_out and not held_out & {e.id for e in shards.load_examples(data, "train")}
 
     def evaluate_all(adapter_dir=None):
         return {
@@ -50,8 +50,3 @@ def test_tiny_model_learns_synthetic_pets(tiny_model_dir, tmp_path):
         assert tuned[mode]["macro_f1"] >= 0.85
     assert tuned["generate"]["unknown_rate"] <= 0.1
 
-
-def _ids(data, split):
-    from components import shards
-
-    return [{"id": e.id} for e in shards.load_examples(data, split)]
