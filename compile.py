@@ -25,8 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", default="pipeline.yaml",
                         help="where to write the compiled YAML (default: pipeline.yaml)")
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                        help="accelerator/CPU/memory limits of the tasks "
-                             + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
+                        help="accelerator/CPU/memory limits of the tasks. "
+                             + " ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
     parser.add_argument("--image", default=None,
                         help=f"trainer image the tasks run in (default: ${IMAGE_ENV} or the "
                              "Artifact Registry image tagged with the project version)")

@@ -83,8 +83,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "31b-qlora": Preset(
         name="31b-qlora",
-        description="Gemma 4 31B, 4-bit QLoRA: NF4 base ~18 GB + activations fit one H100 80GB; "
-                    "170 GB RAM holds the bf16 shards (~62 GB) while merging on CPU.",
+        description="Gemma 4 31B, 4-bit QLoRA: the NF4 base (~18 GB) plus activations fit one "
+                    "H100 80GB; 170 GB RAM leaves room to load the bf16 shards (~62 GB) for the "
+                    "merge.",
         gpu_task=Resources(cpu_limit="12", memory_limit="170G",
                            accelerator_type="NVIDIA_H100_80GB", accelerator_count=1),
         cpu_task=Resources(cpu_limit="8", memory_limit="32G"),
