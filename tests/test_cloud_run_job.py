@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from deploy import cloud_run_job as crj
+from tests.helpers import gcloud_sdk
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = dict(project="acme-ml-123", region="us-central1", bucket="acme-pets",
@@ -153,18 +153,6 @@ def test_module_imports_neither_torch_nor_the_steps():
 
 
 # --- the spec as gcloud reads it --------------------------------------------------------------
-
-def gcloud_sdk() -> tuple[str, Path] | None:
-    """(python, lib folder) of an installed Google Cloud CLI, or None."""
-    gcloud = shutil.which("gcloud")
-    if not gcloud:
-        return None
-    root = Path(gcloud).resolve().parent.parent
-    python = root / "platform" / "bundledpythonunix" / "bin" / "python"
-    if not (root / "lib" / "googlecloudsdk").is_dir():
-        return None
-    return (str(python) if python.exists() else sys.executable), root / "lib"
-
 
 GCLOUD_PARSE = """
 import json, sys

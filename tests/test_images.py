@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.helpers import gcloud_sdk
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "images" / "trainer" / "Dockerfile"
@@ -441,18 +442,6 @@ def test_build_stops_when_commit_substitutions_are_empty(tmp_path):
     assert len(results) == 1 and results[0].returncode != 0
     assert "--substitutions=COMMIT_SHA=$(git rev-parse HEAD)" in results[0].stderr
     assert calls == [], "nothing built or pushed"
-
-
-def gcloud_sdk() -> tuple[str, Path] | None:
-    """(python, lib folder) of an installed Google Cloud CLI, or None."""
-    gcloud = shutil.which("gcloud")
-    if not gcloud:
-        return None
-    root = Path(gcloud).resolve().parent.parent
-    python = root / "platform" / "bundledpythonunix" / "bin" / "python"
-    if not (root / "lib" / "googlecloudsdk").is_dir():
-        return None
-    return (str(python) if python.exists() else sys.executable), root / "lib"
 
 
 def test_gcloud_parses_cloudbuild_yaml_as_a_build(tmp_path):

@@ -8,7 +8,6 @@ google-cloud-aiplatform's PipelineJob.get: both must give the same chain.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,29 +25,9 @@ from pipelines import local_run
 from pipelines import pipeline as dag
 from tests.fake_vertex import FakeVertex
 
-REPO = Path(__file__).resolve().parent.parent
-STEP_MODULES = ("components.stage_weights", "components.prepare_dataset", "components.finetune",
-                "components.evaluate", "components.merge_export", "components.tiny_model",
-                "components.synthetic_pets")
-MISSING = [m for m in STEP_MODULES if importlib.util.find_spec(m) is None]
-
-
-def needs_run(test):
-    """A test on the real local run: slow, skipped only while a step module has not landed."""
-    test = pytest.mark.skipif(bool(MISSING), reason=f"step modules not landed yet: {MISSING}")(test)
-    return pytest.mark.slow(test)
+from tests.helpers import REPO, is_commit_of_this_checkout
 
 JOB = "projects/acme-ml/locations/us-central1/pipelineJobs/gemma-pets-finetune-20260101000000"
-
-
-def is_commit_of_this_checkout(value: str) -> bool:
-    """A 40-hex commit (+dirty when the tree had changes) that HEAD descends from. Not "equals
-    HEAD": other people commit to this checkout while the test runs."""
-    sha, _, flag = value.partition("+")
-    if len(sha) != 40 or flag not in ("", "dirty"):
-        return False
-    return subprocess.run(["git", "merge-base", "--is-ancestor", sha, "HEAD"], cwd=REPO,
-                          capture_output=True).returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +51,7 @@ def chain_json(argv: list[str], capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@needs_run
+@pytest.mark.slow
 def test_local_run_chain_names_the_exact_inputs_code_and_metrics(run_dir, capsys):
     chained = chain_json([str(run_dir)], capsys)
     summary = read_json(run_dir / "summary.json")
@@ -100,7 +79,7 @@ def test_local_run_chain_names_the_exact_inputs_code_and_metrics(run_dir, capsys
     assert "lora_r=4" in text and "gate           passed" in text
 
 
-@needs_run
+@pytest.mark.slow
 def test_a_broken_chain_is_refused(run_dir, tmp_path, capsys):
     copy = tmp_path / "run"
     copy.mkdir()
@@ -112,7 +91,7 @@ def test_a_broken_chain_is_refused(run_dir, tmp_path, capsys):
         lineage.main([str(copy)])
 
 
-@needs_run
+@pytest.mark.slow
 def test_vertex_job_gives_the_same_chain(run_dir, monkeypatch, capsys):
     """The run's records, as Vertex returns a finished job's task details over REST."""
     records = read_json(run_dir / "tasks.json")

@@ -19,19 +19,9 @@ import compile as compile_cli
 from pipelines import options as pipeline_options
 from pipelines import pipeline as dag
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, is_commit_of_this_checkout
 IMAGE = "europe-west4-docker.pkg.dev/acme/gemma-pets/trainer:9.9.9"
 PLANTED = "hf_plantedSECRETcompile0123456789"
-
-
-def is_commit_of_this_checkout(value: str) -> bool:
-    """A 40-hex commit (+dirty when the tree had changes) that HEAD descends from. Not "equals
-    HEAD": other people commit to this checkout while the test runs."""
-    sha, _, flag = value.partition("+")
-    if len(sha) != 40 or flag not in ("", "dirty"):
-        return False
-    return subprocess.run(["git", "merge-base", "--is-ancestor", sha, "HEAD"], cwd=REPO,
-                          capture_output=True).returncode == 0
 
 
 def load_spec(path: Path) -> tuple[pipeline_spec_pb2.PipelineSpec,

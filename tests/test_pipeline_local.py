@@ -9,8 +9,6 @@ file. Skipped only while a step module has not landed (importable = found on the
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -22,26 +20,11 @@ from components.files import read_json, sha256_file
 from pipelines import local_run
 from pipelines import pipeline as dag
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO, is_commit_of_this_checkout
 PLANTED = "hf_plantedSECRETlocalrun0123456789"
-STEP_MODULES = ("components.stage_weights", "components.prepare_dataset", "components.finetune",
-                "components.evaluate", "components.merge_export", "components.tiny_model",
-                "components.synthetic_pets")
-MISSING = [m for m in STEP_MODULES if importlib.util.find_spec(m) is None]
-needs_steps = pytest.mark.skipif(bool(MISSING), reason=f"step modules not landed yet: {MISSING}")
 # Small enough for minutes on 2 cores: 3 classes x (2 train + 2 eval) images, 2 optimizer steps.
 SMALL = ["--param", "max_steps=2", "--param", "epochs=1", "--param", "micro_batch_size=2",
          "--param", "eval_batch_size=8", "--param", "save_every_steps=1"]
-
-
-def is_commit_of_this_checkout(value: str) -> bool:
-    """A 40-hex commit (+dirty when the tree had changes) that HEAD descends from. Not "equals
-    HEAD": other people commit to this checkout while the test runs."""
-    sha, _, flag = value.partition("+")
-    if len(sha) != 40 or flag not in ("", "dirty"):
-        return False
-    return subprocess.run(["git", "merge-base", "--is-ancestor", sha, "HEAD"], cwd=REPO,
-                          capture_output=True).returncode == 0
 
 
 def run_pipeline(run_dir: Path, inputs: tuple[str, str], *extra: str) -> subprocess.CompletedProcess:
@@ -71,7 +54,7 @@ def inputs(tmp_path_factory) -> tuple[str, str]:
 
 
 @pytest.mark.slow
-@needs_steps
+@pytest.mark.slow
 def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
     run_dir = tmp_path / "run"
     result = run_pipeline(run_dir, inputs, "--margin", "-1")
@@ -129,7 +112,7 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
 
 
 @pytest.mark.slow
-@needs_steps
+@pytest.mark.slow
 def test_gate_holds_the_export_back(inputs, tmp_path):
     run_dir = tmp_path / "run"
     result = run_pipeline(run_dir, inputs, "--margin", "1.0")
