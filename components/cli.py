@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import types
 import typing
 from typing import Any, Sequence, TypeVar
@@ -64,6 +63,6 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None) -> T:
     try:
         return config_cls(**vars(args))
     except (ValueError, TypeError, FileNotFoundError) as err:
-        # Bad flags or missing inputs: one line naming the flag, exit status 2 as argparse uses.
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+        # Bad flags or missing inputs: one line naming the flag on stderr and a non-zero exit,
+        # before any work is done.
+        raise SystemExit(f"error: {err}") from err

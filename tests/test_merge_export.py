@@ -311,8 +311,7 @@ def test_bad_inputs_are_named_before_any_work(base_dir, adapter_dir, dataset_dir
     with pytest.raises(SystemExit) as exit_info:
         merge_export.main(["--model-dir", str(tmp_path / "missing"), "--adapter-dir", str(adapter_dir),
                            "--output-dir", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
-    assert "--model-dir" in capsys.readouterr().err
+    assert str(exit_info.value.code).startswith("error: --model-dir")
     assert not (tmp_path / "out").exists()
 
 
