@@ -1,7 +1,7 @@
 """Lineage of the exported model, from a real local run folder and from a (fake) Vertex AI job.
 
-The local run is the real DAG under kfp.local with tiny settings (a couple of minutes on 2 cores;
-skipped only while a step module has not landed). The Vertex case serves that run's task records
+The local run is the real DAG under kfp.local with tiny settings (a minute or two on 2 cores).
+The Vertex case serves that run's task records
 in the v1 REST shape (jobDetail.taskDetails) from tests/fake_vertex.py and reads them back through
 google-cloud-aiplatform's PipelineJob.get: both must give the same chain.
 """

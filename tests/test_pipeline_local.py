@@ -4,7 +4,7 @@ Two runs (a few minutes each on 2 CPU cores): one whose gate passes (margin -1: 
 passes, so the export path always runs) and one whose gate holds the export back (margin 1.0:
 tuned can never beat baseline by a whole accuracy point). Both run as a subprocess of
 `python -m pipelines.local_run` with a planted HF_TOKEN, which must appear in no output and no
-file. Skipped only while a step module has not landed (importable = found on the path).
+file. The exports are fp32 (the demo's setting), verified by merge-export at its fp32 bound.
 """
 
 from __future__ import annotations
