@@ -12,6 +12,7 @@ REGION     ?= us-central1
 REPOSITORY ?= gemma-pets
 BUCKET     ?= $(PROJECT)-gemma-pets
 PRESET     ?= 31b-qlora
+VERSION    ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 # Cloud Run Job paths inside the bucket: staged weights, prepared dataset, adapter output.
 MODEL_PATH   ?= weights/gemma-4-31b-it
 DATASET_PATH ?= datasets/oxford-iiit-pet
@@ -40,7 +41,8 @@ test-gpu: venv
 	$(PY) -m pytest tests -q -m gpu -s
 
 compile: venv
-	$(PY) compile.py --preset $(PRESET) --output pipeline.yaml
+	$(PY) compile.py --preset $(PRESET) --output pipeline.yaml \
+	  --image $(REGION)-docker.pkg.dev/$(PROJECT)/$(REPOSITORY)/trainer:$(VERSION)
 
 images:
 	gcloud builds submit --config cloudbuild.yaml --region $(REGION) \
