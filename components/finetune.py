@@ -219,6 +219,36 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     return read_json(ckpt / STATE_FILE)
 
 
+def train_step(causal_lm, processor, micro_batches, class_names, cfg: FinetuneConfig, device,
+               optimizer, scheduler, trainable) -> float:
+    """One optimizer step over ``micro_batches`` (lists of examples); returns the step's loss."""
+    import torch
+
+    from components import modeling, prompting
+
+    batches = [
+        prompting.encode_training_batch(processor, [ex.image() for ex in micro], [ex.label_name for ex in micro],
+                                        class_names, max_length=cfg.max_length)
+        for micro in micro_batches
+    ]
+    # Normalise by the answer tokens of the whole optimizer step, so the gradient is the same
+    # however the step is split into micro-batches (or across devices).
+    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    step_loss = 0.0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(modeling.compute_dtype(device))
+        loss_sum, _ = answer_loss_sum(causal_lm, batch)
+        (loss_sum / n_tokens).backward()
+        step_loss += loss_sum.item()
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss / n_tokens
+
+
 # --------------------------------------------------------------------------------------------
 # The recipe
 # --------------------------------------------------------------------------------------------
@@ -238,7 +268,7 @@ def run(cfg: FinetuneConfig) -> dict:
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from components import modeling, prompting, shards
+    from components import modeling, shards
 
     output_dir = Path(cfg.output_dir)
     # Validate everything cheap before the model (and any GPU time) is touched.
@@ -296,6 +326,7 @@ def run(cfg: FinetuneConfig) -> dict:
     elif attempt > 0:
         print(f"Cloud Run task attempt {attempt}: no complete checkpoint in {output_dir}, starting over")
 
+    state["hyperparameters"] = cfg.hyperparameters()  # a resume checks them against its own
     print(f"training {len(targets)} LoRA-adapted linear layers "
           f"({sum(p.numel() for p in trainable):,} trainable parameters) on {device}, {quantization}, "
           f"{len(examples)} samples, {steps} optimizer steps")
@@ -313,32 +344,8 @@ def run(cfg: FinetuneConfig) -> dict:
             if windows_epoch != state["epoch"]:
                 windows, windows_epoch = epoch_windows(len(examples), state["epoch"], cfg), state["epoch"]
             window = windows[state["step_in_epoch"]]
-            batches = [
-                prompting.encode_training_batch(
-                    processor,
-                    [examples[i].image() for i in micro],
-                    [examples[i].label_name for i in micro],
-                    class_names,
-                    max_length=cfg.max_length,
-                )
-                for micro in window
-            ]
-            # Normalise by the answer tokens of the whole optimizer step, so the gradient is the same
-            # however the step is split into micro-batches (or across devices).
-            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            step_loss = 0.0
-            for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                batch["pixel_values"] = batch["pixel_values"].to(modeling.compute_dtype(device))
-                loss_sum, _ = answer_loss_sum(causal_lm, batch)
-                (loss_sum / n_tokens).backward()
-                step_loss += loss_sum.item()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
+            loss = train_step(causal_lm, processor, [[examples[i] for i in micro] for micro in window],
+                              class_names, cfg, device, optimizer, scheduler, trainable)
             n_samples = sum(len(m) for m in window)
             samples_this_run += n_samples
             state["samples_seen"] += n_samples
@@ -346,7 +353,6 @@ def run(cfg: FinetuneConfig) -> dict:
             state["step_in_epoch"] += 1
             if state["step_in_epoch"] == len(windows):
                 state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
-            loss = step_loss / n_tokens
             rate = samples_this_run / (time.perf_counter() - started)
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
@@ -357,14 +363,11 @@ def run(cfg: FinetuneConfig) -> dict:
                 state["log"].append(entry)
                 progress.write(json.dumps(entry))
             stopping = cfg.stop_after_steps is not None and state["global_step"] >= cfg.stop_after_steps
-            if preempted and not finished:
-                state["hyperparameters"] = cfg.hyperparameters()
-                save_checkpoint(output_dir, state["global_step"], model, optimizer, scheduler, state, cfg.keep_checkpoints)
-                raise SystemExit(f"SIGTERM: checkpointed step {state['global_step']}; a rerun resumes from it")
-            if finished or stopping or state["global_step"] % cfg.save_every_steps == 0:
-                state["hyperparameters"] = cfg.hyperparameters()
+            if preempted or finished or stopping or state["global_step"] % cfg.save_every_steps == 0:
                 save_checkpoint(output_dir, state["global_step"], model, optimizer, scheduler, state,
                                 cfg.keep_checkpoints)
+            if preempted and not finished:
+                raise SystemExit(f"SIGTERM: checkpointed step {state['global_step']}; a rerun resumes from it")
             if stopping and not finished:
                 progress.close()
                 print(f"stopped after step {state['global_step']} as asked (--stop-after-steps); rerun to resume")
