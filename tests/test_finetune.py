@@ -155,3 +155,29 @@ def test_bad_input_fails_before_loading_the_model(tiny_model_dir, small_pets_dir
         with pytest.raises(ValueError, match="--quantization nf4 needs a CUDA GPU"):
             finetune.run(small_config(tiny_model_dir, small_pets_dir, tmp_path / "o", quantization="nf4"))
     assert not (tmp_path / "o").exists()
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits(tiny_model_dir, small_pets_dir, tmp_path, monkeypatch):
+    """Cloud Run / Vertex stop a task with SIGTERM: the step in flight finishes, is checkpointed,
+    and the process exits non-zero so the retry resumes from it."""
+    import os
+    import signal
+
+    real_step, calls = finetune.train_step, []
+
+    def step_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of step 3
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_step", step_then_sigterm)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="SIGTERM: checkpointed step 3"):
+        finetune.run(small_config(tiny_model_dir, small_pets_dir, out, save_every_steps=100))
+    assert finetune.latest_checkpoint(out).name == "step-000003"
+    assert signal.getsignal(signal.SIGTERM) is handler_before and len(calls) == 3
+    monkeypatch.setattr(finetune, "train_step", real_step)
+    metrics = finetune.run(small_config(tiny_model_dir, small_pets_dir, out, save_every_steps=100))
+    assert metrics["steps"] == 6
