@@ -14,6 +14,7 @@ tokens, or under left padding.
 
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
@@ -70,14 +71,15 @@ class _TemplateTokens:
         return self._text[token_id]
 
 
-_TOKENS_CACHE: dict[int, _TemplateTokens] = {}
+# Keyed by the tokenizer object itself, not id(): an id can be reused by a later tokenizer with
+# other token ids once the first is garbage-collected.
+_TOKENS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _template_tokens(tokenizer) -> _TemplateTokens:
-    key = id(tokenizer)
-    if key not in _TOKENS_CACHE:
-        _TOKENS_CACHE[key] = _TemplateTokens(tokenizer)
-    return _TOKENS_CACHE[key]
+    if tokenizer not in _TOKENS_CACHE:
+        _TOKENS_CACHE[tokenizer] = _TemplateTokens(tokenizer)
+    return _TOKENS_CACHE[tokenizer]
 
 
 def answer_span(ids: Sequence[int], tokenizer) -> tuple[int, int]:

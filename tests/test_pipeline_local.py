@@ -54,7 +54,6 @@ def inputs(tmp_path_factory) -> tuple[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
     run_dir = tmp_path / "run"
     result = run_pipeline(run_dir, inputs, "--margin", "-1")
@@ -111,7 +110,6 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
     assert_token_never_written(run_dir, result)
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_gate_holds_the_export_back(inputs, tmp_path):
     run_dir = tmp_path / "run"
