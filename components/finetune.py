@@ -35,7 +35,33 @@ CHECKPOINTS = "checkpoints"
 METRICS_FILE = "train_metrics.json"
 STATE_FILE = "trainer_state.json"  # written last inside a checkpoint: its presence marks it complete
 # Fields that may differ between a run and the run that resumes it; every other field must match.
-RESUMABLE_CHANGES = ("output_dir", "stop_after_steps", "save_every_steps", "keep_checkpoints", "log_every_steps")
+# How a step is split into micro-batches and whether activations are recomputed changes memory
+# and speed, not the gradient (the loss is normalised per optimizer step), so a resume may change
+# them too, e.g. when a retry lands on a different GPU.
+RESUMABLE_CHANGES = ("output_dir", "stop_after_steps", "save_every_steps", "keep_checkpoints", "log_every_steps",
+                     "micro_batch_size", "gradient_checkpointing", "memory_preset")
+
+
+@dataclass(frozen=True)
+class MemoryPreset:
+    """How an optimizer step is split to fit a GPU. Chosen from the GPU's memory; measured on
+    random-init Gemma 4 31B, nf4, 514-token samples (bench/bench_gpu.py, docs/benchmarks.md)."""
+
+    min_gpu_gib: float  # smallest card (total memory, GiB) the preset is meant for
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    note: str
+
+
+MEMORY_PRESETS = {
+    # Sizes from 31B nf4 at r=64 (bench/bench_gpu.py on an H200): ~18 GiB of 4-bit weights, ~8 GiB
+    # of fp32 LoRA weights and AdamW state, and ~14 GiB of saved activations per 510-token
+    # sample without recomputation (LoRA dropout's copies included) or ~0.6 GiB with it.
+    "fast": MemoryPreset(120, 4, False, "cards of 120 GB and more (H200, B200): micro-batch 4, no recomputation"),
+    "80gb": MemoryPreset(75, 2, False, "80 GB cards (H100, A100 80GB): micro-batch 2, no recomputation"),
+    "40gb": MemoryPreset(38, 8, True, "31B r=64 within 40 GB: micro-batch 8, recompute activations"),
+    "24gb": MemoryPreset(0, 2, True, "31B r=16 within 24 GB (L4): micro-batch 2, recompute activations"),
+}
 
 
 @dataclass
@@ -58,13 +84,20 @@ class FinetuneConfig:
     warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of optimizer steps of linear warm-up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on LoRA weights"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
-    micro_batch_size: int = field(default=4, metadata={"help": "samples per forward/backward"})
-    grad_accum_steps: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
+    batch_size: int = field(default=16, metadata={"help": "samples per optimizer step (the effective batch)"})
+    micro_batch_size: int = field(
+        default=0, metadata={"help": "samples per forward/backward, a divisor of --batch-size; 0: the memory preset's"},
+    )
+    memory_preset: str = field(
+        default="auto",
+        metadata={"help": "split of a step to fit GPU memory: " + "; ".join(f"{k}: {v.note}" for k, v in MEMORY_PRESETS.items())
+                  + "; auto: the largest that suits the GPU", "choices": ["auto", *MEMORY_PRESETS]},
+    )
     max_length: int = field(default=2048, metadata={"help": "longest sample in tokens; longer is an error"})
     max_steps: int | None = field(default=None, metadata={"help": "cap on optimizer steps (the schedule uses it)"})
     train_limit: int | None = field(default=None, metadata={"help": "use only the first N training samples"})
     gradient_checkpointing: str = field(
-        default="auto", metadata={"help": "recompute activations in backward; auto: on for CUDA",
+        default="auto", metadata={"help": "recompute activations in backward; auto: as the memory preset says",
                                   "choices": ["auto", "on", "off"]},
     )
     save_every_steps: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
@@ -78,11 +111,16 @@ class FinetuneConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
 
     def __post_init__(self) -> None:
-        positive = ("lora_r", "lora_alpha", "epochs", "micro_batch_size", "grad_accum_steps", "max_length",
+        positive = ("lora_r", "lora_alpha", "epochs", "batch_size", "max_length",
                     "save_every_steps", "keep_checkpoints", "log_every_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise ValueError(f"--micro-batch-size {self.micro_batch_size} must divide --batch-size {self.batch_size} "
+                             "(or be 0 for the memory preset's)")
+        if self.memory_preset not in ("auto", *MEMORY_PRESETS):
+            raise ValueError(f"--memory-preset must be auto or one of {', '.join(MEMORY_PRESETS)}, got {self.memory_preset!r}")
         for name in ("max_steps", "train_limit", "stop_after_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -104,19 +142,46 @@ class FinetuneConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def epoch_windows(num_samples: int, epoch: int, cfg: FinetuneConfig) -> list[list[list[int]]]:
-    """Sample indices of one epoch as optimizer steps -> micro-batches -> samples."""
+def epoch_windows(num_samples: int, epoch: int, cfg: FinetuneConfig, micro_batch_size: int) -> list[list[list[int]]]:
+    """Sample indices of one epoch as optimizer steps -> micro-batches -> samples.
+
+    Steps are cut from the permutation by --batch-size alone, so the data position (epoch, step
+    in epoch) and each step's samples do not depend on how a step is split into micro-batches.
+    """
     import torch
 
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
-    micro = [order[i : i + cfg.micro_batch_size] for i in range(0, num_samples, cfg.micro_batch_size)]
-    return [micro[i : i + cfg.grad_accum_steps] for i in range(0, len(micro), cfg.grad_accum_steps)]
+    steps = [order[i : i + cfg.batch_size] for i in range(0, num_samples, cfg.batch_size)]
+    return [[step[i : i + micro_batch_size] for i in range(0, len(step), micro_batch_size)] for step in steps]
 
 
 def total_steps(num_samples: int, cfg: FinetuneConfig) -> int:
-    micro_batches = math.ceil(num_samples / cfg.micro_batch_size)
-    steps = cfg.epochs * math.ceil(micro_batches / cfg.grad_accum_steps)
+    steps = cfg.epochs * math.ceil(num_samples / cfg.batch_size)
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def memory_plan(cfg: FinetuneConfig, device) -> tuple[str, int, bool]:
+    """(preset name, micro-batch size, gradient checkpointing) for this config on ``device``.
+
+    On CUDA the preset comes from the card's total memory unless named; explicit
+    --micro-batch-size / --gradient-checkpointing override the preset's. On CPU there is no
+    memory pressure worth recomputing for: whole steps up to 8 samples, no recomputation.
+    """
+    import torch
+
+    if device.type == "cuda":
+        name = cfg.memory_preset
+        if name == "auto":
+            gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+            name = max((p for p in MEMORY_PRESETS.items() if p[1].min_gpu_gib <= gib), key=lambda p: p[1].min_gpu_gib)[0]
+        preset = MEMORY_PRESETS[name]
+        micro, checkpointing = preset.micro_batch_size, preset.gradient_checkpointing
+    else:
+        name, micro, checkpointing = "cpu", 8, False
+    micro = cfg.micro_batch_size or math.gcd(cfg.batch_size, micro)  # a divisor of the step
+    if cfg.gradient_checkpointing != "auto":
+        checkpointing = cfg.gradient_checkpointing == "on"
+    return name, micro, checkpointing
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,8 +195,9 @@ def answer_loss_sum(causal_lm, batch: dict):
     The LM head runs only on positions that predict an answer token: with Gemma's 262k-entry
     vocabulary the full [batch, seq, vocab] logits tensor would dominate memory.
     """
-    import torch
     import torch.nn.functional as F
+
+    from components import modeling
 
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -139,11 +205,8 @@ def answer_loss_sum(causal_lm, batch: dict):
     # Position t predicts token t + 1.
     targets = labels[:, 1:]
     keep = targets != -100
-    logits = causal_lm.lm_head(hidden[:, :-1][keep])
-    softcap = causal_lm.config.get_text_config().final_logit_softcapping
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    logits = modeling.output_logits(causal_lm, hidden[:, :-1][keep])
+    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
     return loss, int(keep.sum())
 
 
@@ -219,34 +282,62 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     return read_json(ckpt / STATE_FILE)
 
 
-def train_step(causal_lm, processor, micro_batches, class_names, cfg: FinetuneConfig, device,
-               optimizer, scheduler, trainable) -> float:
-    """One optimizer step over ``micro_batches`` (lists of examples); returns the step's loss."""
-    import torch
+def attach_lora(model, cfg: FinetuneConfig, gradient_checkpointing: bool):
+    """The PEFT model with LoRA on every linear layer of the language model and vision tower,
+    and the adapted layers' names."""
+    from peft import LoraConfig, get_peft_model
 
-    from components import modeling, prompting
+    from components import modeling
 
-    batches = [
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing recomputes each layer with the same arguments, KV-shared
+        # layers' shared key/value states included (tests/test_finetune.py checks the gradients).
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = modeling.lora_target_modules(model)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none")
+    return get_peft_model(model, lora), targets
+
+
+def encode_step(processor, micro_batches, class_names, cfg: FinetuneConfig) -> list[dict]:
+    """Model inputs with labels for each micro-batch (lists of examples) of one optimizer step."""
+    from components import prompting
+
+    return [
         prompting.encode_training_batch(processor, [ex.image() for ex in micro], [ex.label_name for ex in micro],
                                         class_names, max_length=cfg.max_length)
         for micro in micro_batches
     ]
+
+
+def train_step(causal_lm, batches: list[dict], device, optimizer, scheduler, trainable, max_grad_norm: float) -> float:
+    """One optimizer step over encoded micro-batches; returns the step's loss per answer token."""
+    import torch
+
+    from components import modeling
+
     # Normalise by the answer tokens of the whole optimizer step, so the gradient is the same
     # however the step is split into micro-batches (or across devices).
     n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    dtype = modeling.compute_dtype(device)
     step_loss = 0.0
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(modeling.compute_dtype(device))
-        loss_sum, _ = answer_loss_sum(causal_lm, batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        # On CUDA, bf16 autocast: PEFT keeps LoRA weights in fp32 (so small updates are not
+        # rounded away), and without autocast their matmuls would run in fp32, off the bf16
+        # tensor cores (about a quarter of the step for 31B at r=64).
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss_sum, _ = answer_loss_sum(causal_lm, batch)
         (loss_sum / n_tokens).backward()
-        step_loss += loss_sum.item()
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        step_loss += loss_sum.detach()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss / n_tokens
+    return float(step_loss) / n_tokens  # one host sync per step, not per micro-batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,11 +355,10 @@ def peak_memory_mb(device) -> float:
 
 def run(cfg: FinetuneConfig) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from components import modeling, shards
+    from components import modeling, prompting, shards
 
     output_dir = Path(cfg.output_dir)
     # Validate everything cheap before the model (and any GPU time) is touched.
@@ -277,9 +367,7 @@ def run(cfg: FinetuneConfig) -> dict:
     class_names = manifest["class_names"]
     device = modeling.pick_device(cfg.device)
     quantization = modeling.resolve_quantization(cfg.quantization, device)
-    use_checkpointing = cfg.gradient_checkpointing == "on" or (
-        cfg.gradient_checkpointing == "auto" and device.type == "cuda"
-    )
+    preset, micro_batch_size, use_checkpointing = memory_plan(cfg, device)
 
     if (output_dir / METRICS_FILE).is_file():
         done = read_json(output_dir / METRICS_FILE)
@@ -297,15 +385,7 @@ def run(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     processor = modeling.load_processor(cfg.model_dir)
     model = modeling.load_model(cfg.model_dir, device, quantization)
-    if use_checkpointing:
-        # Non-reentrant checkpointing recomputes each layer with the same arguments, KV-shared
-        # layers' shared key/value states included (tests/test_finetune.py checks the gradients).
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    targets = modeling.lora_target_modules(model)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none")
-    model = get_peft_model(model, lora)
+    model, targets = attach_lora(model, cfg, use_checkpointing)
     causal_lm = model.get_base_model()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -329,7 +409,8 @@ def run(cfg: FinetuneConfig) -> dict:
     state["hyperparameters"] = cfg.hyperparameters()  # a resume checks them against its own
     print(f"training {len(targets)} LoRA-adapted linear layers "
           f"({sum(p.numel() for p in trainable):,} trainable parameters) on {device}, {quantization}, "
-          f"{len(examples)} samples, {steps} optimizer steps")
+          f"{len(examples)} samples, {steps} optimizer steps of {cfg.batch_size} samples "
+          f"(memory preset {preset}: micro-batch {micro_batch_size}, gradient checkpointing {use_checkpointing})")
     # Cloud Run and Vertex stop a task with SIGTERM and a grace period: finish the current step,
     # checkpoint, and exit non-zero so the retry resumes from here.
     preempted: list[int] = []
@@ -339,19 +420,31 @@ def run(cfg: FinetuneConfig) -> dict:
     progress = tqdm(total=steps, initial=state["global_step"], desc="finetune", unit="step", mininterval=2)
     started, samples_this_run = time.perf_counter(), 0
     try:
-        windows, windows_epoch = [], None
-        while state["global_step"] < steps:
-            if windows_epoch != state["epoch"]:
-                windows, windows_epoch = epoch_windows(len(examples), state["epoch"], cfg), state["epoch"]
-            window = windows[state["step_in_epoch"]]
-            loss = train_step(causal_lm, processor, [[examples[i] for i in micro] for micro in window],
-                              class_names, cfg, device, optimizer, scheduler, trainable)
-            n_samples = sum(len(m) for m in window)
+        steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+        windows: dict[int, list] = {}
+
+        def encode_position(position):
+            epoch, index = position
+            if epoch not in windows:
+                windows.clear()  # one epoch's order at a time
+                windows[epoch] = epoch_windows(len(examples), epoch, cfg, micro_batch_size)
+            window = [[examples[i] for i in micro] for micro in windows[epoch][index]]
+            return sum(len(m) for m in window), encode_step(processor, window, class_names, cfg)
+
+        def positions():
+            epoch, index = state["epoch"], state["step_in_epoch"]
+            for _ in range(steps - state["global_step"]):
+                yield epoch, index
+                epoch, index = (epoch, index + 1) if index + 1 < steps_per_epoch else (epoch + 1, 0)
+
+        # The next step's images are decoded and preprocessed on a CPU thread while this one runs.
+        for n_samples, batches in prompting.prefetched(encode_position, positions()):
+            loss = train_step(causal_lm, batches, device, optimizer, scheduler, trainable, cfg.max_grad_norm)
             samples_this_run += n_samples
             state["samples_seen"] += n_samples
             state["global_step"] += 1
             state["step_in_epoch"] += 1
-            if state["step_in_epoch"] == len(windows):
+            if state["step_in_epoch"] == steps_per_epoch:
                 state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
             rate = samples_this_run / (time.perf_counter() - started)
             progress.update(1)
@@ -389,6 +482,8 @@ def run(cfg: FinetuneConfig) -> dict:
         "device": str(device),
         "quantization": quantization,
         "gradient_checkpointing": use_checkpointing,
+        "memory_preset": preset,
+        "micro_batch_size": micro_batch_size,
         "adapted_modules": targets,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "cloud_run_task_attempt": attempt,

@@ -6,6 +6,7 @@ hub checkpoint, the tiny stand-in, or a merged export) loads identically everywh
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import torch
@@ -78,7 +79,46 @@ def load_model(model_dir: str, device: torch.device, quantization: str = "none",
     model = AutoModelForMultimodalLM.from_pretrained(model_dir, **kwargs)
     if quantization != "nf4":
         model.to(device)
+    if device.type == "cuda":
+        fuse_rms_norms(model)
     return model
+
+
+def output_logits(causal_lm, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the LM head for the given hidden states, Gemma's final softcap applied: for
+    callers that pick the positions themselves (the full [batch, seq, 262k] tensor is large)."""
+    logits = causal_lm.lm_head(hidden).float()
+    softcap = causal_lm.config.get_text_config().final_logit_softcapping
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _fused_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return nn.functional.rms_norm(hidden_states, (hidden_states.shape[-1],),
+                                  self.weight if self.with_scale else None, self.eps)
+
+
+def fuse_rms_norms(model: nn.Module, enabled: bool = True) -> int:
+    """Run each Gemma4RMSNorm as torch's fused RMSNorm kernel (``enabled=False`` undoes it).
+
+    Gemma's reference norm is seven elementwise kernels with fp32 copies of its input (cast, pow,
+    mean, add, pow, mul, mul, cast back); a decoder layer has seven norms, the q/k/v norms
+    included, so on CUDA they cost about as much GPU time as the matmuls' gaps. The fused kernel
+    computes the same x * rsqrt(mean(x^2) + eps) * weight with fp32 accumulation and rounds once
+    (tests/test_modeling.py compares it with the reference). Returns the number of norms.
+    """
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Gemma4RMSNorm):
+            if enabled:
+                module.forward = types.MethodType(_fused_rms_norm, module)
+            else:
+                module.__dict__.pop("forward", None)
+            count += 1
+    return count
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -15,7 +15,11 @@ tokens, or under left padding.
 from __future__ import annotations
 
 import weakref
-from typing import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 TURN_OPEN, TURN_CLOSE = "<|turn>", "<turn|>"
@@ -168,3 +172,24 @@ def check_length(attention_mask, max_length: int | None) -> None:
             f"a sample is {longest} tokens long, over --max-length {max_length}; raise --max-length "
             "(cutting it would drop the answer or split the image's soft tokens)"
         )
+
+
+def prefetched(fn: Callable[[T], U], items: Iterable[T]) -> Iterator[U]:
+    """``fn(item)`` for each item in order, the next one computed on a background thread while
+    the caller works on the current one: image decoding and preprocessing (CPU, mostly in torch
+    and PIL, which release the GIL) overlap the GPU's forward and backward. Errors surface in the
+    caller, at the item that raised."""
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        first = next(items, _END)
+        if first is _END:
+            return
+        pending = pool.submit(fn, first)
+        for item in items:
+            ready = pending.result()
+            pending = pool.submit(fn, item)
+            yield ready
+        yield pending.result()
+
+
+_END = object()

@@ -52,8 +52,7 @@ CPU_DEMO_FINETUNE = {
     "lora_alpha": 32,
     "learning_rate": 5e-3,
     "epochs": 4,
-    "micro_batch_size": 8,
-    "grad_accum_steps": 1,
+    "batch_size": 8,
 }
 
 SMALL_MODEL_GENERATION_PROMPT = TURN_OPEN + "model\n"

@@ -186,23 +186,35 @@ def independent_scores(model, processor, images, class_names, device=torch.devic
     return scores
 
 
+@pytest.mark.parametrize("window", ["shorter than the prompt", "ends inside the answers", "wider"])
 @pytest.mark.parametrize("variant", ["e2b_like", "large_like", "large_template"])
-def test_shared_prefix_scores_equal_independent_scoring(variant, score_models):
-    model_dir = str(score_models[variant])
+def test_shared_prefix_scores_equal_independent_scoring(variant, window, score_models, tmp_path, monkeypatch):
     device = torch.device("cpu")
-    processor = modeling.load_processor(model_dir)
-    model = modeling.load_model(model_dir, device).eval()
+    processor = modeling.load_processor(str(score_models[variant]))
     images = [make_image(i) for i in range(3)]
     batch = prompting.encode_prompt_batch(processor, images, CLASSES)
+    prompt = batch["input_ids"].shape[1]
+    # Shorter: the sliding layers' caches have dropped the oldest prompt tokens, so candidates
+    # go through per-row cache copies. Otherwise one packed pass: with a window of prompt + 2,
+    # a candidate's third token no longer sees the first prompt token on sliding layers.
+    sliding_window = {"shorter than the prompt": SMALL_WINDOW, "ends inside the answers": prompt + 2,
+                      "wider": 4 * prompt}[window]
+    model_dir = model_variant(score_models[variant], tmp_path / "model", sliding_window=sliding_window)
+    model = modeling.load_model(str(model_dir), device).eval()
     # The situations the cache path must get right are really there: left padding, and prompts
-    # longer than the sliding window (the sliding layers' caches drop their oldest entries).
+    # longer than the sliding window or candidates that cross its edge.
     assert (batch["attention_mask"] == 0).any()
-    assert model.config.text_config.sliding_window == SMALL_WINDOW
-    assert batch["attention_mask"].sum(1).min() > SMALL_WINDOW
+    if window == "shorter than the prompt":
+        assert batch["attention_mask"].sum(1).min() > sliding_window
     candidates = evaluate.answer_token_ids(processor, CLASSES)
     assert max(map(len, candidates)) >= 5 and min(map(len, candidates)) == 2
     # 4 rows per candidate pass: chunks cut across images and across one image's candidates.
     scorer = evaluate.CandidateScorer(model, candidates, processor.tokenizer.pad_token_id, device, chunk_size=4)
+
+    def wrong_path(*args):
+        raise AssertionError("this window should take the other scoring path")
+
+    monkeypatch.setattr(scorer, "_packed" if window == "shorter than the prompt" else "_chunked", wrong_path)
     with torch.inference_mode():
         cached = scorer(batch)
         reference = independent_scores(model, processor, images, CLASSES)
@@ -423,7 +435,7 @@ def test_errors_name_the_bad_input(tiny_model_dir, dataset_dir, tmp_path, no_mod
     with pytest.raises(ValueError, match="--mode must be one of generate, score"):
         EvaluateConfig(**ok, mode="classify")
     with pytest.raises(ValueError, match="--batch-size must be positive"):
-        EvaluateConfig(**ok, batch_size=0)
+        EvaluateConfig(**ok, batch_size=-1)
     with pytest.raises(ValueError, match="--limit must be positive"):
         EvaluateConfig(**ok, limit=0)
     assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from components import finetune, modeling, prompting
 
 def small_config(tiny_model_dir, small_pets_dir, output_dir, **overrides) -> finetune.FinetuneConfig:
     values = dict(model_dir=str(tiny_model_dir), dataset_dir=str(small_pets_dir), output_dir=str(output_dir),
-                  lora_r=4, lora_alpha=8, learning_rate=5e-3, epochs=2, micro_batch_size=2, grad_accum_steps=2,
+                  lora_r=4, lora_alpha=8, learning_rate=5e-3, epochs=2, batch_size=4, micro_batch_size=2,
                   train_limit=12, save_every_steps=2, log_every_steps=1, seed=3)
     values.update(overrides)
     return finetune.FinetuneConfig(**values)

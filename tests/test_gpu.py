@@ -41,7 +41,7 @@ def test_qlora_nf4_trains_vision_and_language_layers(tiny_model_dir, small_pets_
     out = tmp_path / "adapter"
     metrics = finetune.run(finetune.FinetuneConfig(
         model_dir=str(tiny_model_dir), dataset_dir=str(small_pets_dir), output_dir=str(out),
-        lora_r=8, lora_alpha=16, learning_rate=1e-2, epochs=4, micro_batch_size=8, grad_accum_steps=1,
+        lora_r=8, lora_alpha=16, learning_rate=1e-2, epochs=4, batch_size=8,
         log_every_steps=1, save_every_steps=2))
     assert metrics["quantization"] == "nf4" and metrics["gradient_checkpointing"] is True
     losses = [entry["loss"] for entry in metrics["log"]]

@@ -183,7 +183,7 @@ def test_step_config_defaults_match_pipeline_defaults(compiled):
             "quantization": "quantization", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
             "lora_dropout": "lora_dropout", "learning_rate": "learning_rate", "epochs": "epochs",
             "warmup_ratio": "warmup_ratio", "max_steps": "max_steps",
-            "micro_batch_size": "micro_batch_size", "grad_accum_steps": "grad_accum_steps",
+            "batch_size": "batch_size", "micro_batch_size": "micro_batch_size", "memory_preset": "memory_preset",
             "max_length": "max_length", "seed": "seed", "save_every_steps": "save_every_steps"}),
         "components.evaluate": ("EvaluateConfig", {"mode": "eval_mode", "limit": "eval_limit",
                                                    "batch_size": "eval_batch_size",

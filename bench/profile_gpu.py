@@ -1,0 +1,112 @@
+"""Where the time goes: phases and top CUDA kernels of evaluation and a training step.
+
+    python -m bench.profile_gpu --variant gemma-4-31b
+
+Times each phase of ``evaluate`` (image preprocessing, vision tower, prompt prefill, decoding,
+score mode's cache copies and candidate passes) on the bf16 base, then quantises to nf4 and
+profiles one training micro-batch, printing the kernels that take the most GPU time. A
+diagnostic for choosing levers; ``bench_gpu`` measures the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def timed(device, fn, repeats: int = 1):
+    import torch
+
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    torch.cuda.synchronize(device)
+    return out, (time.perf_counter() - start) / repeats
+
+
+def top_kernels(fn, limit: int = 15) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=limit, max_name_column_width=60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="gemma-4-31b")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from bench import bench_gpu, real_size
+    from components import evaluate, finetune, prompting
+    from components.prepare_dataset import OXFORD_PET_CLASSES
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    names = list(OXFORD_PET_CLASSES)
+    processor = real_size.bench_processor(args.variant)
+    model = real_size.build_model(real_size.variant_config(args.variant, processor.tokenizer), device, "none")
+    photos = bench_gpu.random_photos(args.batch_size, 0)
+    b = args.batch_size
+
+    cpu_batch, t = timed(device, lambda: prompting.encode_prompt_batch(processor, photos, names))
+    print(f"encode {b} prompts on CPU: {t:.3f} s ({torch.get_num_threads()} torch threads)")
+    batch = evaluate._to_device(cpu_batch, device, torch.bfloat16)
+    with torch.inference_mode():
+        features = lambda: model.model.get_image_features(batch["pixel_values"], batch["image_position_ids"])
+        timed(device, features)
+        _, t = timed(device, features, 3)
+        print(f"vision tower, {b} images: {t:.3f} s")
+        prefill = lambda: model(**batch, logits_to_keep=1, use_cache=False)
+        timed(device, prefill)
+        _, t = timed(device, prefill, 3)
+        tokens = int(batch["attention_mask"].sum())
+        print(f"prefill (no cache), {b} x {batch['input_ids'].shape[1]}: {t:.3f} s, "
+              f"{2 * 29.3e9 * tokens / t / 1e12:.0f} TFLOP/s on the language model's weights")
+        print(top_kernels(prefill))
+        gen = evaluate.generation_config(processor.tokenizer, 9)
+        gen.min_new_tokens = 9
+        _, t = timed(device, lambda: model.generate(**batch, generation_config=gen))
+        print(f"generate 9 tokens, batch {b}: {t:.3f} s")
+        scorer = evaluate.CandidateScorer(model, evaluate.answer_token_ids(processor, names),
+                                          processor.tokenizer.pad_token_id, device)
+        scorer(batch)
+        _, t = timed(device, lambda: scorer(batch))
+        print(f"score, batch {b}: {t:.3f} s")
+        out, t = timed(device, lambda: model(**batch, position_ids=evaluate.prompt_position_ids(batch["attention_mask"]),
+                                              use_cache=True, logits_to_keep=1))
+        print(f"  prompt pass with cache: {t:.3f} s")
+        rows = torch.arange(min(64, b), device=device)
+        _, t = timed(device, lambda: evaluate.select_cache_rows(out.past_key_values, rows.repeat(64 // len(rows))))
+        print(f"  select_cache_rows (64 rows): {t:.3f} s")
+        print(top_kernels(lambda: scorer(batch)))
+    del out, scorer
+    torch.cuda.empty_cache()
+
+    real_size.quantize_nf4_(model)
+    ft = bench_gpu.finetune_config(bench_gpu.BenchConfig(output="-", variant=args.variant), micro_batch_size=2,
+                                   gradient_checkpointing="off")
+    samples = [bench_gpu.Sample(p, names[i % len(names)]) for i, p in enumerate(photos)]
+    peft_model, _ = finetune.attach_lora(model, ft, False)
+    peft_model.train()
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for micro in (2, 4):
+        batches = finetune.encode_step(processor, [samples[:micro]], names, ft)
+        step = lambda: finetune.train_step(peft_model.get_base_model(), batches, device, opt, sched, trainable, 1.0)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _, t = timed(device, step, 2)
+        print(f"nf4 train micro-batch {micro}, no recompute: {t:.3f} s/step = {micro / t:.2f} samples/s, "
+              f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    print(top_kernels(step, 20))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
