@@ -54,7 +54,9 @@ class BenchConfig:
     batch_size: int = field(default=16, metadata={"help": "samples per optimizer step (the recipe's 1 x 16)"})
     timed_steps: int = field(default=2, metadata={"help": "optimizer steps timed per project row, after one warm-up micro-batch"})
     recipe_micro_batches: int = field(default=16, metadata={"help": "recipe micro-batches run; the first 2 are warm-up"})
-    levers: bool = field(default=True, metadata={"help": "also time each lever on its own (our loop at the recipe's settings, ...)"})
+    presets: str = field(default="80gb,40gb,24gb", metadata={"help": "memory presets to time, each under its card's memory"})
+    levers: bool = field(default=True, metadata={"help": "also time levers one at a time against the default"})
+    evaluation: bool = field(default=True, metadata={"help": "time evaluation (generate, score) too"})
     bf16_base: bool = field(default=False, metadata={"help": "first time training and evaluation on the bf16 base, then quantise"})
     eval_batches: int = field(default=2, metadata={"help": "timed batches per evaluation row, after one warm-up batch"})
     eval_batch_sizes: str = field(default="64", metadata={"help": "project evaluation batch sizes to time"})
@@ -75,6 +77,9 @@ class BenchConfig:
             raise ValueError(f"--eval-batch-sizes {self.eval_batch_sizes!r}: give comma-separated integers") from None
         if not sizes or min(sizes) <= 0:
             raise ValueError(f"--eval-batch-sizes {self.eval_batch_sizes!r}: give positive integers")
+        unknown = set(filter(None, self.presets.split(","))) - {"fast", "80gb", "40gb", "24gb"}
+        if unknown:
+            raise ValueError(f"--presets: unknown {', '.join(sorted(unknown))} (choose from fast, 80gb, 40gb, 24gb)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,13 +216,13 @@ def train_row_project(model, processor, samples, class_names, cfg: BenchConfig, 
     modeling.fuse_rms_norms(model, enabled=fused_norms and device.type == "cuda")
 
     ft = finetune_config(cfg, **overrides)
-    preset, micro, checkpointing = finetune.memory_plan(ft, device)
+    preset, micro, recompute_every = finetune.memory_plan(ft, device)
     row = {"row": name, "kind": "train", "loop": "project", "memory_preset": preset, "micro_batch_size": micro,
-           "batch_size": ft.batch_size, "gradient_checkpointing": checkpointing, "lora_r": ft.lora_r,
+           "batch_size": ft.batch_size, "recompute_every": recompute_every, "lora_r": ft.lora_r,
            "memory_cap_gib": cap_gib}
     reset_memory(device)
     torch.manual_seed(cfg.seed)
-    peft_model, targets = finetune.attach_lora(model, ft, checkpointing)
+    peft_model, targets = finetune.attach_lora(model, ft, recompute_every)
     row["lora_layers"] = len(targets)
     try:
         with MemoryCap(device, cap_gib):
@@ -267,11 +272,11 @@ def train_row_recipe(model, processor, samples, class_names, cfg: BenchConfig, d
     ft = finetune_config(cfg)
     n = cfg.recipe_micro_batches
     row = {"row": "recipe", "kind": "train", "loop": "transformers.Trainer", "micro_batch_size": recipe.RECIPE_MICRO_BATCH,
-           "batch_size": min(n, recipe.RECIPE_GRAD_ACCUM), "gradient_checkpointing": True, "lora_r": ft.lora_r}
+           "batch_size": min(n, recipe.RECIPE_GRAD_ACCUM), "recompute_every": 1, "lora_r": ft.lora_r}
     reset_memory(device)
     torch.manual_seed(cfg.seed)
     # LoRA placed by the same function, so rank, targets and alpha are the project's exactly.
-    peft_model, targets = finetune.attach_lora(model, ft, gradient_checkpointing=False)
+    peft_model, targets = finetune.attach_lora(model, ft, recompute_every=0)  # Trainer switches recomputation on
     row["lora_layers"] = len(targets)
     modeling.fuse_rms_norms(model, enabled=False)  # the recipe runs transformers' own modules
     try:
@@ -439,25 +444,32 @@ def run(cfg: BenchConfig) -> dict:
     if device.type == "cuda":
         # Each preset under the memory of the smallest card it is for (the CUDA context, ~0.5 GiB,
         # comes on top); the 24 GB preset at r=16, as it is meant for.
-        for preset, cap_gib, rank in (("80gb", 78, cfg.lora_r), ("40gb", 40, cfg.lora_r), ("24gb", 24, 16)):
+        for preset in filter(None, cfg.presets.split(",")):
+            cap_gib = {"fast": 120, "80gb": 78, "40gb": 40, "24gb": 24}[preset]
+            rank = 16 if preset == "24gb" else cfg.lora_r
             model, row = train_row_project(model, processor, samples, class_names, cfg, device,
                                            name=f"preset {preset}", cap_gib=cap_gib, memory_preset=preset,
                                            lora_r=rank, lora_alpha=rank)
             record({**row, "base": base})
     if cfg.levers:
-        # One lever at a time against the default (docs/benchmarks.md lists the others, measured
-        # in earlier runs of this harness).
+        # One lever at a time against the default; docs/benchmarks.md lists the others, measured
+        # in earlier runs of this harness.
         model, row = train_row_project(model, processor, samples, class_names, cfg, device,
                                        name="lever: default without fused norms", fused_norms=False)
         record({**row, "base": base})
-        if cfg.batch_size % 16 == 0:
+        if device.type == "cuda":
             model, row = train_row_project(model, processor, samples, class_names, cfg, device,
-                                           name="lever: micro-batch 16, recompute", micro_batch_size=16,
-                                           gradient_checkpointing="on")
+                                           name="lever: micro-batch 4, every 2nd layer recomputed", cap_gib=78,
+                                           micro_batch_size=4, gradient_checkpointing="every-2")
             record({**row, "base": base})
 
     # Evaluation on the base model: the recipe's (transformers' own modules), then the project's
     # at its default batch for this GPU and at the largest asked for.
+    if not cfg.evaluation:
+        result["summary"] = summarize(result)
+        write_json_atomic(output, result)
+        print(render_markdown(result))
+        return result
     model.eval()
     recipe_eval = dict(mode="generate", batch_size=recipe.RECIPE_EVAL_BATCH, fused_norms=False)
     record({**eval_row(model, processor, photos, class_names, cfg, device, name="recipe generate",
@@ -512,6 +524,10 @@ def summarize(result: dict) -> dict:
     return summary
 
 
+def recompute_label(every: int) -> str:
+    return {0: "no", 1: "every layer"}.get(every, f"every {every}th layer" if every > 2 else "every 2nd layer")
+
+
 def render_markdown(result: dict) -> str:
     env, model, summary = result["environment"], result["model"], result.get("summary", {})
     lines = [f"**{model['source']}**, {model['parameters_total'] / 1e9:.2f} B parameters, "
@@ -532,7 +548,7 @@ def render_markdown(result: dict) -> str:
             mfu = f"{summary['mfu'][r['row']]:.1%}"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         lines.append(f"| {r['row']} ({r.get('base', '')}) | {r['loop']} | {r['micro_batch_size']} x {accum} | "
-                     f"{'yes' if r['gradient_checkpointing'] else 'no'} | {r['lora_r']} | {cap} | {speed} | {speedup} | "
+                     f"{recompute_label(r['recompute_every'])} | {r['lora_r']} | {cap} | {speed} | {speedup} | "
                      f"{mfu} | {peak} |")
     lines += ["", "| evaluation | mode | batch | new tokens | images/s | vs recipe | peak GiB |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

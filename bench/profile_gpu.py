@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ft = bench_gpu.finetune_config(bench_gpu.BenchConfig(output="-", variant=args.variant), micro_batch_size=2,
                                    gradient_checkpointing="off")
     samples = [bench_gpu.Sample(p, names[i % len(names)]) for i, p in enumerate(photos)]
-    peft_model, _ = finetune.attach_lora(model, ft, False)
+    peft_model, _ = finetune.attach_lora(model, ft, 0)
     peft_model.train()
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)

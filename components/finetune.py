@@ -45,22 +45,26 @@ RESUMABLE_CHANGES = ("output_dir", "stop_after_steps", "save_every_steps", "keep
 @dataclass(frozen=True)
 class MemoryPreset:
     """How an optimizer step is split to fit a GPU. Chosen from the GPU's memory; measured on
-    random-init Gemma 4 31B, nf4, 514-token samples (bench/bench_gpu.py, docs/benchmarks.md)."""
+    random-init Gemma 4 31B, nf4, 510-token samples (bench/bench_gpu.py, docs/benchmarks.md)."""
 
     min_gpu_gib: float  # smallest card (total memory, GiB) the preset is meant for
     micro_batch_size: int
-    gradient_checkpointing: bool
+    recompute_every: int  # recompute every n-th layer's activations in backward (0: none)
     note: str
 
 
+RECOMPUTE_CHOICES = {"auto": None, "off": 0, "on": 1, "every-2": 2, "every-3": 3}
 MEMORY_PRESETS = {
-    # Sizes from 31B nf4 at r=64 (bench/bench_gpu.py on an H200): ~18 GiB of 4-bit weights, ~8 GiB
-    # of fp32 LoRA weights and AdamW state, and ~14 GiB of saved activations per 510-token
-    # sample without recomputation (LoRA dropout's copies included) or ~0.6 GiB with it.
-    "fast": MemoryPreset(120, 4, False, "cards of 120 GB and more (H200, B200): micro-batch 4, no recomputation"),
-    "80gb": MemoryPreset(75, 2, False, "80 GB cards (H100, A100 80GB): micro-batch 2, no recomputation"),
-    "40gb": MemoryPreset(38, 8, True, "31B r=64 within 40 GB: micro-batch 8, recompute activations"),
-    "24gb": MemoryPreset(0, 2, True, "31B r=16 within 24 GB (L4): micro-batch 2, recompute activations"),
+    # Sizes from 31B nf4 at r=64 on an H200: ~18 GiB of 4-bit weights, ~8 GiB of fp32 LoRA
+    # weights and AdamW state, and per 510-token sample ~14 GiB of saved activations without
+    # recomputation (LoRA dropout's copies included) or ~0.6 GiB with it. Recomputing costs a
+    # forward pass (6N instead of 4N FLOPs per token) but lets micro-batches grow to 8-16, which
+    # the matmuls need: micro-batch 16 recomputing every layer (2.9 samples/s) beat micro-batch 4
+    # without recomputation (2.4-2.8) at a third of the memory.
+    "fast": MemoryPreset(120, 8, 2, "cards of 120 GB and more (H200, B200): micro-batch 8, every 2nd layer recomputed"),
+    "80gb": MemoryPreset(75, 16, 1, "80 GB cards (H100, A100 80GB): micro-batch 16, every layer recomputed"),
+    "40gb": MemoryPreset(38, 8, 1, "31B r=64 within 40 GB: micro-batch 8, every layer recomputed"),
+    "24gb": MemoryPreset(0, 2, 1, "31B r=16 within 24 GB (L4): micro-batch 2, every layer recomputed"),
 }
 
 
@@ -97,8 +101,9 @@ class FinetuneConfig:
     max_steps: int | None = field(default=None, metadata={"help": "cap on optimizer steps (the schedule uses it)"})
     train_limit: int | None = field(default=None, metadata={"help": "use only the first N training samples"})
     gradient_checkpointing: str = field(
-        default="auto", metadata={"help": "recompute activations in backward; auto: as the memory preset says",
-                                  "choices": ["auto", "on", "off"]},
+        default="auto", metadata={"help": "recompute activations in backward: on (every layer), every-2/every-3 "
+                                          "(every n-th layer), off; auto: as the memory preset says",
+                                  "choices": list(RECOMPUTE_CHOICES)},
     )
     save_every_steps: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk"})
@@ -119,6 +124,9 @@ class FinetuneConfig:
         if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
             raise ValueError(f"--micro-batch-size {self.micro_batch_size} must divide --batch-size {self.batch_size} "
                              "(or be 0 for the memory preset's)")
+        if self.gradient_checkpointing not in RECOMPUTE_CHOICES:
+            raise ValueError(f"--gradient-checkpointing must be one of {', '.join(RECOMPUTE_CHOICES)}, "
+                             f"got {self.gradient_checkpointing!r}")
         if self.memory_preset not in ("auto", *MEMORY_PRESETS):
             raise ValueError(f"--memory-preset must be auto or one of {', '.join(MEMORY_PRESETS)}, got {self.memory_preset!r}")
         for name in ("max_steps", "train_limit", "stop_after_steps"):
@@ -161,7 +169,7 @@ def total_steps(num_samples: int, cfg: FinetuneConfig) -> int:
 
 
 def memory_plan(cfg: FinetuneConfig, device) -> tuple[str, int, bool]:
-    """(preset name, micro-batch size, gradient checkpointing) for this config on ``device``.
+    """(preset name, micro-batch size, recompute every n-th layer (0: none)) for ``device``.
 
     On CUDA the preset comes from the card's total memory unless named; explicit
     --micro-batch-size / --gradient-checkpointing override the preset's. On CPU there is no
@@ -175,13 +183,13 @@ def memory_plan(cfg: FinetuneConfig, device) -> tuple[str, int, bool]:
             gib = torch.cuda.get_device_properties(device).total_memory / 2**30
             name = max((p for p in MEMORY_PRESETS.items() if p[1].min_gpu_gib <= gib), key=lambda p: p[1].min_gpu_gib)[0]
         preset = MEMORY_PRESETS[name]
-        micro, checkpointing = preset.micro_batch_size, preset.gradient_checkpointing
+        micro, recompute_every = preset.micro_batch_size, preset.recompute_every
     else:
-        name, micro, checkpointing = "cpu", 8, False
+        name, micro, recompute_every = "cpu", 8, 0
     micro = cfg.micro_batch_size or math.gcd(cfg.batch_size, micro)  # a divisor of the step
     if cfg.gradient_checkpointing != "auto":
-        checkpointing = cfg.gradient_checkpointing == "on"
-    return name, micro, checkpointing
+        recompute_every = RECOMPUTE_CHOICES[cfg.gradient_checkpointing]
+    return name, micro, recompute_every
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,17 +290,18 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     return read_json(ckpt / STATE_FILE)
 
 
-def attach_lora(model, cfg: FinetuneConfig, gradient_checkpointing: bool):
+def attach_lora(model, cfg: FinetuneConfig, recompute_every: int):
     """The PEFT model with LoRA on every linear layer of the language model and vision tower,
-    and the adapted layers' names."""
+    and the adapted layers' names. ``recompute_every`` n > 0 recomputes every n-th layer."""
     from peft import LoraConfig, get_peft_model
 
     from components import modeling
 
-    if gradient_checkpointing:
+    if recompute_every:
         # Non-reentrant checkpointing recomputes each layer with the same arguments, KV-shared
         # layers' shared key/value states included (tests/test_finetune.py checks the gradients).
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=recompute_every)
         model.enable_input_require_grads()
     targets = modeling.lora_target_modules(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -367,7 +376,7 @@ def run(cfg: FinetuneConfig) -> dict:
     class_names = manifest["class_names"]
     device = modeling.pick_device(cfg.device)
     quantization = modeling.resolve_quantization(cfg.quantization, device)
-    preset, micro_batch_size, use_checkpointing = memory_plan(cfg, device)
+    preset, micro_batch_size, recompute_every = memory_plan(cfg, device)
 
     if (output_dir / METRICS_FILE).is_file():
         done = read_json(output_dir / METRICS_FILE)
@@ -385,7 +394,7 @@ def run(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     processor = modeling.load_processor(cfg.model_dir)
     model = modeling.load_model(cfg.model_dir, device, quantization)
-    model, targets = attach_lora(model, cfg, use_checkpointing)
+    model, targets = attach_lora(model, cfg, recompute_every)
     causal_lm = model.get_base_model()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -410,7 +419,7 @@ def run(cfg: FinetuneConfig) -> dict:
     print(f"training {len(targets)} LoRA-adapted linear layers "
           f"({sum(p.numel() for p in trainable):,} trainable parameters) on {device}, {quantization}, "
           f"{len(examples)} samples, {steps} optimizer steps of {cfg.batch_size} samples "
-          f"(memory preset {preset}: micro-batch {micro_batch_size}, gradient checkpointing {use_checkpointing})")
+          f"(memory preset {preset}: micro-batch {micro_batch_size}, recompute every {recompute_every} layers)")
     # Cloud Run and Vertex stop a task with SIGTERM and a grace period: finish the current step,
     # checkpoint, and exit non-zero so the retry resumes from here.
     preempted: list[int] = []
@@ -481,7 +490,8 @@ def run(cfg: FinetuneConfig) -> dict:
         "peak_memory_mb": peak_memory_mb(device),
         "device": str(device),
         "quantization": quantization,
-        "gradient_checkpointing": use_checkpointing,
+        "gradient_checkpointing": recompute_every > 0,
+        "recompute_every": recompute_every,
         "memory_preset": preset,
         "micro_batch_size": micro_batch_size,
         "adapted_modules": targets,
