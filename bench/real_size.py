@@ -82,7 +82,8 @@ def build_model(config, device, quantization: str = "none"):
     from transformers import Gemma4ForConditionalGeneration
 
     with torch.device(device):
-        model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        # transformers' default attention, as modeling.load_model: sdpa, eager for the audio tower
+        model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     model.eval().requires_grad_(False)
     if torch.device(device).type == "cuda":
         from components.modeling import fuse_rms_norms
