@@ -18,7 +18,9 @@ MODEL_PATH   ?= weights/gemma-4-31b-it
 DATASET_PATH ?= datasets/oxford-iiit-pet
 OUTPUT_PATH  ?= runs/cloud-run-finetune
 
-.PHONY: venv demo test test-gpu compile images cloud-run-job cloud-run-execute clean
+BENCH_DIR ?= runs/bench
+
+.PHONY: venv demo test test-gpu bench compile images cloud-run-job cloud-run-execute clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -39,6 +41,13 @@ test: venv
 # On a CUDA machine (the device machine runs these; see README "GPU").
 test-gpu: venv
 	$(PY) -m pytest tests -q -m gpu -s
+
+# GPU speed and memory, recipe vs project defaults, on random-init real-size Gemma 4 (one CUDA
+# GPU with about 140 GB for 31B; results and how to read them: docs/benchmarks.md).
+bench: venv
+	mkdir -p $(BENCH_DIR)
+	$(PY) -m bench.bench_gpu --variant gemma-4-31b --output $(BENCH_DIR)/gemma-4-31b.json
+	$(PY) -m bench.bench_gpu --variant gemma-4-e4b --output $(BENCH_DIR)/gemma-4-e4b.json
 
 compile: venv
 	$(PY) compile.py --preset $(PRESET) --output pipeline.yaml \

@@ -39,6 +39,9 @@ from components.files import write_json_atomic
 PEAK_BF16_FLOPS = 790e12  # dense bf16 matmul rate measured on an H200 of this workplace (FLOP/s)
 RECIPE_JOB = {"train_samples": 700 * 3, "eval_images": 2 * 200}  # 700 samples x 3 epochs; eval before and after
 GIB = 2**30
+# Memory cap (GiB of allocator memory) each preset is timed under: about the smallest card it is
+# meant for. The CUDA context (~0.5 GiB) comes on top, and an L4 shows ~22 GiB, not 24.
+PRESET_CARDS_GIB = {"fast": 78, "40gb": 40, "24gb": 24}
 
 
 @dataclass
@@ -54,7 +57,7 @@ class BenchConfig:
     batch_size: int = field(default=16, metadata={"help": "samples per optimizer step (the recipe's 1 x 16)"})
     timed_steps: int = field(default=2, metadata={"help": "optimizer steps timed per project row, after one warm-up micro-batch"})
     recipe_micro_batches: int = field(default=16, metadata={"help": "recipe micro-batches run; the first 2 are warm-up"})
-    presets: str = field(default="80gb,40gb,24gb", metadata={"help": "memory presets to time, each under its card's memory"})
+    presets: str = field(default="fast,40gb,24gb", metadata={"help": "memory presets to time, each under its card's memory"})
     levers: bool = field(default=True, metadata={"help": "also time levers one at a time against the default"})
     evaluation: bool = field(default=True, metadata={"help": "time evaluation (generate, score) too"})
     bf16_base: bool = field(default=False, metadata={"help": "first time training and evaluation on the bf16 base, then quantise"})
@@ -77,9 +80,9 @@ class BenchConfig:
             raise ValueError(f"--eval-batch-sizes {self.eval_batch_sizes!r}: give comma-separated integers") from None
         if not sizes or min(sizes) <= 0:
             raise ValueError(f"--eval-batch-sizes {self.eval_batch_sizes!r}: give positive integers")
-        unknown = set(filter(None, self.presets.split(","))) - {"fast", "80gb", "40gb", "24gb"}
+        unknown = set(filter(None, self.presets.split(","))) - set(PRESET_CARDS_GIB)
         if unknown:
-            raise ValueError(f"--presets: unknown {', '.join(sorted(unknown))} (choose from fast, 80gb, 40gb, 24gb)")
+            raise ValueError(f"--presets: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PRESET_CARDS_GIB)})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +380,9 @@ def run(cfg: BenchConfig) -> dict:
     from components.prepare_dataset import OXFORD_PET_CLASSES
 
     device = modeling.pick_device(cfg.device)
+    if cfg.variant and device.type != "cuda":
+        raise ValueError(f"--variant {cfg.variant} builds a real-size model and needs a CUDA GPU "
+                         "(use --model-dir with the tiny model for a CPU smoke run)")
     quantization = modeling.resolve_quantization(cfg.quantization, device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -445,7 +451,7 @@ def run(cfg: BenchConfig) -> dict:
         # Each preset under the memory of the smallest card it is for (the CUDA context, ~0.5 GiB,
         # comes on top); the 24 GB preset at r=16, as it is meant for.
         for preset in filter(None, cfg.presets.split(",")):
-            cap_gib = {"fast": 120, "80gb": 78, "40gb": 40, "24gb": 24}[preset]
+            cap_gib = PRESET_CARDS_GIB[preset]
             rank = 16 if preset == "24gb" else cfg.lora_r
             model, row = train_row_project(model, processor, samples, class_names, cfg, device,
                                            name=f"preset {preset}", cap_gib=cap_gib, memory_preset=preset,
@@ -457,11 +463,12 @@ def run(cfg: BenchConfig) -> dict:
         model, row = train_row_project(model, processor, samples, class_names, cfg, device,
                                        name="lever: default without fused norms", fused_norms=False)
         record({**row, "base": base})
-        if device.type == "cuda":
-            model, row = train_row_project(model, processor, samples, class_names, cfg, device,
-                                           name="lever: micro-batch 4, every 2nd layer recomputed", cap_gib=78,
-                                           micro_batch_size=4, gradient_checkpointing="every-2")
-            record({**row, "base": base})
+        for micro, recompute in ((8, "every-2"), (4, "off")):
+            if cfg.batch_size % micro == 0:
+                model, row = train_row_project(model, processor, samples, class_names, cfg, device,
+                                               name=f"lever: micro-batch {micro}, recompute {recompute}",
+                                               micro_batch_size=micro, gradient_checkpointing=recompute)
+                record({**row, "base": base})
 
     # Evaluation on the base model: the recipe's (transformers' own modules), then the project's
     # at its default batch for this GPU and at the largest asked for.
@@ -570,7 +577,11 @@ def render_markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_config(BenchConfig, argv))
+    cfg = parse_config(BenchConfig, argv)
+    try:
+        run(cfg)
+    except ValueError as err:  # bad input found before any model is built: one line, non-zero exit
+        raise SystemExit(f"error: {err}") from err
     return 0
 
 

@@ -55,16 +55,16 @@ class MemoryPreset:
 
 RECOMPUTE_CHOICES = {"auto": None, "off": 0, "on": 1, "every-2": 2, "every-3": 3}
 MEMORY_PRESETS = {
-    # Sizes from 31B nf4 at r=64 on an H200: ~18 GiB of 4-bit weights, ~8 GiB of fp32 LoRA
-    # weights and AdamW state, and per 510-token sample ~14 GiB of saved activations without
-    # recomputation (LoRA dropout's copies included) or ~0.6 GiB with it. Recomputing costs a
-    # forward pass (6N instead of 4N FLOPs per token) but lets micro-batches grow to 8-16, which
-    # the matmuls need: micro-batch 16 recomputing every layer (2.9 samples/s) beat micro-batch 4
-    # without recomputation (2.4-2.8) at a third of the memory.
-    "fast": MemoryPreset(120, 8, 2, "cards of 120 GB and more (H200, B200): micro-batch 8, every 2nd layer recomputed"),
-    "80gb": MemoryPreset(75, 16, 1, "80 GB cards (H100, A100 80GB): micro-batch 16, every layer recomputed"),
-    "40gb": MemoryPreset(38, 8, 1, "31B r=64 within 40 GB: micro-batch 8, every layer recomputed"),
-    "24gb": MemoryPreset(0, 2, 1, "31B r=16 within 24 GB (L4): micro-batch 2, every layer recomputed"),
+    # Measured on 31B nf4 at r=64 (bench/bench_gpu.py, H200, docs/benchmarks.md): ~18 GiB of
+    # 4-bit weights, ~8 GiB of fp32 LoRA weights and AdamW state, and per 510-token sample ~14 GiB
+    # of saved activations without recomputation (LoRA dropout's copies included) or ~0.6 GiB
+    # with it. Recomputing costs a forward pass (6N instead of 4N FLOPs per token) but lets the
+    # micro-batch grow to 16, which the matmuls need: micro-batch 16 recomputing every layer ran
+    # 2.9-3.0 samples/s at 36 GiB, faster than micro-batch 4 without recomputation (2.4-2.8 at
+    # 103-116 GiB) and than recomputing every 2nd layer (2.3-2.7 at 103-117 GiB).
+    "fast": MemoryPreset(75, 16, 1, "cards of 80 GB and more: micro-batch 16, every layer recomputed (31B: 36 GiB)"),
+    "40gb": MemoryPreset(38, 8, 1, "31B r=64 within 40 GB: micro-batch 8, every layer recomputed (32 GiB)"),
+    "24gb": MemoryPreset(0, 2, 1, "31B r=16 within 24 GB (L4): micro-batch 2, every layer recomputed (21 GiB)"),
 }
 
 

@@ -181,3 +181,53 @@ def test_sigterm_checkpoints_the_current_step_and_exits(tiny_model_dir, small_pe
     monkeypatch.setattr(finetune, "train_step", real_step)
     metrics = finetune.run(small_config(tiny_model_dir, small_pets_dir, out, save_every_steps=100))
     assert metrics["steps"] == 6
+
+
+def test_memory_presets_come_from_the_gpus_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    cfg = finetune.FinetuneConfig(model_dir="-", dataset_dir="-", output_dir="-")
+    cuda = torch.device("cuda", 0)
+    for gib, expected in ((141, ("fast", 16, 1)), (80, ("fast", 16, 1)), (48, ("40gb", 8, 1)), (24, ("24gb", 2, 1))):
+        # what the CUDA runtime reports for an H200, an H100 80GB, an L40S and an L4, a little under nominal
+        total = int((gib - 1.5) * 2**30)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, t=total: SimpleNamespace(total_memory=t))
+        assert finetune.memory_plan(cfg, cuda) == expected, gib
+    # Named presets and explicit flags win; the micro-batch always divides the step.
+    assert finetune.memory_plan(dataclasses_replace(cfg, memory_preset="24gb"), cuda) == ("24gb", 2, 1)
+    assert finetune.memory_plan(dataclasses_replace(cfg, micro_batch_size=4, gradient_checkpointing="every-2"),
+                                cuda) == ("24gb", 4, 2)
+    assert finetune.memory_plan(dataclasses_replace(cfg, batch_size=12), cuda)[1] == 2
+    assert finetune.memory_plan(dataclasses_replace(cfg, batch_size=12, memory_preset="fast"), cuda)[1] == 4
+    assert finetune.memory_plan(cfg, torch.device("cpu")) == ("cpu", 8, 0)
+    with pytest.raises(ValueError, match="--micro-batch-size 5 must divide --batch-size 16"):
+        dataclasses_replace(cfg, micro_batch_size=5)
+    with pytest.raises(ValueError, match="--gradient-checkpointing must be one of"):
+        dataclasses_replace(cfg, gradient_checkpointing="sometimes")
+
+
+def dataclasses_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_steps_hold_the_same_samples_however_they_are_split():
+    cfg = finetune.FinetuneConfig(model_dir="-", dataset_dir="-", output_dir="-", batch_size=8, seed=5)
+    for epoch in (0, 1):
+        whole = finetune.epoch_windows(30, epoch, cfg, micro_batch_size=8)
+        split = finetune.epoch_windows(30, epoch, cfg, micro_batch_size=2)
+        assert [sum(step, []) for step in whole] == [sum(step, []) for step in split]
+        assert all(len(m) <= 2 for step in split for m in step)
+        assert sorted(sum(sum(whole, []), [])) == list(range(30))
+    assert finetune.total_steps(30, cfg) == 3 * 4
+
+
+def test_a_resume_may_change_the_micro_batch(tiny_model_dir, small_pets_dir, tmp_path, capsys):
+    """A retry on another GPU type picks another memory preset: the step's samples and its
+    normalisation do not change, so the run resumes instead of refusing."""
+    out = tmp_path / "run"
+    finetune.run(small_config(tiny_model_dir, small_pets_dir, out, stop_after_steps=2, micro_batch_size=2))
+    metrics = finetune.run(small_config(tiny_model_dir, small_pets_dir, out, micro_batch_size=4))
+    assert "resuming from" in capsys.readouterr().out
+    assert metrics["steps"] == 6 and metrics["micro_batch_size"] == 4

@@ -91,3 +91,24 @@ def test_prompt_batch_is_left_padded(processors):
     batch = prompting.encode_prompt_batch(processors["small"], images(), CLASSES)
     assert (batch["attention_mask"][:, -1] == 1).all()
     assert torch.equal(batch["input_ids"][:, -1], batch["input_ids"][0, -1].expand(3))
+
+
+def test_prefetched_keeps_order_and_raises_at_the_failing_item():
+    import threading
+
+    threads = []
+
+    def square(x):
+        threads.append(threading.current_thread().name)
+        if x == 3:
+            raise ValueError("bad item 3")
+        return x * x
+
+    assert list(prompting.prefetched(square, range(3))) == [0, 1, 4]
+    assert all(name.startswith("prefetch") for name in threads)  # the work ran off the caller's thread
+    got = []
+    with pytest.raises(ValueError, match="bad item 3"):
+        for value in prompting.prefetched(square, range(6)):
+            got.append(value)
+    assert got == [0, 1, 4]
+    assert list(prompting.prefetched(square, [])) == []
