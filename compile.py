@@ -1,6 +1,7 @@
 """Compile the pipeline to a KFP v2 YAML (PipelineSpec) for Vertex AI Pipelines.
 
     python compile.py --output pipeline.yaml [--preset 31b-qlora|e4b|e2b|cpu-smoke] [--image REF]
+        [--finetune-gpus N]
 
 Image, resource preset and the code identity (project version, git commit read here, at compile
 time) are baked into the YAML; everything else is a runtime parameter. No secret is read: the
@@ -32,12 +33,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "Artifact Registry image tagged with the project version)")
     parser.add_argument("--fine-tune-retries", type=int, default=2,
                         help="retries of the fine-tune task, which resumes from its checkpoints")
+    parser.add_argument("--finetune-gpus", type=int, default=None,
+                        help="GPUs of the fine-tune task (default: the preset's); the step runs one "
+                             "data-parallel process per GPU")
     return parser.parse_args(argv)
 
 
 def compile_pipeline(output: str | Path, preset: str = DEFAULT_PRESET, image: str | None = None,
-                     fine_tune_retries: int = 2) -> Path:
-    options = compile_options(image=image, preset=preset, fine_tune_retries=fine_tune_retries)
+                     fine_tune_retries: int = 2, finetune_gpus: int | None = None) -> Path:
+    options = compile_options(image=image, preset=preset, fine_tune_retries=fine_tune_retries,
+                              finetune_gpus=finetune_gpus)
     output = Path(output)
     if output.suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"--output {output}: must end in .yaml, .yml or .json")
@@ -49,7 +54,7 @@ def compile_pipeline(output: str | Path, preset: str = DEFAULT_PRESET, image: st
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        path = compile_pipeline(args.output, args.preset, args.image, args.fine_tune_retries)
+        path = compile_pipeline(args.output, args.preset, args.image, args.fine_tune_retries, args.finetune_gpus)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     print(f"wrote {path}")

@@ -66,3 +66,21 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None) -> T:
         # Bad flags or missing inputs: one line naming the flag on stderr and a non-zero exit,
         # before any work is done.
         raise SystemExit(f"error: {err}") from err
+
+
+def to_argv(config) -> list[str]:
+    """The flags that ``parse_config`` turns back into ``config`` (None fields left out), to run
+    the same step in another process (finetune's torchrun workers)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

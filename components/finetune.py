@@ -3,7 +3,9 @@
 One readable recipe:
   1. load the staged base (nf4 4-bit on CUDA by default, fp32 on CPU) and its processor;
   2. put LoRA on every linear layer of the language model and the vision tower;
-  3. train on (image, class name) pairs with loss only on the answer and its closing <turn|>;
+  3. train on (image, class name) pairs with loss only on the answer and its closing <turn|>,
+     16 samples per optimizer step split into micro-batches as the GPU's memory preset says,
+     and over several GPUs as data-parallel processes the step launches itself (torchrun);
   4. checkpoint every N optimizer steps (adapter, optimizer, scheduler, RNG, data position),
      atomically; on start, resume from the newest complete checkpoint in the output folder;
   5. write the adapter (safetensors), the processor and train_metrics.json.
@@ -39,7 +41,7 @@ STATE_FILE = "trainer_state.json"  # written last inside a checkpoint: its prese
 # and speed, not the gradient (the loss is normalised per optimizer step), so a resume may change
 # them too, e.g. when a retry lands on a different GPU.
 RESUMABLE_CHANGES = ("output_dir", "stop_after_steps", "save_every_steps", "keep_checkpoints", "log_every_steps",
-                     "micro_batch_size", "gradient_checkpointing", "memory_preset")
+                     "micro_batch_size", "gradient_checkpointing", "memory_preset", "num_processes")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,11 @@ class FinetuneConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed for LoRA init, data order and dropout"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    num_processes: int = field(
+        default=0,
+        metadata={"help": "data-parallel processes, one per GPU, launched by the step itself (torchrun); "
+                          "0: one per visible GPU (1 on CPU)"},
+    )
 
     def __post_init__(self) -> None:
         positive = ("lora_r", "lora_alpha", "epochs", "batch_size", "max_length",
@@ -121,6 +128,8 @@ class FinetuneConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.num_processes < 0:
+            raise ValueError(f"--num-processes must be >= 0 (0: one per visible GPU), got {self.num_processes}")
         if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
             raise ValueError(f"--micro-batch-size {self.micro_batch_size} must divide --batch-size {self.batch_size} "
                              "(or be 0 for the memory preset's)")
@@ -150,17 +159,25 @@ class FinetuneConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def epoch_windows(num_samples: int, epoch: int, cfg: FinetuneConfig, micro_batch_size: int) -> list[list[list[int]]]:
-    """Sample indices of one epoch as optimizer steps -> micro-batches -> samples.
+def epoch_windows(num_samples: int, epoch: int, cfg: FinetuneConfig, micro_batch_size: int,
+                  rank: int = 0, world_size: int = 1) -> list[list[list[int]]]:
+    """Sample indices of one epoch as optimizer steps -> micro-batches -> samples, for ``rank``.
 
     Steps are cut from the permutation by --batch-size alone, so the data position (epoch, step
-    in epoch) and each step's samples do not depend on how a step is split into micro-batches.
+    in epoch) and each step's samples do not depend on how a step is split into micro-batches or
+    across processes: rank r takes the r-th contiguous share of every step (possibly empty in a
+    short last step).
     """
     import torch
 
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
     steps = [order[i : i + cfg.batch_size] for i in range(0, num_samples, cfg.batch_size)]
-    return [[step[i : i + micro_batch_size] for i in range(0, len(step), micro_batch_size)] for step in steps]
+    shares = []
+    for step in steps:
+        size = math.ceil(len(step) / world_size)
+        share = step[rank * size : (rank + 1) * size]
+        shares.append([share[i : i + micro_batch_size] for i in range(0, len(share), micro_batch_size)])
+    return shares
 
 
 def total_steps(num_samples: int, cfg: FinetuneConfig) -> int:
@@ -168,7 +185,7 @@ def total_steps(num_samples: int, cfg: FinetuneConfig) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def memory_plan(cfg: FinetuneConfig, device) -> tuple[str, int, bool]:
+def memory_plan(cfg: FinetuneConfig, device, world_size: int = 1) -> tuple[str, int, int]:
     """(preset name, micro-batch size, recompute every n-th layer (0: none)) for ``device``.
 
     On CUDA the preset comes from the card's total memory unless named; explicit
@@ -186,7 +203,8 @@ def memory_plan(cfg: FinetuneConfig, device) -> tuple[str, int, bool]:
         micro, recompute_every = preset.micro_batch_size, preset.recompute_every
     else:
         name, micro, recompute_every = "cpu", 8, 0
-    micro = cfg.micro_batch_size or math.gcd(cfg.batch_size, micro)  # a divisor of the step
+    per_process = math.ceil(cfg.batch_size / world_size)  # each process's share of a step
+    micro = cfg.micro_batch_size or math.gcd(per_process, micro)  # a divisor of the share
     if cfg.gradient_checkpointing != "auto":
         recompute_every = RECOMPUTE_CHOICES[cfg.gradient_checkpointing]
     return name, micro, recompute_every
@@ -253,32 +271,45 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                    rank: int = 0) -> Path:
     """Write checkpoint ``step`` so that a reader never takes a partial one as complete.
 
     No folder rename: on a Cloud Storage FUSE mount (Vertex's /gcs, Cloud Run's GCS volume) a
     rename copies object by object and can be cut off half-way. Each file is instead an object
     that appears when closed, and the state file is closed last, so its presence means every
-    other file is whole.
+    other file is whole. With several processes, rank 0 writes the (identical) adapter and
+    optimizer, every rank its own RNG state, and rank 0 the state file once all are written.
     """
     import torch
 
     final = output_dir / CHECKPOINTS / f"step-{step:06d}"
-    if final.exists():
-        shutil.rmtree(final)
-    final.mkdir(parents=True)
-    model.save_pretrained(final)
-    torch.save(optimizer.state_dict(), final / "optimizer.pt")
-    torch.save(scheduler.state_dict(), final / "scheduler.pt")
-    torch.save(rng_state(), final / "rng.pt")
-    write_json_atomic(final / STATE_FILE, state)
-    older = sorted((p for p in final.parent.iterdir() if re.fullmatch(r"step-\d+", p.name)), key=lambda p: p.name)
-    for stale in older[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        final.mkdir(parents=True)
+        model.save_pretrained(final)
+        torch.save(optimizer.state_dict(), final / "optimizer.pt")
+        torch.save(scheduler.state_dict(), final / "scheduler.pt")
+    _barrier()
+    torch.save(rng_state(), final / rng_file(rank))
+    _barrier()
+    if rank == 0:
+        write_json_atomic(final / STATE_FILE, state)
+        older = sorted((p for p in final.parent.iterdir() if re.fullmatch(r"step-\d+", p.name)), key=lambda p: p.name)
+        for stale in older[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
     return final
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
+def rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore a checkpoint; a rank the checkpoint has no RNG state for (the run had fewer
+    processes) gets a fresh seed derived from the step."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -286,8 +317,79 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
-    return read_json(ckpt / STATE_FILE)
+    state = read_json(ckpt / STATE_FILE)
+    if (ckpt / rng_file(rank)).is_file():
+        set_rng_state(torch.load(ckpt / rng_file(rank), weights_only=False))
+    else:
+        torch.manual_seed(state["global_step"] * 1000 + rank)
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes: one per GPU, launched by the step itself
+# --------------------------------------------------------------------------------------------
+
+
+def distributed_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) inside a torchrun worker of a multi-process run, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    return None
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_sum_(tensors) -> None:
+    """Sum ``tensors`` over all processes in place, in one collective (no-op in one process)."""
+    if not _distributed() or not tensors:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    for tensor, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        tensor.copy_(reduced)
+
+
+def launch_workers(cfg: FinetuneConfig, processes: int) -> dict:
+    """Run this step as ``processes`` data-parallel workers under torchrun, forwarding SIGTERM
+    (Cloud Run and Vertex signal only the container's first process) so they checkpoint."""
+    import subprocess
+
+    from components.cli import to_argv
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "components.finetune", *to_argv(dataclasses.replace(cfg, num_processes=processes))]
+    print(f"launching {processes} worker processes: {' '.join(command[:6])} ...", flush=True)
+    worker = subprocess.Popen(command)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = (signal.signal(signal.SIGTERM, lambda signum, frame: worker.send_signal(signal.SIGTERM))
+                if in_main_thread else None)
+    try:
+        code = worker.wait()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    output_dir = Path(cfg.output_dir)
+    if code != 0:
+        raise SystemExit(f"finetune: {processes} worker processes exited with {code}; complete checkpoints in "
+                         f"{output_dir / CHECKPOINTS} let a rerun resume")
+    if (output_dir / METRICS_FILE).is_file():
+        return read_json(output_dir / METRICS_FILE)
+    state = read_json(latest_checkpoint(output_dir) / STATE_FILE)  # stopped early (--stop-after-steps)
+    return {"stopped_at_step": state["global_step"], "total_steps": state["total_steps"]}
 
 
 def attach_lora(model, cfg: FinetuneConfig, recompute_every: int):
@@ -326,11 +428,13 @@ def train_step(causal_lm, batches: list[dict], device, optimizer, scheduler, tra
 
     from components import modeling
 
-    # Normalise by the answer tokens of the whole optimizer step, so the gradient is the same
-    # however the step is split into micro-batches (or across devices).
-    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    # Normalise by the answer tokens of the whole optimizer step, on all processes, so the
+    # gradient is the same however the step is split into micro-batches and processes.
+    counts = torch.tensor([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))], device=device)
+    all_reduce_sum_([counts])
+    n_tokens = counts.item()
     dtype = modeling.compute_dtype(device)
-    step_loss = 0.0
+    step_loss = torch.zeros(1, device=device)
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
@@ -341,12 +445,19 @@ def train_step(causal_lm, batches: list[dict], device, optimizer, scheduler, tra
             loss_sum, _ = answer_loss_sum(causal_lm, batch)
         (loss_sum / n_tokens).backward()
         step_loss += loss_sum.detach()
+    if _distributed():
+        # Every process holds the same adapter; summing the gradients once per optimizer step
+        # keeps them identical (a process with no samples in a short last step adds zeros).
+        for p in trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_sum_([p.grad for p in trainable] + [step_loss])
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(step_loss) / n_tokens  # one host sync per step, not per micro-batch
+    return step_loss.item() / n_tokens  # one host sync per step, not per micro-batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,10 +475,8 @@ def peak_memory_mb(device) -> float:
 
 def run(cfg: FinetuneConfig) -> dict:
     import torch
-    from tqdm import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
-    from components import modeling, prompting, shards
+    from components import modeling, shards
 
     output_dir = Path(cfg.output_dir)
     # Validate everything cheap before the model (and any GPU time) is touched.
@@ -376,7 +485,6 @@ def run(cfg: FinetuneConfig) -> dict:
     class_names = manifest["class_names"]
     device = modeling.pick_device(cfg.device)
     quantization = modeling.resolve_quantization(cfg.quantization, device)
-    preset, micro_batch_size, recompute_every = memory_plan(cfg, device)
 
     if (output_dir / METRICS_FILE).is_file():
         done = read_json(output_dir / METRICS_FILE)
@@ -384,24 +492,58 @@ def run(cfg: FinetuneConfig) -> dict:
             print(f"{output_dir} already holds a finished run with these hyperparameters; nothing to do")
             return done
 
+    distributed = distributed_env()
+    if distributed is None:
+        processes = cfg.num_processes or (torch.cuda.device_count() if device.type == "cuda" else 1)
+        if device.type == "cuda" and device.index is not None:
+            processes = 1  # a named GPU (--device cuda:N) means that one GPU
+        if processes > 1:
+            return launch_workers(cfg, processes)
+    rank, world_size, local_rank = distributed or (0, 1, 0)
+    if distributed:
+        # NCCL between GPUs, gloo between CPU processes (the tests' 2-process run).
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+    try:
+        return _train(cfg, output_dir, class_names, device, quantization, rank, world_size)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: FinetuneConfig, output_dir: Path, class_names: list[str], device, quantization: str,
+           rank: int, world_size: int) -> dict:
+    """The training loop of one process (of ``world_size``); rank 0 writes what is shared."""
+    import torch
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from components import modeling, prompting, shards
+
+    preset, micro_batch_size, recompute_every = memory_plan(cfg, device, world_size)
     examples = shards.load_examples(cfg.dataset_dir, "train", limit=cfg.train_limit)
     if not examples:
         raise ValueError(f"--dataset-dir {cfg.dataset_dir}: the train split is empty")
     steps = total_steps(len(examples), cfg)
 
     attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same LoRA init in every process
     processor = modeling.load_processor(cfg.model_dir)
     model = modeling.load_model(cfg.model_dir, device, quantization)
     model, targets = attach_lora(model, cfg, recompute_every)
+    if world_size > 1:
+        torch.manual_seed(cfg.seed * 1000 + rank)  # but each process its own dropout masks
     causal_lm = model.get_base_model()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * steps), steps)
 
-    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "log": []}
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "log": [], "total_steps": steps}
     ckpt = latest_checkpoint(output_dir)
     if ckpt is not None:
         saved = read_json(ckpt / STATE_FILE)
@@ -410,23 +552,25 @@ def run(cfg: FinetuneConfig) -> dict:
                 f"{ckpt} was written with other hyperparameters; use a new --output-dir or the same flags "
                 f"(saved: {saved.get('hyperparameters')})"
             )
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        print(f"resuming from {ckpt} (step {state['global_step']} of {steps}, attempt {attempt})")
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, rank)
+        say(f"resuming from {ckpt} (step {state['global_step']} of {steps}, attempt {attempt})")
     elif attempt > 0:
-        print(f"Cloud Run task attempt {attempt}: no complete checkpoint in {output_dir}, starting over")
+        say(f"Cloud Run task attempt {attempt}: no complete checkpoint in {output_dir}, starting over")
 
     state["hyperparameters"] = cfg.hyperparameters()  # a resume checks them against its own
-    print(f"training {len(targets)} LoRA-adapted linear layers "
-          f"({sum(p.numel() for p in trainable):,} trainable parameters) on {device}, {quantization}, "
-          f"{len(examples)} samples, {steps} optimizer steps of {cfg.batch_size} samples "
-          f"(memory preset {preset}: micro-batch {micro_batch_size}, recompute every {recompute_every} layers)")
+    state["total_steps"] = steps
+    say(f"training {len(targets)} LoRA-adapted linear layers "
+        f"({sum(p.numel() for p in trainable):,} trainable parameters) on {world_size} x {device.type}, "
+        f"{quantization}, {len(examples)} samples, {steps} optimizer steps of {cfg.batch_size} samples "
+        f"(memory preset {preset}: micro-batch {micro_batch_size}, recompute every {recompute_every} layers)")
     # Cloud Run and Vertex stop a task with SIGTERM and a grace period: finish the current step,
     # checkpoint, and exit non-zero so the retry resumes from here.
     preempted: list[int] = []
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum)) if in_main_thread else None
     model.train()
-    progress = tqdm(total=steps, initial=state["global_step"], desc="finetune", unit="step", mininterval=2)
+    progress = tqdm(total=steps, initial=state["global_step"], desc="finetune", unit="step", mininterval=2,
+                    disable=rank != 0)
     started, samples_this_run = time.perf_counter(), 0
     try:
         steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -436,9 +580,9 @@ def run(cfg: FinetuneConfig) -> dict:
             epoch, index = position
             if epoch not in windows:
                 windows.clear()  # one epoch's order at a time
-                windows[epoch] = epoch_windows(len(examples), epoch, cfg, micro_batch_size)
+                windows[epoch] = epoch_windows(len(examples), epoch, cfg, micro_batch_size, rank, world_size)
             window = [[examples[i] for i in micro] for micro in windows[epoch][index]]
-            return sum(len(m) for m in window), encode_step(processor, window, class_names, cfg)
+            return encode_step(processor, window, class_names, cfg)
 
         def positions():
             epoch, index = state["epoch"], state["step_in_epoch"]
@@ -447,8 +591,10 @@ def run(cfg: FinetuneConfig) -> dict:
                 epoch, index = (epoch, index + 1) if index + 1 < steps_per_epoch else (epoch + 1, 0)
 
         # The next step's images are decoded and preprocessed on a CPU thread while this one runs.
-        for n_samples, batches in prompting.prefetched(encode_position, positions()):
+        for batches in prompting.prefetched(encode_position, positions()):
             loss = train_step(causal_lm, batches, device, optimizer, scheduler, trainable, cfg.max_grad_norm)
+            # Samples in this step over all processes (the last step of an epoch may be short).
+            n_samples = min(cfg.batch_size, len(examples) - state["step_in_epoch"] * cfg.batch_size)
             samples_this_run += n_samples
             state["samples_seen"] += n_samples
             state["global_step"] += 1
@@ -463,32 +609,37 @@ def run(cfg: FinetuneConfig) -> dict:
                 entry = {"step": state["global_step"], "loss": loss, "lr": scheduler.get_last_lr()[0],
                          "samples_per_s": rate, "peak_memory_mb": peak_memory_mb(device)}
                 state["log"].append(entry)
-                progress.write(json.dumps(entry))
+                if rank == 0:
+                    progress.write(json.dumps(entry))
             stopping = cfg.stop_after_steps is not None and state["global_step"] >= cfg.stop_after_steps
+            if world_size > 1:  # a SIGTERM seen by any process stops them all at the same step
+                flag = torch.tensor([float(bool(preempted))], device=device)
+                all_reduce_sum_([flag])
+                if flag.item() and not preempted:
+                    preempted.append(signal.SIGTERM)
             if preempted or finished or stopping or state["global_step"] % cfg.save_every_steps == 0:
                 save_checkpoint(output_dir, state["global_step"], model, optimizer, scheduler, state,
-                                cfg.keep_checkpoints)
+                                cfg.keep_checkpoints, rank)
             if preempted and not finished:
                 raise SystemExit(f"SIGTERM: checkpointed step {state['global_step']}; a rerun resumes from it")
             if stopping and not finished:
                 progress.close()
-                print(f"stopped after step {state['global_step']} as asked (--stop-after-steps); rerun to resume")
+                say(f"stopped after step {state['global_step']} as asked (--stop-after-steps); rerun to resume")
                 return {"stopped_at_step": state["global_step"], "total_steps": steps}
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
     progress.close()
 
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
     metrics = {
         "final_loss": state["log"][-1]["loss"] if state["log"] else None,
         "steps": state["global_step"],
         "epochs": cfg.epochs,
         "train_samples": len(examples),
         "samples_per_s": samples_this_run / max(time.perf_counter() - started, 1e-9),
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device),  # of rank 0's device
         "device": str(device),
+        "num_processes": world_size,
         "quantization": quantization,
         "gradient_checkpointing": recompute_every > 0,
         "recompute_every": recompute_every,
@@ -501,8 +652,13 @@ def run(cfg: FinetuneConfig) -> dict:
         "hyperparameters": cfg.hyperparameters(),
         "log": state["log"],
     }
-    write_json_atomic(output_dir / METRICS_FILE, metrics)  # last: marks the adapter folder complete
-    print(f"wrote adapter to {output_dir}: final loss {metrics['final_loss']}, {metrics['samples_per_s']:.2f} samples/s")
+    if rank == 0:
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        write_json_atomic(output_dir / METRICS_FILE, metrics)  # last: marks the adapter folder complete
+        print(f"wrote adapter to {output_dir}: final loss {metrics['final_loss']}, "
+              f"{metrics['samples_per_s']:.2f} samples/s")
+    _barrier()
     return metrics
 
 

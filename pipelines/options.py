@@ -124,6 +124,7 @@ class CompileOptions:
     project_version: str
     git_commit: str
     fine_tune_retries: int = 2
+    finetune_gpus: int | None = None  # None: the preset's accelerator count
 
     def __post_init__(self) -> None:
         if not self.image or any(c.isspace() for c in self.image):
@@ -131,6 +132,19 @@ class CompileOptions:
                              "without spaces (flag --image or $GEMMA_PETS_IMAGE)")
         if not 0 <= self.fine_tune_retries <= 10:
             raise ValueError(f"fine_tune_retries {self.fine_tune_retries}: must be in 0..10")
+        if self.finetune_gpus is not None:
+            if not self.preset.gpu_task.accelerator_type:
+                raise ValueError(f"--finetune-gpus {self.finetune_gpus}: preset {self.preset.name} has no "
+                                 "accelerator; choose a GPU preset")
+            if not 1 <= self.finetune_gpus <= 8:
+                raise ValueError(f"--finetune-gpus {self.finetune_gpus}: must be in 1..8 (GPUs of one machine)")
+
+    @property
+    def finetune_task(self) -> Resources:
+        """The fine-tune task's limits: the preset's GPU task, with ``finetune_gpus`` GPUs."""
+        if self.finetune_gpus is None:
+            return self.preset.gpu_task
+        return dataclasses.replace(self.preset.gpu_task, accelerator_count=self.finetune_gpus)
 
     @property
     def build(self) -> dict[str, str]:
@@ -140,9 +154,9 @@ class CompileOptions:
 
 
 def compile_options(image: str | None = None, preset: str = DEFAULT_PRESET,
-                    fine_tune_retries: int = 2) -> CompileOptions:
+                    fine_tune_retries: int = 2, finetune_gpus: int | None = None) -> CompileOptions:
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} (flag --preset): choose one of {', '.join(PRESETS)}")
     return CompileOptions(image=image or default_image(), preset=PRESETS[preset],
                           project_version=project_version(), git_commit=git_commit(),
-                          fine_tune_retries=fine_tune_retries)
+                          fine_tune_retries=fine_tune_retries, finetune_gpus=finetune_gpus)

@@ -48,7 +48,8 @@ def build_pipeline(options: CompileOptions) -> Callable:
     preset = options.preset
 
     def task(op_task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
-        _apply(op_task, preset.gpu_task if name in GPU_TASKS else preset.cpu_task)
+        resources = options.finetune_task if name == FINETUNE else preset.gpu_task if name in GPU_TASKS else preset.cpu_task
+        _apply(op_task, resources)
         return op_task.set_display_name(name).set_caching_options(True)
 
     @dsl.pipeline(
@@ -104,6 +105,8 @@ def build_pipeline(options: CompileOptions) -> Callable:
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, learning_rate=learning_rate,
             epochs=epochs, max_steps=max_steps, warmup_ratio=warmup_ratio,
             batch_size=batch_size, micro_batch_size=micro_batch_size, memory_preset=memory_preset,
+            # One data-parallel process per GPU of the task (1 for a CPU task).
+            num_processes=max(options.finetune_task.accelerator_count, 1),
             max_length=max_length, seed=seed, save_every_steps=save_every_steps, build=build),
             FINETUNE)
         # A preempted or failed fine-tune restarts with the same output folder and resumes from

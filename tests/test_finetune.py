@@ -231,3 +231,63 @@ def test_a_resume_may_change_the_micro_batch(tiny_model_dir, small_pets_dir, tmp
     metrics = finetune.run(small_config(tiny_model_dir, small_pets_dir, out, micro_batch_size=4))
     assert "resuming from" in capsys.readouterr().out
     assert metrics["steps"] == 6 and metrics["micro_batch_size"] == 4
+
+
+def test_two_processes_train_the_same_adapter_as_one(tiny_model_dir, small_pets_dir, tmp_path):
+    """Data parallel on CPU (gloo): the step launches 2 torchrun workers itself; each takes half
+    of every optimizer step's samples and the gradients are summed, so with the same global
+    batch the adapter matches a 1-process run (dropout off: its masks differ per process)."""
+    common = dict(lora_dropout=0.0, device="cpu", batch_size=4, micro_batch_size=2, epochs=1, train_limit=10)
+    one = finetune.run(small_config(tiny_model_dir, small_pets_dir, tmp_path / "one", num_processes=1, **common))
+    two = finetune.run(small_config(tiny_model_dir, small_pets_dir, tmp_path / "two", num_processes=2, **common))
+    assert one["num_processes"] == 1 and two["num_processes"] == 2
+    assert two["steps"] == one["steps"] == 3  # 10 samples: 4 + 4 + 2 (the short step gives each process one)
+    assert [e["loss"] for e in two["log"]] == pytest.approx([e["loss"] for e in one["log"]], rel=1e-4)
+    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    moved = torch.cat([a[k].flatten() for k in a if "lora_B" in k]).norm()
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
+    print(f"1 vs 2 processes: losses {[round(e['loss'], 5) for e in one['log']]} vs "
+          f"{[round(e['loss'], 5) for e in two['log']]}; adapter |diff| {diff:.2e} of |lora_B| {moved:.3f}")
+    assert moved > 0 and diff < 1e-3 * moved, (diff, moved)
+    # Checkpoints carry every process's RNG state; a resume with another count re-seeds the rest.
+    ckpt = finetune.latest_checkpoint(tmp_path / "two")
+    assert (ckpt / "rng.pt").is_file() and (ckpt / "rng-rank1.pt").is_file()
+
+
+def test_process_count_is_checked_before_anything_runs(tiny_model_dir, small_pets_dir, tmp_path):
+    with pytest.raises(ValueError, match="--num-processes must be >= 0"):
+        small_config(tiny_model_dir, small_pets_dir, tmp_path / "o", num_processes=-1)
+
+
+def test_sigterm_reaches_the_workers_which_checkpoint_and_the_rerun_resumes(tiny_model_dir, small_pets_dir,
+                                                                             tmp_path, capfd):
+    """Cloud Run / Vertex signal only the container's first process: the step forwards SIGTERM to
+    its workers, which agree on a step, checkpoint it and exit; the parent exits non-zero."""
+    import os
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "run"
+    cfg = small_config(tiny_model_dir, small_pets_dir, out, lora_dropout=0.0, device="cpu", batch_size=4,
+                       micro_batch_size=2, epochs=8, train_limit=8, save_every_steps=1, num_processes=2)
+
+    def signal_after_first_checkpoint():
+        deadline = time.monotonic() + 240
+        while finetune.latest_checkpoint(out) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=signal_after_first_checkpoint, daemon=True)
+    killer.start()
+    with pytest.raises(SystemExit, match="2 worker processes exited"):
+        finetune.run(cfg)
+    killer.join()
+    stopped = finetune.latest_checkpoint(out)
+    assert stopped is not None and not (out / "train_metrics.json").exists()
+    assert int(stopped.name.split("-")[1]) < 16, "the workers should stop before the end"
+    capfd.readouterr()
+    metrics = finetune.run(cfg)
+    assert metrics["steps"] == 16
+    assert f"resuming from {stopped}" in capfd.readouterr().out  # the workers print to the same stdout

@@ -137,6 +137,24 @@ def test_small_model_preset_uses_l4(tmp_path):
     assert tasks[dag.FINETUNE][1].retry_policy.max_retry_count == 1
 
 
+def test_finetune_gpus_reach_the_task_and_the_step(tmp_path, compiled):
+    """--finetune-gpus sets the fine-tune task's accelerator count (the other GPU tasks keep the
+    preset's) and passes it to the step as its number of data-parallel processes."""
+    path = compile_cli.compile_pipeline(tmp_path / "x2.yaml", preset="31b-qlora", image=IMAGE, finetune_gpus=2)
+    for yaml_path, gpus in ((path, 2), (compiled, 1)):
+        spec, deployment = load_spec(yaml_path)
+        tasks = all_tasks(spec)
+        for name in dag.GPU_TASKS:
+            accelerator = executor_of(spec, deployment, tasks[name][1]).container.resources.accelerator
+            assert accelerator.resource_count == str(gpus if name == dag.FINETUNE else 1), name
+        processes = tasks[dag.FINETUNE][1].inputs.parameters["num_processes"].runtime_value.constant
+        assert processes.number_value == gpus
+    with pytest.raises(ValueError, match="--finetune-gpus 2: preset cpu-smoke has no accelerator"):
+        compile_cli.compile_pipeline(tmp_path / "p.yaml", preset="cpu-smoke", image=IMAGE, finetune_gpus=2)
+    with pytest.raises(ValueError, match="--finetune-gpus 0: must be in 1..8"):
+        compile_cli.compile_pipeline(tmp_path / "p.yaml", image=IMAGE, finetune_gpus=0)
+
+
 def test_tasks_run_the_image_without_installing_anything(compiled):
     spec, deployment = load_spec(compiled)
     for name, (_, task) in all_tasks(spec).items():
