@@ -200,6 +200,18 @@ def detach_lora(peft_model):
     return base
 
 
+def release(peft_model, device):
+    """After a training row: the base model back as the project loads it, memory freed."""
+    from components import modeling
+
+    peft_model.zero_grad(set_to_none=True)
+    model = detach_lora(peft_model)
+    modeling.fuse_rms_norms(model, enabled=device.type == "cuda")
+    del peft_model
+    reset_memory(device)
+    return model
+
+
 def finetune_config(cfg: BenchConfig, **overrides):
     from components import finetune
 
@@ -255,11 +267,7 @@ def train_row_project(model, processor, samples, class_names, cfg: BenchConfig, 
     except torch.OutOfMemoryError as error:
         row.update(error=f"out of memory: {str(error).splitlines()[0]}", peak_gib=peak_gib(device))
     finally:
-        peft_model.zero_grad(set_to_none=True)
-        model = detach_lora(peft_model)
-        modeling.fuse_rms_norms(model, enabled=device.type == "cuda")
-        del peft_model
-        reset_memory(device)
+        model = release(peft_model, device)
     return model, row
 
 
@@ -268,9 +276,7 @@ def train_row_recipe(model, processor, samples, class_names, cfg: BenchConfig, d
     import torch
 
     from bench import recipe
-    from components import finetune
-
-    from components import modeling
+    from components import finetune, modeling
 
     ft = finetune_config(cfg)
     n = cfg.recipe_micro_batches
@@ -296,11 +302,7 @@ def train_row_recipe(model, processor, samples, class_names, cfg: BenchConfig, d
     except torch.OutOfMemoryError as error:
         row.update(error=f"out of memory: {str(error).splitlines()[0]}", peak_gib=peak_gib(device))
     finally:
-        peft_model.zero_grad(set_to_none=True)
-        model = detach_lora(peft_model)
-        modeling.fuse_rms_norms(model, enabled=device.type == "cuda")
-        del peft_model
-        reset_memory(device)
+        model = release(peft_model, device)
     return model, row
 
 

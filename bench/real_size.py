@@ -33,7 +33,7 @@ def variant_config(name: str, tokenizer, path: Path = VARIANTS_FILE):
     """The Gemma4Config of a published variant, with the media token ids of ``tokenizer``."""
     from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
 
-    from components.tiny_model import MEDIA_TOKENS
+    from components.tiny_model import media_token_ids
 
     published = load_variants(path)
     if name not in published["variants"]:
@@ -50,20 +50,8 @@ def variant_config(name: str, tokenizer, path: Path = VARIANTS_FILE):
     )
     vision_config = Gemma4VisionConfig(**published["vision"][variant["vision"]])
     audio_config = Gemma4AudioConfig() if variant["audio"] == "default" else None
-    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in MEDIA_TOKENS.items()}
-    return Gemma4Config(
-        text_config=text_config,
-        vision_config=vision_config,
-        audio_config=audio_config,
-        image_token_id=ids["image_token"],
-        boi_token_id=ids["boi_token"],
-        eoi_token_id=ids["eoi_token"],
-        video_token_id=ids["video_token"],
-        audio_token_id=ids["audio_token"],
-        boa_token_id=ids["boa_token"],
-        eoa_token_index=ids["eoa_token"],
-        tie_word_embeddings=True,
-    )
+    return Gemma4Config(text_config=text_config, vision_config=vision_config, audio_config=audio_config,
+                        tie_word_embeddings=True, **media_token_ids(tokenizer))
 
 
 def bench_processor(variant: str, path: Path = VARIANTS_FILE):

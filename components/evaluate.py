@@ -78,8 +78,8 @@ class EvaluateConfig:
     )
     score_chunk_size: int = field(
         default=64,
-        metadata={"help": "score mode: (image, class) rows per candidate pass; each row holds a copy of its "
-                          "prompt's KV cache, so this bounds memory"},
+        metadata={"help": "score mode, prompts longer than the sliding window only: (image, class) rows per "
+                          "candidate pass, each with a copy of its prompt's KV cache (bounds memory)"},
     )
     quantization: str = field(
         default="auto",

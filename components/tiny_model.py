@@ -173,7 +173,6 @@ def vocab_rows(tokenizer) -> int:
 def build_model_config(cfg: TinyModelConfig, tokenizer):
     from transformers import Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
 
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in MEDIA_TOKENS.items()}
     n = cfg.num_hidden_layers
     # E2B's pattern in miniature: sliding layers with a full-attention layer closing each block,
     # and the last two layers reusing earlier layers' key/value states (KV sharing).
@@ -216,19 +215,16 @@ def build_model_config(cfg: TinyModelConfig, tokenizer):
         default_output_length=cfg.max_soft_tokens,
         use_clipped_linears=True,
     )
-    return Gemma4Config(
-        text_config=text,
-        vision_config=vision,
-        audio_config=None,
-        image_token_id=ids["image_token"],
-        boi_token_id=ids["boi_token"],
-        eoi_token_id=ids["eoi_token"],
-        video_token_id=ids["video_token"],
-        audio_token_id=ids["audio_token"],
-        boa_token_id=ids["boa_token"],
-        eoa_token_index=ids["eoa_token"],
-        tie_word_embeddings=True,
-    )
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=True,
+                        **media_token_ids(tokenizer))
+
+
+def media_token_ids(tokenizer) -> dict[str, int]:
+    """Gemma4Config's media token id fields, from the tokenizer's media tokens."""
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in MEDIA_TOKENS.items()}
+    return {"image_token_id": ids["image_token"], "boi_token_id": ids["boi_token"], "eoi_token_id": ids["eoi_token"],
+            "video_token_id": ids["video_token"], "audio_token_id": ids["audio_token"],
+            "boa_token_id": ids["boa_token"], "eoa_token_index": ids["eoa_token"]}
 
 
 def set_clip_ranges(model, generator) -> int:
