@@ -128,3 +128,28 @@ def test_bad_flags_are_named(flags, message, tmp_path):
         bench_gpu.main(["--output", str(tmp_path / "x.json"), *flags])
     assert message in str(exit_info.value.code)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_scaling_harness_runs_one_and_two_processes(tiny_model_dir, tmp_path):
+    """The multi-GPU measurement (issue 6) as 2 CPU processes over gloo: both counts run through
+    torchrun, every process ends with the same adapter, and an efficiency comes out."""
+    from bench import bench_scaling
+
+    out = tmp_path / "scaling.json"
+    result = bench_scaling.run(bench_scaling.ScalingConfig(
+        output=str(out), model_dir=str(tiny_model_dir), device="cpu", processes="1,2", per_process_batch=2,
+        timed_steps=1, lora_r=4))
+    assert json.loads(out.read_text()) == result
+    rows = {r["processes"]: r for r in result["rows"]}
+    assert set(rows) == {1, 2} and all("error" not in r for r in rows.values())
+    assert rows[2]["timed_samples"] == 2 * rows[1]["timed_samples"]  # weak scaling: the global batch grows
+    assert rows[1]["adapters_in_sync"] and rows[2]["adapters_in_sync"]
+    assert set(result["efficiency"]) == {"1", "2"} and result["efficiency"]["1"] == pytest.approx(1.0)
+
+
+def test_scaling_flags_are_checked(tmp_path):
+    from bench import bench_scaling
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_scaling.main(["--output", str(tmp_path / "s.json"), "--model-dir", "x", "--processes", "2,1"])
+    assert "--processes '2,1': start with 1" in str(exit_info.value.code)
