@@ -212,11 +212,12 @@ def release(peft_model, device):
     return model
 
 
-def finetune_config(cfg: BenchConfig, **overrides):
+def finetune_config(lora_r: int, batch_size: int, seed: int, **overrides):
+    """The project's fine-tune config for a timed row (paths unused: the bench supplies the data)."""
     from components import finetune
 
-    values = dict(model_dir="-", dataset_dir="-", output_dir="-", lora_r=cfg.lora_r, lora_alpha=cfg.lora_r,
-                  batch_size=cfg.batch_size, seed=cfg.seed)
+    values = dict(model_dir="-", dataset_dir="-", output_dir="-", lora_r=lora_r, lora_alpha=lora_r,
+                  batch_size=batch_size, seed=seed)
     values.update(overrides)
     return finetune.FinetuneConfig(**values)
 
@@ -230,7 +231,7 @@ def train_row_project(model, processor, samples, class_names, cfg: BenchConfig, 
 
     modeling.fuse_rms_norms(model, enabled=fused_norms and device.type == "cuda")
 
-    ft = finetune_config(cfg, **overrides)
+    ft = finetune_config(cfg.lora_r, cfg.batch_size, cfg.seed, **overrides)
     preset, micro, recompute_every = finetune.memory_plan(ft, device)
     row = {"row": name, "kind": "train", "loop": "project", "memory_preset": preset, "micro_batch_size": micro,
            "batch_size": ft.batch_size, "recompute_every": recompute_every, "lora_r": ft.lora_r,
@@ -278,7 +279,7 @@ def train_row_recipe(model, processor, samples, class_names, cfg: BenchConfig, d
     from bench import recipe
     from components import finetune, modeling
 
-    ft = finetune_config(cfg)
+    ft = finetune_config(cfg.lora_r, cfg.batch_size, cfg.seed)
     n = cfg.recipe_micro_batches
     row = {"row": "recipe", "kind": "train", "loop": "transformers.Trainer", "micro_batch_size": recipe.RECIPE_MICRO_BATCH,
            "batch_size": min(n, recipe.RECIPE_GRAD_ACCUM), "recompute_every": 1, "lora_r": ft.lora_r}
@@ -433,11 +434,10 @@ def run(cfg: BenchConfig) -> dict:
                                            name=f"bf16 base, micro-batch {micro}, no recompute",
                                            micro_batch_size=micro, gradient_checkpointing="off")
             record({**row, "base": "bf16"})
-        for size in sizes[-1:]:
-            record({**eval_row(model, processor, photos, class_names, cfg, device, name=f"generate, bf16 base",
-                               mode="generate", batch_size=size, max_new_tokens=cap), "base": "bf16"})
-            record({**eval_row(model, processor, photos, class_names, cfg, device, name=f"score, bf16 base",
-                               mode="score", batch_size=size), "base": "bf16"})
+        record({**eval_row(model, processor, photos, class_names, cfg, device, name="generate, bf16 base",
+                           mode="generate", batch_size=sizes[-1], max_new_tokens=cap), "base": "bf16"})
+        record({**eval_row(model, processor, photos, class_names, cfg, device, name="score, bf16 base",
+                           mode="score", batch_size=sizes[-1]), "base": "bf16"})
         if quantization == "nf4":
             real_size.quantize_nf4_(model)
             reset_memory(device)

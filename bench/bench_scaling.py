@@ -85,8 +85,7 @@ def worker(cfg: ScalingConfig) -> dict:
         else:
             processor = modeling.load_processor(cfg.model_dir)
             model = modeling.load_model(cfg.model_dir, device, quantization).requires_grad_(False)
-        ft = bench_gpu.finetune_config(bench_gpu.BenchConfig(output="-", model_dir="-", lora_r=cfg.lora_r),
-                                       batch_size=cfg.per_process_batch * world, seed=cfg.seed)
+        ft = bench_gpu.finetune_config(cfg.lora_r, cfg.per_process_batch * world, cfg.seed)
         preset, micro, recompute_every = finetune.memory_plan(ft, device, world)
         peft_model, targets = finetune.attach_lora(model, ft, recompute_every)
         peft_model.train()

@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.empty_cache()
 
     real_size.quantize_nf4_(model)
-    ft = bench_gpu.finetune_config(bench_gpu.BenchConfig(output="-", variant=args.variant), micro_batch_size=2,
-                                   gradient_checkpointing="off")
+    ft = bench_gpu.finetune_config(lora_r=64, batch_size=16, seed=0, micro_batch_size=2, gradient_checkpointing="off")
     samples = [bench_gpu.Sample(p, names[i % len(names)]) for i, p in enumerate(photos)]
     peft_model, _ = finetune.attach_lora(model, ft, 0)
     peft_model.train()

@@ -11,8 +11,8 @@ scales, bf16 compute and storage): no 62 GB checkpoint is written to disk for 31
 
 Inputs come from the project's own prompt code and the real ``Gemma4Processor``; only the
 tokenizer is the offline stand-in's BPE, with its vocabulary sized so the 37-name prompt is as
-long in tokens as with Gemma's own tokenizer (a 514-token sample: 266 soft tokens for a 500x375
-photo, prompt, answer).
+long in tokens as with Gemma's own tokenizer: 510 tokens per 31B sample (266 soft tokens for a
+500x375 photo, prompt, answer; the recipe's measurement had 514).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 VARIANTS_FILE = Path(__file__).with_name("gemma4_variants.json")
-BENCH_VOCAB = 510  # BPE size that makes the prompt + one 500x375 image + answer 514 tokens
+BENCH_VOCAB = 510  # BPE size that makes the prompt + one 500x375 image + answer ~510 tokens (31B: 510, E4B: 502)
 PHOTO_SIZE = (500, 375)  # (width, height) of a typical Oxford-IIIT Pet photo: 266 soft tokens
 
 

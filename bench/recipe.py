@@ -32,17 +32,6 @@ def sample_tensors(processor, images, answers, class_names) -> list[dict]:
     return samples
 
 
-class _ListDataset:
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 def train(peft_model, samples: list[dict], output_dir: str, *, max_steps: int, learning_rate: float,
           micro_batch_size: int = RECIPE_MICRO_BATCH, grad_accum_steps: int = RECIPE_GRAD_ACCUM,
           gradient_checkpointing: bool = True, max_grad_norm: float = 1.0, seed: int = 0) -> dict:
@@ -93,7 +82,7 @@ def train(peft_model, samples: list[dict], output_dir: str, *, max_steps: int, l
         data_seed=seed,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(samples),
+    trainer = Trainer(model=peft_model, args=args, train_dataset=samples,
                       data_collator=default_data_collator, callbacks=[Clock()])
     # Keep the data in the given order: the project's loop is compared step for step.
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(samples)

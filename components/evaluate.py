@@ -98,9 +98,8 @@ class EvaluateConfig:
             raise ValueError(f"--quantization must be auto, nf4 or none, got {self.quantization!r}")
         if self.batch_size < 0:
             raise ValueError(f"--batch-size must be positive (or 0 for the GPU's default), got {self.batch_size}")
-        for name in ("score_chunk_size",):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.score_chunk_size <= 0:
+            raise ValueError(f"--score-chunk-size must be positive, got {self.score_chunk_size}")
         for name in ("limit", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
