@@ -116,20 +116,11 @@ def test_python_3_12_venv_is_what_python3_means():
     assert env["PATH"].split(":")[0] == env["VIRTUAL_ENV"] + "/bin"
 
 
-def test_runs_as_a_fixed_non_root_user_that_exists():
-    stage = final_stage(dockerfile_instructions())
-    users = [rest for keyword, rest in stage if keyword == "USER"]
-    assert users, "the final stage must set USER"
-    match = re.fullmatch(r"(\d+):(\d+)", users[-1])
-    assert match, f"USER {users[-1]!r}: numeric uid:gid lets runAsNonRoot checks verify it"
-    uid, gid = match.groups()
-    assert uid != "0" and gid != "0"
-    runs = " ".join(rest for keyword, rest in stage if keyword == "RUN")
-    assert re.search(rf"useradd --uid {uid} --gid {gid}\b", runs)
-    assert re.search(rf"groupadd --gid {gid}\b", runs)
-    # Nothing runs as root after the switch (a later USER root would undo it).
-    assert [k for k, _ in stage].index("USER") > max(
-        i for i, (k, _) in enumerate(stage) if k == "RUN")
+def test_runs_as_root_so_kfp_can_write_its_outputs_under_gcs():
+    # Decision and evidence in images/README.md ("Why root"): nothing documents that a non-root
+    # user may write Vertex AI's /gcs mount, where KFP puts every output.
+    users = [rest for keyword, rest in dockerfile_instructions() if keyword == "USER"]
+    assert all(u.split(":")[0] in ("0", "root") for u in users), users
 
 
 def test_no_secret_is_baked_in():
@@ -179,17 +170,73 @@ def test_every_python_version_comes_from_pyproject():
     assert args["TORCH_INDEX_URL"].rstrip("/").endswith("/" + args["TORCH_LOCAL_LABEL"])
 
 
+# Torch releases the PyTorch wheel index builds for a CUDA label, as (first, last) minor version.
+# cu128: from 2.7 (pytorch/pytorch PR #145792) to 2.11; 2.12 dropped CUDA 12.8 (RFC
+# pytorch/pytorch#178665, PR #179072; pytorch/FBGEMM PR #5976 counted the cu128 wheels on the
+# index: 42 for torch 2.11, none for 2.12 or 2.13).
+TORCH_MINORS_BY_LABEL = {"cu128": ((2, 7), (2, 11))}
+
+
+def torchvision_matches(torch_version: str, torchvision_version: str) -> bool:
+    """torchvision 0.(N+15) is built against torch 2.N (Requires-Dist of 0.26.0: torch==2.11.0;
+    of 0.29.1: torch==2.14.1)."""
+    torch_major, torch_minor = (int(x) for x in torch_version.split(".")[:2])
+    return (torch_major, int(torchvision_version.split(".")[1])) == (2, torch_minor + 15)
+
+
+def torch_pin_problems(torch_lines: list[str]) -> list[str]:
+    """Why these ``name==X.Y.Z+label`` lines cannot be installed from the PyTorch index."""
+    versions = {line.partition("==")[0]: line.partition("==")[2] for line in torch_lines}
+    torch_public, _, label = versions["torch"].partition("+")
+    problems = []
+    first, last = TORCH_MINORS_BY_LABEL[label]
+    if not first <= tuple(int(x) for x in torch_public.split(".")[:2]) <= last:
+        problems.append(f"torch {torch_public} has no +{label} build (+{label}: torch "
+                        f"{first[0]}.{first[1]} to {last[0]}.{last[1]})")
+    if "torchvision" in versions and not torchvision_matches(torch_public, versions["torchvision"]):
+        problems.append(f"torchvision {versions['torchvision']} is not built for torch {torch_public}")
+    return problems
+
+
+@pytest.mark.parametrize("lines, problems", [
+    (["torch==2.11.0+cu128", "torchvision==0.26.0+cu128"], []),
+    (["torch==2.14.1+cu128", "torchvision==0.29.1+cu128"],
+     ["torch 2.14.1 has no +cu128 build (+cu128: torch 2.7 to 2.11)"]),
+    (["torch==2.11.0+cu128", "torchvision==0.29.1+cu128"],
+     ["torchvision 0.29.1+cu128 is not built for torch 2.11.0"]),
+])
+def test_torch_pin_problems(lines, problems):
+    assert torch_pin_problems(lines) == problems
+
+
+def test_the_image_torch_pins_exist_on_the_cuda_index_it_uses(tmp_path):
+    stage = final_stage(dockerfile_instructions())
+    args = {rest.partition("=")[0]: rest.partition("=")[2]
+            for keyword, rest in stage if keyword == "ARG" and "=" in rest}
+    torch_out = tmp_path / "torch.txt"
+    done = subprocess.run([sys.executable, str(REQUIREMENTS_SCRIPT), str(PYPROJECT),
+                           "--torch-local-label", args["TORCH_LOCAL_LABEL"], "--torch-out",
+                           str(torch_out), "--rest-out", str(tmp_path / "rest.txt")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert torch_pin_problems(torch_out.read_text().split()) == []
+    # CPU development keeps [project]'s torch (the wheels on this machine's disk): paired too.
+    pins = dict(p.split("==") for p in tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"])
+    assert torchvision_matches(pins["torch"], pins["torchvision"])
+
+
 def test_requirements_split_matches_pyproject_exactly(tmp_path):
     torch_out, rest_out = tmp_path / "torch.txt", tmp_path / "rest.txt"
     done = subprocess.run([sys.executable, str(REQUIREMENTS_SCRIPT), str(PYPROJECT),
                            "--torch-local-label", "cu128", "--torch-out", str(torch_out),
                            "--rest-out", str(rest_out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    pins = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    pyproject = tomllib.loads(PYPROJECT.read_text())
+    pins = pyproject["project"]["dependencies"]
     torch_lines = torch_out.read_text().split()
     rest_lines = rest_out.read_text().split()
-    expected_torch = [p + "+cu128" for p in pins if p.split("==")[0] in ("torch", "torchvision")]
-    assert torch_lines == expected_torch and torch_lines[0].startswith("torch==")
+    image_torch = pyproject["tool"]["gemma-pets"]["trainer-image"]["torch"]
+    assert torch_lines == [p + "+cu128" for p in image_torch] and torch_lines[0].startswith("torch==")
     assert rest_lines == [p for p in pins if p.split("==")[0] not in ("torch", "torchvision")]
 
 
@@ -198,6 +245,8 @@ def test_requirements_split_matches_pyproject_exactly(tmp_path):
     ('"peft"', "'peft' is not an exact"),
     ('"kfp==2.17.3; python_version < \'3.13\'"', "is not an exact"),
     ('"torch==2.14.1+cu126"', "pinned to +cu126, but the image is built for +cu128"),
+    ('"peft==1"]\n[tool.gemma-pets.trainer-image]\ntorch = ["torchvision==0.26.0"',
+     "must pin the same packages as [project].dependencies does (torch)"),
 ])
 def test_requirements_script_refuses_what_it_cannot_pin(tmp_path, dependency, message):
     pyproject = tmp_path / "pyproject.toml"

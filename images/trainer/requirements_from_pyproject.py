@@ -1,14 +1,15 @@
 """Split pyproject.toml's pinned dependencies into the two pip installs of the trainer image.
 
-The image installs exactly the versions pinned in ``[project].dependencies`` (one source of
-truth: no version is repeated in the Dockerfile). Two installs, because the CUDA build matters:
+The image installs exactly the versions pinned in pyproject.toml (one source of truth: no
+version is repeated in the Dockerfile). Two installs, because the CUDA build matters:
 
-* ``torch.txt``: torch/torchvision pinned with the local label of the PyTorch wheel index
-  (``torch==2.14.1+cu128``), installed from that index alone. PyPI's own torch wheel of the same
-  version is built for another CUDA major version (13.x for 2.14.1) and needs a newer NVIDIA
-  driver than Cloud Run's L4 hosts have, so "the same version from PyPI" is not the same binary.
-* ``rest.txt``: every other pin, installed from PyPI with ``torch.txt`` as constraints so pip
-  can never swap the CUDA 12.8 torch for PyPI's.
+* ``torch.txt``: the torch/torchvision pins of ``[tool.gemma-pets.trainer-image].torch`` (or,
+  without that table, ``[project]``'s) with the local label of the PyTorch wheel index
+  (``torch==2.11.0+cu128``), installed from that index alone. PyPI's own torch wheel of the same
+  version is built for CUDA 13 and needs a newer NVIDIA driver than Cloud Run's L4 hosts have, so
+  "the same version from PyPI" is not the same binary.
+* ``rest.txt``: every other pin of ``[project].dependencies``, installed from PyPI with
+  ``torch.txt`` as constraints so pip can never swap the CUDA 12.8 torch for PyPI's.
 
 Every dependency must be an exact ``name==version`` pin; anything else is an error naming the
 file and the requirement, so an unpinned dependency cannot slip into the image.
@@ -37,8 +38,24 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def read_pins(pyproject: Path) -> list[tuple[str, str, str]]:
-    """[(name, extras, version)] of ``[project].dependencies``, in file order."""
+def parse_pins(requirements, where: str) -> list[tuple[str, str, str]]:
+    """[(name, extras, version)] of exact ``name==version`` pins, in order."""
+    pins = []
+    for requirement in requirements:
+        match = PIN.match(requirement) if isinstance(requirement, str) else None
+        if not match:
+            raise ValueError(f"{where}: dependency {requirement!r} is not an exact "
+                             "'name==version' pin; the image installs pinned versions only")
+        pins.append((match.group(1), match.group(2) or "", match.group(3)))
+    return pins
+
+
+def read_pins(pyproject: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(``[project].dependencies``, the image's torch pins) as [(name, extras, version)].
+
+    The image's torch pins are ``[tool.gemma-pets.trainer-image].torch``; without that table,
+    the project's own torch pins.
+    """
     try:
         data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as err:
@@ -46,30 +63,32 @@ def read_pins(pyproject: Path) -> list[tuple[str, str, str]]:
     deps = data.get("project", {}).get("dependencies")
     if not isinstance(deps, list) or not deps:
         raise ValueError(f"{pyproject}: [project].dependencies is missing or empty")
-    pins = []
-    for requirement in deps:
-        match = PIN.match(requirement) if isinstance(requirement, str) else None
-        if not match:
-            raise ValueError(f"{pyproject}: dependency {requirement!r} is not an exact "
-                             "'name==version' pin; the image installs pinned versions only")
-        pins.append((match.group(1), match.group(2) or "", match.group(3)))
-    return pins
+    pins = parse_pins(deps, str(pyproject))
+    image = data.get("tool", {}).get("gemma-pets", {}).get("trainer-image", {}).get("torch")
+    if image is None:
+        return pins, [p for p in pins if canonical(p[0]) in TORCH_PACKAGES]
+    image_pins = parse_pins(image, f"{pyproject} [tool.gemma-pets.trainer-image].torch")
+    project_torch = sorted(canonical(p[0]) for p in pins if canonical(p[0]) in TORCH_PACKAGES)
+    if sorted(canonical(p[0]) for p in image_pins) != project_torch:
+        raise ValueError(f"{pyproject}: [tool.gemma-pets.trainer-image].torch must pin the same "
+                         f"packages as [project].dependencies does ({', '.join(project_torch)})")
+    return pins, image_pins
 
 
-def split_requirements(pins: list[tuple[str, str, str]], local_label: str) -> tuple[list[str], list[str]]:
-    """(torch lines with ``+local_label``, all other lines) for the two installs."""
+def split_requirements(pins: list[tuple[str, str, str]], image_torch: list[tuple[str, str, str]],
+                       local_label: str) -> tuple[list[str], list[str]]:
+    """(the image's torch lines with ``+local_label``, all other lines) for the two installs."""
     if not LOCAL_LABEL.match(local_label):
         raise ValueError(f"--torch-local-label {local_label!r}: expected e.g. cu128, cu126 or cpu")
-    torch_lines, rest_lines = [], []
-    for name, extras, version in pins:
-        if canonical(name) in TORCH_PACKAGES:
-            public, _, existing = version.partition("+")
-            if existing and existing != local_label:
-                raise ValueError(f"dependency {name}=={version} is pinned to +{existing}, but the "
-                                 f"image is built for +{local_label}")
-            torch_lines.append(f"{name}{extras}=={public}+{local_label}")
-        else:
-            rest_lines.append(f"{name}{extras}=={version}")
+    torch_lines = []
+    for name, extras, version in image_torch:
+        public, _, existing = version.partition("+")
+        if existing and existing != local_label:
+            raise ValueError(f"dependency {name}=={version} is pinned to +{existing}, but the "
+                             f"image is built for +{local_label}")
+        torch_lines.append(f"{name}{extras}=={public}+{local_label}")
+    rest_lines = [f"{name}{extras}=={version}" for name, extras, version in pins
+                  if canonical(name) not in TORCH_PACKAGES]
     if not any(line.startswith("torch==") for line in torch_lines):
         raise ValueError("pyproject.toml pins no 'torch': the trainer image exists to run it")
     return torch_lines, rest_lines
@@ -106,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                              "holds exactly the pinned versions (the image build's last check)")
     args = parser.parse_args(argv)
     try:
-        torch_lines, rest_lines = split_requirements(read_pins(args.pyproject),
+        torch_lines, rest_lines = split_requirements(*read_pins(args.pyproject),
                                                      args.torch_local_label)
     except ValueError as err:
         message = str(err) if str(args.pyproject) in str(err) else f"{args.pyproject}: {err}"
