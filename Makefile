@@ -13,6 +13,8 @@ REPOSITORY ?= gemma-pets
 BUCKET     ?= $(PROJECT)-gemma-pets
 PRESET     ?= 31b-qlora
 VERSION    ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# The Cloud Run Job's region (its RTX PRO 6000 default runs there; the image stays in REGION).
+CLOUD_RUN_REGION ?= europe-west4
 # Cloud Run Job paths inside the bucket: staged weights, prepared dataset, adapter output.
 MODEL_PATH   ?= weights/gemma-4-31b-it
 DATASET_PATH ?= datasets/oxford-iiit-pet
@@ -20,7 +22,7 @@ OUTPUT_PATH  ?= runs/cloud-run-finetune
 
 BENCH_DIR ?= runs/bench
 
-.PHONY: venv demo test test-gpu bench compile images cloud-run-job cloud-run-execute clean
+.PHONY: venv demo test test-gpu bench compile images image-resolve cloud-run-job cloud-run-execute clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -57,13 +59,19 @@ images:
 	gcloud builds submit --config cloudbuild.yaml --region $(REGION) \
 	  --substitutions=_REGION=$(REGION),_REPOSITORY=$(REPOSITORY),COMMIT_SHA=$$(git rev-parse HEAD),SHORT_SHA=$$(git rev-parse --short=7 HEAD) .
 
+# The image's pins resolved against PyPI for CPython 3.12 / manylinux x86_64 (needs PyPI access);
+# the summary goes to docs/image-resolution.md.
+image-resolve: venv
+	$(PY) images/trainer/resolve_requirements.py pyproject.toml --output docs/image-resolution.md
+
 cloud-run-job: venv
-	$(PY) -m deploy.cloud_run_job deploy --project $(PROJECT) --region $(REGION) --bucket $(BUCKET) \
+	$(PY) -m deploy.cloud_run_job deploy --project $(PROJECT) --region $(CLOUD_RUN_REGION) \
+	  --image $(REGION)-docker.pkg.dev/$(PROJECT)/$(REPOSITORY)/trainer:$(VERSION) --bucket $(BUCKET) \
 	  --model-path $(MODEL_PATH) --dataset-path $(DATASET_PATH) --output-path $(OUTPUT_PATH) \
 	  $(if $(SERVICE_ACCOUNT),--service-account $(SERVICE_ACCOUNT))
 
 cloud-run-execute: venv
-	$(PY) -m deploy.cloud_run_job execute --project $(PROJECT) --region $(REGION)
+	$(PY) -m deploy.cloud_run_job execute --project $(PROJECT) --region $(CLOUD_RUN_REGION)
 
 clean:
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache pipeline.yaml

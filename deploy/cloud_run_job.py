@@ -1,19 +1,20 @@
 """Render, create/update and execute the Cloud Run Job that runs ``gemma-pets finetune`` on a GPU.
 
-    python -m deploy.cloud_run_job render  --project P --region R --bucket B \\
+    python -m deploy.cloud_run_job render  --project P --bucket B \\
         --model-path weights/gemma --dataset-path datasets/pets --output-path runs/r1/finetune
     python -m deploy.cloud_run_job create  ...same flags...   # fails if the job exists
     python -m deploy.cloud_run_job update  ...same flags...   # fails if it does not
     python -m deploy.cloud_run_job deploy  ...same flags...   # either
-    python -m deploy.cloud_run_job execute --project P --region R [--wait]
+    python -m deploy.cloud_run_job execute --project P [--region R] [--wait]
 
 Anything after ``--`` is appended to the finetune command line (e.g. ``-- --epochs 1``).
 
 The spec is deploy/cloud_run_job.yaml with its placeholders filled from the flags and checked
 against Cloud Run's documented limits before anything is sent; ``create|update|deploy`` then run
 ``gcloud run jobs replace``, ``execute`` runs ``gcloud run jobs execute``. ``--dry-run`` prints
-the gcloud command lines instead of running them. The Hugging Face token is referenced by its
-Secret Manager name only: this tool never reads or prints a token value.
+the gcloud command lines instead of running them. The job needs no secret (fine-tuning reads
+staged weights); ``--hf-token-secret`` adds one by Secret Manager name and pinned version only:
+this tool never reads or prints a token value.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ IMAGE_REPOSITORY = "gemma-pets"
 IMAGE_NAME = "trainer"
 # The template's placeholder values; none may survive rendering.
 PLACEHOLDERS = ("PROJECT_ID", "REGION", "SERVICE_ACCOUNT", "IMAGE", "BUCKET", "MODEL_PATH",
-                "DATASET_PATH", "OUTPUT_PATH", "HF_TOKEN_SECRET")
+                "DATASET_PATH", "OUTPUT_PATH")
+# Where the seed's fine-tune ran on an RTX PRO 6000 (Cloud Run offers GPUs in a few regions only:
+# https://cloud.google.com/run/docs/configuring/jobs/gpu).
+DEFAULT_REGION = "europe-west4"
 PLACEHOLDER_RE = re.compile(r"(?<![A-Za-z0-9_])(" + "|".join(PLACEHOLDERS) + r")(?![A-Za-z0-9_])")
 ACCELERATOR_KEY = "run.googleapis.com/accelerator"
 # finetune flags this tool sets itself from --model-path/--dataset-path/--output-path.
@@ -49,10 +53,14 @@ PATH_FLAGS = ("--model-dir", "--dataset-dir", "--output-dir")
 SECRET_ENV_RE = re.compile(r"TOKEN|SECRET|PASSWORD|KEY", re.IGNORECASE)
 
 # --- Cloud Run limits, from the docs each constant names --------------------------------------
-# https://cloud.google.com/run/docs/configuring/task-timeout: "up to 168 hours (7 days)" and
-# "for tasks using GPUs, the maximum available timeout is 1 hour".
+# https://cloud.google.com/run/docs/configuring/task-timeout: tasks run "up to 168 hours (7
+# days)"; the page (2026-12) adds "for tasks using GPUs, the maximum available timeout is 12 hours
+# (preview)" (it said 1 hour before). Values up to 168 h are accepted, with a warning past 12 h:
+# the API, not this tool, has the last word on a limit that keeps moving.
 MAX_TASK_TIMEOUT_S = 168 * 3600
-DOCUMENTED_GPU_TASK_TIMEOUT_S = 3600
+DOCUMENTED_GPU_TASK_TIMEOUT_S = 12 * 3600
+# The seed's job ran 360 minutes per attempt; retries resume from checkpoints.
+DEFAULT_TASK_TIMEOUT_S = 6 * 3600
 # https://cloud.google.com/run/docs/configuring/max-retries: "an integer from 0 to 10".
 MAX_RETRIES_LIMIT = 10
 # https://cloud.google.com/run/docs/configuring/jobs/cpu: vCPU -> (min, max) memory in GiB for
@@ -67,17 +75,25 @@ class GpuType:
     default_cpu: int
     default_memory: str
     max_cpu: int | None  # None: the docs give no maximum for this type
+    # finetune flags the card needs (set unless given after --), and the largest LoRA rank it fits
+    finetune_args: tuple[tuple[str, str], ...] = ()
+    max_lora_r: int | None = None
 
 
 # https://cloud.google.com/run/docs/configuring/jobs/gpu: "For L4 GPUs, you must use a minimum
 # of 4 CPU and 16 GiB of memory"; "For NVIDIA RTX PRO 6000 Blackwell GPU, you must use a minimum
 # of 20 CPU and 80 GiB of memory" (Preview). Defaults: the L4 at its 8 vCPU / 32 GiB ceiling
-# (weights load through host memory; gcsfuse stages written files in memory), the RTX at its floor.
+# (weights load through host memory; gcsfuse stages written files in memory), the RTX at its floor
+# (what the seed's job ran with). 31B at LoRA r=64 needs more than the L4's 24 GB: there it runs
+# finetune's "24gb" memory preset, measured at r=16 (components/finetune.py MEMORY_PRESETS,
+# docs/benchmarks.md); the RTX PRO 6000 (96 GB) takes the defaults ("fast" preset, r=64).
 GPU_TYPES = {
-    "nvidia-l4": GpuType(min_cpu=4, min_memory_gib=16, default_cpu=8, default_memory="32Gi",
-                         max_cpu=8),
     "nvidia-rtx-pro-6000": GpuType(min_cpu=20, min_memory_gib=80, default_cpu=20,
                                    default_memory="80Gi", max_cpu=None),
+    "nvidia-l4": GpuType(min_cpu=4, min_memory_gib=16, default_cpu=8, default_memory="32Gi",
+                         max_cpu=8, max_lora_r=16,
+                         finetune_args=(("--memory-preset", "24gb"), ("--lora-r", "16"),
+                                        ("--lora-alpha", "16"))),
 }
 
 PROJECT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")          # GCP project ID rules
@@ -85,7 +101,7 @@ REGION_RE = re.compile(r"^[a-z]+(-[a-z]+)+[0-9]+$")                   # e.g. us-
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")        # GCS bucket name rules
 JOB_NAME_RE = re.compile(r"^[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")      # Cloud Run resource names
 SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")                     # Secret Manager secret IDs
-SECRET_VERSION_RE = re.compile(r"^(latest|[1-9][0-9]*)$")
+SECRET_VERSION_RE = re.compile(r"^[1-9][0-9]*$")  # pinned: "latest" would change under a job
 SERVICE_ACCOUNT_RE = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z0-9.-]+\.iam\.gserviceaccount\.com$")
 DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 MEMORY_RE = re.compile(r"^(\d+)(Mi|Gi)$")
@@ -150,16 +166,15 @@ class JobSettings:
     output_path: str
     image: str = ""  # "" -> cloudbuild's tag for this version (default_image)
     job_name: str = "gemma-pets-finetune"
-    gpu_type: str = "nvidia-l4"
+    gpu_type: str = "nvidia-rtx-pro-6000"
     cpu: int | None = None  # None -> the GPU type's default
     memory: str = ""  # "" -> the GPU type's default
     max_retries: int = MAX_RETRIES_LIMIT
-    task_timeout_s: int = DOCUMENTED_GPU_TASK_TIMEOUT_S
-    gpu_task_timeout_limit_s: int = DOCUMENTED_GPU_TASK_TIMEOUT_S
-    hf_token_secret: str = "hf-token"  # "" -> no HF_TOKEN in the job
-    hf_token_secret_version: str = "latest"
+    task_timeout_s: int = DEFAULT_TASK_TIMEOUT_S
+    hf_token_secret: str = ""  # "" -> no secret and no HF_TOKEN in the job
+    hf_token_secret_version: str = ""  # required with a secret: a version number
     service_account: str = ""  # "" -> the project's default compute service account
-    mount_options: str = "uid=10001,gid=10001,rename-dir-limit=1000"
+    mount_options: str = "rename-dir-limit=1000"
     finetune_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -169,15 +184,11 @@ class JobSettings:
             (BUCKET_RE, self.bucket, "--bucket", "a bucket name (no gs://), like my-bucket"),
             (JOB_NAME_RE, self.job_name, "--job-name",
              "lowercase letters, digits and dashes, starting with a letter, at most 63"),
-            (SECRET_VERSION_RE, self.hf_token_secret_version, "--hf-token-secret-version",
-             "latest or a version number"),
         ]
         for pattern, value, flag, expected in checks:
             if not pattern.match(value):
                 raise ValueError(f"{flag} {value!r}: expected {expected}")
-        if self.hf_token_secret and not SECRET_RE.match(self.hf_token_secret):
-            raise ValueError(f"--hf-token-secret {self.hf_token_secret!r}: expected a Secret "
-                             "Manager secret name (letters, digits, _ and -), or '' for none")
+        self._check_secret()
         if self.service_account and not SERVICE_ACCOUNT_RE.match(self.service_account):
             raise ValueError(f"--service-account {self.service_account!r}: expected an email "
                              "like trainer@my-project.iam.gserviceaccount.com")
@@ -206,13 +217,6 @@ class JobSettings:
                              f"{MAX_RETRIES_LIMIT}")
         if not 1 <= self.task_timeout_s <= MAX_TASK_TIMEOUT_S:
             raise ValueError(f"--task-timeout {self.task_timeout_s}s: Cloud Run allows 1s to 168h")
-        if self.task_timeout_s > self.gpu_task_timeout_limit_s:
-            raise ValueError(
-                f"--task-timeout {self.task_timeout_s}s is over the GPU task limit of "
-                f"{self.gpu_task_timeout_limit_s}s (Cloud Run documents 1h for tasks using GPUs: "
-                "https://cloud.google.com/run/docs/configuring/task-timeout). Training longer "
-                "than one attempt resumes from checkpoints across retries; raise "
-                "--gpu-task-timeout-limit only if your project has a higher limit")
         for flag, value in (("--model-path", self.model_path),
                             ("--dataset-path", self.dataset_path),
                             ("--output-path", self.output_path)):
@@ -221,6 +225,32 @@ class JobSettings:
             if arg.split("=")[0] in PATH_FLAGS:
                 raise ValueError(f"finetune argument {arg!r}: set it with --model-path, "
                                  "--dataset-path or --output-path instead")
+        self._check_finetune_fits(gpu)
+
+    def _check_secret(self) -> None:
+        if not self.hf_token_secret:
+            if self.hf_token_secret_version:
+                raise ValueError("--hf-token-secret-version without --hf-token-secret")
+            return
+        if not SECRET_RE.match(self.hf_token_secret):
+            raise ValueError(f"--hf-token-secret {self.hf_token_secret!r}: expected a Secret "
+                             "Manager secret name (letters, digits, _ and -)")
+        if not SECRET_VERSION_RE.match(self.hf_token_secret_version):
+            raise ValueError(f"--hf-token-secret-version {self.hf_token_secret_version!r}: "
+                             "expected a version number such as 3 (pinned, not latest)")
+
+    def _check_finetune_fits(self, gpu: GpuType) -> None:
+        """Refuse finetune flags that contradict what the card needs, saying why."""
+        given, needed = finetune_flag_values(self.finetune_args), dict(gpu.finetune_args)
+        preset = given.get("--memory-preset")
+        if preset and needed.get("--memory-preset", preset) != preset:
+            raise ValueError(f"finetune argument --memory-preset {preset}: {self.gpu_type} has "
+                             f"24 GB; 31B fits it with --memory-preset {needed['--memory-preset']}")
+        rank = given.get("--lora-r")
+        if gpu.max_lora_r and rank and rank.isdigit() and int(rank) > gpu.max_lora_r:
+            raise ValueError(f"finetune argument --lora-r {rank}: {self.gpu_type} has 24 GB, which "
+                             f"fits Gemma 4 31B at LoRA r<={gpu.max_lora_r} (finetune's 24gb "
+                             "preset); use --gpu-type nvidia-rtx-pro-6000 for a larger rank")
 
     @property
     def resolved_cpu(self) -> int:
@@ -233,6 +263,24 @@ class JobSettings:
     @property
     def resolved_image(self) -> str:
         return self.image or default_image(self.project, self.region)
+
+    @property
+    def resolved_finetune_args(self) -> list[str]:
+        """The flags after --, then the GPU type's flags that they did not set."""
+        given = finetune_flag_values(self.finetune_args)
+        added = [part for flag, value in GPU_TYPES[self.gpu_type].finetune_args
+                 if flag not in given for part in (flag, value)]
+        return [*self.finetune_args, *added]
+
+
+def finetune_flag_values(args: tuple[str, ...]) -> dict[str, str]:
+    """{"--flag": "value"} of "--flag value" and "--flag=value" pairs in finetune arguments."""
+    values = {}
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--"):
+            values[flag] = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    return values
 
 
 def load_template(path: Path = TEMPLATE_PATH) -> dict[str, Any]:
@@ -265,7 +313,7 @@ def render_job(settings: JobSettings, template: dict[str, Any] | None = None) ->
         "--model-dir", to_mount_path(settings.bucket, settings.model_path, "--model-path"),
         "--dataset-dir", to_mount_path(settings.bucket, settings.dataset_path, "--dataset-path"),
         "--output-dir", to_mount_path(settings.bucket, settings.output_path, "--output-path"),
-        *settings.finetune_args,
+        *settings.resolved_finetune_args,
     ]
     env = [e for e in container.get("env", []) if e["name"] != "HF_TOKEN"]
     if settings.hf_token_secret:
@@ -373,8 +421,8 @@ def job_exists(gcloud: str, job_name: str, project: str, region: str) -> bool:
 
 def _add_location_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--project", required=True, help="Google Cloud project ID")
-    parser.add_argument("--region", required=True,
-                        help="Cloud Run region with the GPU type (e.g. us-central1)")
+    parser.add_argument("--region", default=DEFAULT_REGION,
+                        help=f"Cloud Run region with the GPU type (default {DEFAULT_REGION})")
     parser.add_argument("--job-name", default=JobSettings.job_name, help="Cloud Run job name")
     parser.add_argument("--gcloud", default="gcloud", help="gcloud executable")
     parser.add_argument("--dry-run", action="store_true",
@@ -397,17 +445,17 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", default="", help="memory like 32Gi (default: per GPU type)")
     parser.add_argument("--max-retries", type=int, default=JobSettings.max_retries,
                         help="retries per task, 0..10; each resumes from the last checkpoint")
-    parser.add_argument("--task-timeout", default="1h",
-                        help="per attempt, e.g. 45m or 1h (GPU tasks: at most 1h documented)")
-    parser.add_argument("--gpu-task-timeout-limit", default="1h",
-                        help="the GPU task timeout limit to enforce (raise only if Cloud Run "
-                             "allows your project more than the documented 1h)")
-    parser.add_argument("--hf-token-secret", default=JobSettings.hf_token_secret,
-                        help="Secret Manager secret holding the HF token ('' for none)")
-    parser.add_argument("--hf-token-secret-version", default=JobSettings.hf_token_secret_version)
+    parser.add_argument("--task-timeout", default=f"{DEFAULT_TASK_TIMEOUT_S // 3600}h",
+                        help="per attempt, e.g. 45m, 6h or 2d (up to 168h); retries resume "
+                             "from the last checkpoint")
+    parser.add_argument("--hf-token-secret", default="",
+                        help="Secret Manager secret to expose as HF_TOKEN (default: none; "
+                             "fine-tuning reads staged weights)")
+    parser.add_argument("--hf-token-secret-version", default="",
+                        help="the secret's version number (required with --hf-token-secret)")
     parser.add_argument("--service-account", default="",
                         help="service account the job runs as (needs storage.objectUser on the "
-                             "bucket and secretAccessor on the secret)")
+                             "bucket, and secretAccessor on the secret if one is given)")
     parser.add_argument("--mount-options", default=JobSettings.mount_options,
                         help="gcsfuse flags for the bucket volume, comma-separated")
 
@@ -440,8 +488,6 @@ def settings_from_args(args: argparse.Namespace, finetune_args: list[str]) -> Jo
         image=args.image, job_name=args.job_name, gpu_type=args.gpu_type, cpu=args.cpu,
         memory=args.memory, max_retries=args.max_retries,
         task_timeout_s=parse_duration(args.task_timeout, "--task-timeout"),
-        gpu_task_timeout_limit_s=parse_duration(args.gpu_task_timeout_limit,
-                                                "--gpu-task-timeout-limit"),
         hf_token_secret=args.hf_token_secret,
         hf_token_secret_version=args.hf_token_secret_version,
         service_account=args.service_account, mount_options=args.mount_options,
@@ -469,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
         if not settings.service_account:
             print("warning: no --service-account: the job runs as the project's default compute "
                   "service account", file=sys.stderr)
+        if settings.task_timeout_s > DOCUMENTED_GPU_TASK_TIMEOUT_S:
+            print(f"warning: --task-timeout {args.task_timeout} is over the "
+                  f"{DOCUMENTED_GPU_TASK_TIMEOUT_S // 3600}h Cloud Run documents for GPU tasks "
+                  "(https://cloud.google.com/run/docs/configuring/task-timeout); if the deploy is "
+                  "refused, lower it: retries resume from checkpoints", file=sys.stderr)
 
     if args.command == "render":
         text = dump_job(job)

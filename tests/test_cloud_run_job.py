@@ -33,7 +33,7 @@ def task_spec(job: dict) -> dict:
     return job["spec"]["template"]["spec"]["template"]["spec"]
 
 
-def test_rendered_spec_runs_finetune_on_one_l4_with_the_bucket_mounted():
+def test_rendered_spec_runs_finetune_on_one_rtx_pro_6000_with_the_bucket_mounted():
     job = crj.render_job(crj.JobSettings(**BASE, service_account="trainer@acme-ml-123.iam.gserviceaccount.com"))
     assert job["apiVersion"] == "run.googleapis.com/v1" and job["kind"] == "Job"
     assert job["metadata"]["namespace"] == "acme-ml-123"
@@ -42,9 +42,10 @@ def test_rendered_spec_runs_finetune_on_one_l4_with_the_bucket_mounted():
     assert execution["metadata"]["annotations"]["run.googleapis.com/execution-environment"] == "gen2"
     assert execution["spec"]["taskCount"] == 1
     task = task_spec(job)
-    assert task["nodeSelector"] == {"run.googleapis.com/accelerator": "nvidia-l4"}
+    # The seed's setup: RTX PRO 6000 (96 GB), 20 vCPU / 80 GiB, 6 h per attempt.
+    assert task["nodeSelector"] == {"run.googleapis.com/accelerator": "nvidia-rtx-pro-6000"}
     assert task["maxRetries"] == 10
-    assert task["timeoutSeconds"] == 3600  # the documented GPU-task maximum, well under 168 h
+    assert task["timeoutSeconds"] == 6 * 3600
     assert task["serviceAccountName"] == "trainer@acme-ml-123.iam.gserviceaccount.com"
     (container,) = task["containers"]
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -52,7 +53,8 @@ def test_rendered_spec_runs_finetune_on_one_l4_with_the_bucket_mounted():
     assert container["args"] == ["finetune", "--model-dir", "/gcs/acme-pets/weights/gemma-4",
                                  "--dataset-dir", "/gcs/acme-pets/datasets/pets",
                                  "--output-dir", "/gcs/acme-pets/runs/r1/finetune"]
-    assert container["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}
+    assert container["resources"]["limits"] == {"cpu": "20", "memory": "80Gi", "nvidia.com/gpu": "1"}
+    assert "env" not in container, "no secret unless asked for" 
     (mount,) = container["volumeMounts"]
     (volume,) = task["volumes"]
     assert mount == {"name": volume["name"], "mountPath": "/gcs/acme-pets"}
@@ -64,13 +66,12 @@ def test_rendered_spec_runs_finetune_on_one_l4_with_the_bucket_mounted():
     assert all(p.startswith(mount["mountPath"] + "/") for p in paths)
 
 
-def test_hf_token_is_a_secret_reference_not_a_value():
+def test_hf_token_is_a_pinned_secret_reference_only_when_asked_for():
     job = crj.render_job(crj.JobSettings(**BASE, hf_token_secret="hf-read", hf_token_secret_version="3"))
     (container,) = task_spec(job)["containers"]
     (hf,) = [e for e in container["env"] if e["name"] == "HF_TOKEN"]
     assert hf == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-read", "key": "3"}}}
-    without = crj.render_job(crj.JobSettings(**BASE, hf_token_secret=""))
-    assert "env" not in task_spec(without)["containers"][0]
+    assert "env" not in task_spec(crj.render_job(crj.JobSettings(**BASE)))["containers"][0]
 
 
 def test_validate_job_refuses_a_literal_secret_and_leftover_placeholders():
@@ -82,13 +83,27 @@ def test_validate_job_refuses_a_literal_secret_and_leftover_placeholders():
         crj.validate_job(crj.load_template())
 
 
-def test_rtx_pro_6000_gets_its_minimum_cpu_and_memory():
-    job = crj.render_job(crj.JobSettings(**BASE, gpu_type="nvidia-rtx-pro-6000"))
+def test_l4_runs_the_24gb_preset_at_rank_16():
+    job = crj.render_job(crj.JobSettings(**BASE, gpu_type="nvidia-l4", finetune_args=("--epochs", "1")))
     task = task_spec(job)
-    assert task["nodeSelector"]["run.googleapis.com/accelerator"] == "nvidia-rtx-pro-6000"
-    assert task["containers"][0]["resources"]["limits"] == {
-        "cpu": "20", "memory": "80Gi", "nvidia.com/gpu": "1"}
+    assert task["nodeSelector"]["run.googleapis.com/accelerator"] == "nvidia-l4"
+    (container,) = task["containers"]
+    assert container["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}
+    assert container["args"][7:] == ["--epochs", "1", "--memory-preset", "24gb",
+                                     "--lora-r", "16", "--lora-alpha", "16"]
     assert job["metadata"]["annotations"]["run.googleapis.com/launch-stage"] == "BETA"
+    # A smaller rank of the user's own stays, and the preset is not repeated.
+    mine = crj.JobSettings(**BASE, gpu_type="nvidia-l4", finetune_args=("--lora-r=8", "--memory-preset", "24gb"))
+    assert mine.resolved_finetune_args == ["--lora-r=8", "--memory-preset", "24gb", "--lora-alpha", "16"]
+
+
+def test_the_l4_rank_is_the_one_finetune_measured_its_24gb_preset_at():
+    from components.finetune import MEMORY_PRESETS
+
+    l4 = crj.GPU_TYPES["nvidia-l4"]
+    preset = dict(l4.finetune_args)["--memory-preset"]
+    assert f"r={l4.max_lora_r} " in MEMORY_PRESETS[preset].note
+    assert dict(l4.finetune_args)["--lora-r"] == str(l4.max_lora_r)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -97,14 +112,20 @@ def test_rtx_pro_6000_gets_its_minimum_cpu_and_memory():
     (dict(region="us central1"), "--region"),
     (dict(job_name="Gemma_Pets"), "--job-name"),
     (dict(gpu_type="nvidia-h100"), "--gpu-type 'nvidia-h100'"),
-    (dict(cpu=2, memory="8Gi"), "nvidia-l4 needs at least 4 vCPU and 16Gi"),
-    (dict(cpu=4, memory="24Gi"), "with --cpu 4 Cloud Run allows 2Gi to 16Gi"),
-    (dict(cpu=12), "nvidia-l4 instances have at most 8 vCPU"),
-    (dict(gpu_type="nvidia-rtx-pro-6000", cpu=8, memory="32Gi"), "at least 20 vCPU and 80Gi"),
+    (dict(gpu_type="nvidia-l4", cpu=2, memory="8Gi"), "nvidia-l4 needs at least 4 vCPU and 16Gi"),
+    (dict(gpu_type="nvidia-l4", cpu=4, memory="24Gi"), "with --cpu 4 Cloud Run allows 2Gi to 16Gi"),
+    (dict(gpu_type="nvidia-l4", cpu=12), "nvidia-l4 instances have at most 8 vCPU"),
+    (dict(cpu=8, memory="32Gi"), "nvidia-rtx-pro-6000 needs at least 20 vCPU and 80Gi"),
     (dict(memory="32GB"), "--memory '32GB'"),
     (dict(max_retries=11), "--max-retries 11: Cloud Run allows 0 to 10"),
-    (dict(task_timeout_s=7200), "over the GPU task limit of 3600s"),
-    (dict(task_timeout_s=169 * 3600, gpu_task_timeout_limit_s=200 * 3600), "1s to 168h"),
+    (dict(task_timeout_s=169 * 3600), "1s to 168h"),
+    (dict(gpu_type="nvidia-l4", finetune_args=("--lora-r", "64")),
+     "--lora-r 64: nvidia-l4 has 24 GB, which fits Gemma 4 31B at LoRA r<=16"),
+    (dict(gpu_type="nvidia-l4", finetune_args=("--memory-preset=fast",)),
+     "--memory-preset fast: nvidia-l4 has 24 GB; 31B fits it with --memory-preset 24gb"),
+    (dict(hf_token_secret="hf-read"), "--hf-token-secret-version '': expected a version number"),
+    (dict(hf_token_secret="hf-read", hf_token_secret_version="latest"), "(pinned, not latest)"),
+    (dict(hf_token_secret_version="3"), "--hf-token-secret-version without --hf-token-secret"),
     (dict(output_path="runs/../weights"), "--output-path 'runs/../weights'"),
     (dict(model_path="gs://other-bucket/w"), "is in bucket 'other-bucket'"),
     (dict(finetune_args=("--output-dir=/tmp/x",)), "set it with --model-path"),
@@ -117,9 +138,27 @@ def test_settings_outside_cloud_run_limits_are_refused_by_flag(change, message):
         crj.JobSettings(**{**BASE, **change})
 
 
-def test_a_longer_gpu_timeout_is_accepted_only_when_the_limit_is_raised():
-    settings = crj.JobSettings(**BASE, task_timeout_s=24 * 3600, gpu_task_timeout_limit_s=168 * 3600)
-    assert task_spec(crj.render_job(settings))["timeoutSeconds"] == 86400
+@pytest.mark.parametrize("hours", [1, 6, 12, 24, 168])
+def test_any_task_timeout_up_to_168_hours_is_accepted(hours):
+    settings = crj.JobSettings(**BASE, task_timeout_s=hours * 3600)
+    assert task_spec(crj.render_job(settings))["timeoutSeconds"] == hours * 3600
+
+
+def test_render_with_only_the_required_flags(capsys):
+    required = ["--project", "acme-ml-123", "--bucket", "acme-pets", "--model-path", "weights/gemma-4",
+                "--dataset-path", "datasets/pets", "--output-path", "runs/r1/finetune"]
+    assert crj.main(["render", *required]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    task = task_spec(job)
+    (container,) = task["containers"]
+    assert job["metadata"]["labels"]["cloud.googleapis.com/location"] == "europe-west4"
+    assert task["nodeSelector"]["run.googleapis.com/accelerator"] == "nvidia-rtx-pro-6000"
+    assert container["resources"]["limits"] == {"cpu": "20", "memory": "80Gi", "nvidia.com/gpu": "1"}
+    assert task["timeoutSeconds"] == 21600 and "env" not in container
+    assert crj.main(["render", *required, "--task-timeout", "6h"]) == 0
+    assert task_spec(yaml.safe_load(capsys.readouterr().out))["timeoutSeconds"] == 21600
+    assert crj.main(["render", *required, "--task-timeout", "24h"]) == 0
+    assert "over the 12h Cloud Run documents for GPU tasks" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, seconds", [("3600", 3600), ("45m", 2700), ("1h", 3600),
@@ -135,10 +174,11 @@ def test_parse_duration_refuses_garbage(text):
 
 
 def test_spec_user_and_defaults_agree_with_the_image_and_cloud_build():
+    # The image runs as root (no USER), which owns the gcsfuse mount: no uid/gid remapping.
     dockerfile = (REPO / "images" / "trainer" / "Dockerfile").read_text()
-    uid, gid = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)[-1]
-    options = crj.JobSettings.mount_options
-    assert f"uid={uid}" in options.split(",") and f"gid={gid}" in options.split(",")
+    assert not re.findall(r"^USER ", dockerfile, re.MULTILINE)
+    options = crj.JobSettings.mount_options.split(",")
+    assert not [o for o in options if o.startswith(("uid=", "gid="))] and "rename-dir-limit=1000" in options
     substitutions = yaml.safe_load((REPO / "cloudbuild.yaml").read_text())["substitutions"]
     assert (crj.IMAGE_REPOSITORY, crj.IMAGE_NAME) == (substitutions["_REPOSITORY"],
                                                       substitutions["_IMAGE"])
@@ -174,13 +214,13 @@ def test_gcloud_parses_the_rendered_spec_as_a_run_v1_job(tmp_path):
     if sdk is None:
         pytest.skip("Google Cloud CLI not installed")
     python, lib = sdk
-    job = crj.render_job(crj.JobSettings(**BASE, gpu_type="nvidia-rtx-pro-6000"))
+    job = crj.render_job(crj.JobSettings(**BASE, hf_token_secret="hf-token", hf_token_secret_version="2"))
     spec = tmp_path / "job.json"
     spec.write_text(json.dumps(job))
     done = subprocess.run([python, "-c", GCLOUD_PARSE, str(lib), str(spec)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout) == {"timeout": 3600, "retries": 10,
+    assert json.loads(done.stdout) == {"timeout": 21600, "retries": 10,
                                        "accelerator": "nvidia-rtx-pro-6000",
                                        "driver": "gcsfuse.run.googleapis.com", "secret": "hf-token"}
     # The same parse fails on a misplaced field, so the pass above is a real check.
@@ -255,9 +295,9 @@ def test_update_refuses_a_missing_job_and_replaces_an_existing_one(fake_gcloud, 
     with pytest.raises(SystemExit, match="does not exist in acme-ml-123/us-central1; use `create`"):
         crj.main(["update", *SPEC_FLAGS])
     monkeypatch.setenv("FAKE_GCLOUD_JOBS", "gemma-pets-finetune")
-    assert crj.main(["update", *SPEC_FLAGS, "--gpu-type", "nvidia-rtx-pro-6000"]) == 0
+    assert crj.main(["update", *SPEC_FLAGS, "--gpu-type", "nvidia-l4"]) == 0
     spec = yaml.safe_load(fake_gcloud()[-1]["spec"])
-    assert task_spec(spec)["nodeSelector"]["run.googleapis.com/accelerator"] == "nvidia-rtx-pro-6000"
+    assert task_spec(spec)["nodeSelector"]["run.googleapis.com/accelerator"] == "nvidia-l4"
 
 
 def test_deploy_replaces_without_asking_whether_the_job_exists(fake_gcloud):
@@ -285,8 +325,8 @@ def test_a_failing_gcloud_fails_the_command_and_names_it(fake_gcloud, monkeypatc
 
 
 def test_bad_flags_fail_before_gcloud_runs(fake_gcloud):
-    with pytest.raises(SystemExit, match="--task-timeout 7200s is over the GPU task limit"):
-        crj.main(["deploy", *SPEC_FLAGS, "--task-timeout", "2h"])
+    with pytest.raises(SystemExit, match="--task-timeout 608400s: Cloud Run allows 1s to 168h"):
+        crj.main(["deploy", *SPEC_FLAGS, "--task-timeout", "169h"])
     assert fake_gcloud() == []
 
 
@@ -307,7 +347,8 @@ def test_render_writes_the_spec_file(tmp_path):
 def test_the_token_value_never_leaves_the_environment(tmp_path, fake_gcloud):
     token = "hf_NotARealTokenButLongEnough0123456789"
     env = {**os.environ, "HF_TOKEN": token}
-    done = subprocess.run([sys.executable, "-m", "deploy.cloud_run_job", "create", *SPEC_FLAGS],
+    done = subprocess.run([sys.executable, "-m", "deploy.cloud_run_job", "create", *SPEC_FLAGS,
+                           "--hf-token-secret", "hf-read", "--hf-token-secret-version", "4"],
                           cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert token not in done.stdout + done.stderr
