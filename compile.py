@@ -1,7 +1,7 @@
 """Compile the pipeline to a KFP v2 YAML (PipelineSpec) for Vertex AI Pipelines.
 
-    python compile.py --output pipeline.yaml [--preset 31b-qlora|e4b|e2b|cpu-smoke] [--image REF]
-        [--finetune-gpus N]
+    python compile.py --output pipeline.yaml [--preset 31b-qlora|31b-rtx-pro-6000|e4b|e2b|cpu-smoke]
+        [--image REF] [--finetune-gpus 1|2|4|8]
 
 Image, resource preset and the code identity (project version, git commit read here, at compile
 time) are baked into the YAML; everything else is a runtime parameter. No secret is read: the
@@ -34,8 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fine-tune-retries", type=int, default=2,
                         help="retries of the fine-tune task, which resumes from its checkpoints")
     parser.add_argument("--finetune-gpus", type=int, default=None,
-                        help="GPUs of the fine-tune task (default: the preset's); the step runs one "
-                             "data-parallel process per GPU")
+                        help="GPUs of the fine-tune task, 1, 2, 4 or 8 as Vertex AI machines carry "
+                             "them (default: the preset's); the step runs one data-parallel "
+                             "process per GPU")
     return parser.parse_args(argv)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -67,6 +68,47 @@ class Resources:
                              f"{self.accelerator_count} must be set together")
 
 
+# Vertex AI machines carry 1, 2, 4 or 8 of these GPUs (a2/a3 highgpu-Ng, g2-standard, g4-standard:
+# https://cloud.google.com/vertex-ai/docs/training/configure-compute).
+GPU_COUNTS = (1, 2, 4, 8)
+# Memory limit strings KFP accepts that the presets use, in bytes.
+MEMORY_UNITS = {"G": 10**9, "Gi": 2**30}
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """A Compute Engine machine type a preset's GPU task is sized for."""
+
+    name: str
+    vcpus: int
+    memory_gib: float
+
+    def allocatable(self) -> tuple[float, float]:
+        """(vCPU, GiB) left for the task. Vertex AI Pipelines picks "the closest match" to the
+        limits (https://cloud.google.com/vertex-ai/docs/pipelines/machine-types) and documents no
+        reserve, so GKE's node reservations stand in for it (kube-reserved CPU and memory plus
+        100 MiB eviction threshold: https://cloud.google.com/kubernetes-engine/docs/concepts/plan-node-sizes).
+        Limits above this push Vertex to a larger machine, or fail."""
+        cpu_steps = ((1, 0.06), (1, 0.01), (2, 0.005), (float("inf"), 0.0025))
+        memory_steps = ((4, 0.25), (4, 0.2), (8, 0.1), (112, 0.06), (float("inf"), 0.02))
+        return (self.vcpus - _tiered(self.vcpus, cpu_steps),
+                self.memory_gib - _tiered(self.memory_gib, memory_steps) - 100 / 1024)
+
+
+def _tiered(total: float, steps) -> float:
+    """Sum of rate x amount over consecutive tiers of ``total``."""
+    reserved, left = 0.0, total
+    for size, rate in steps:
+        reserved += rate * min(left, size)
+        left -= min(left, size)
+    return reserved
+
+
+def memory_gib(limit: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(Gi|G)", limit).groups()
+    return int(number) * MEMORY_UNITS[unit] / 2**30
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """Resources for the GPU tasks (fine-tune, evaluations, merge) and the CPU tasks."""
@@ -75,11 +117,21 @@ class Preset:
     description: str
     gpu_task: Resources
     cpu_task: Resources
+    machine: Machine | None = None  # what gpu_task is sized for (with its accelerator)
+
+    def __post_init__(self) -> None:
+        if self.machine is None:
+            return
+        cpu, gib = self.machine.allocatable()
+        if float(self.gpu_task.cpu_limit) > cpu or memory_gib(self.gpu_task.memory_limit) > gib:
+            raise ValueError(f"preset {self.name}: cpu {self.gpu_task.cpu_limit} / memory "
+                             f"{self.gpu_task.memory_limit} is more than {self.machine.name} leaves "
+                             f"a task ({cpu:.2f} vCPU, {gib:.1f} GiB), so Vertex would pick a "
+                             "larger machine")
 
 
-# Vertex AI picks the smallest machine that satisfies the limits, so the numbers are sized to the
-# machine that carries the accelerator: a3-highgpu-1g (1x H100 80GB, 26 vCPU, 234 GB) and
-# g2-standard-12 / g2-standard-8 (1x L4 24GB, 12 vCPU 48 GB / 8 vCPU 32 GB).
+# Vertex AI picks the machine that matches the limits, so the numbers are sized to what the
+# machine that carries the accelerator leaves a task (Machine.allocatable).
 PRESETS: dict[str, Preset] = {
     "31b-qlora": Preset(
         name="31b-qlora",
@@ -89,21 +141,32 @@ PRESETS: dict[str, Preset] = {
         gpu_task=Resources(cpu_limit="12", memory_limit="170G",
                            accelerator_type="NVIDIA_H100_80GB", accelerator_count=1),
         cpu_task=Resources(cpu_limit="8", memory_limit="32G"),
+        machine=Machine("a3-highgpu-1g", vcpus=26, memory_gib=234),
+    ),
+    "31b-rtx-pro-6000": Preset(
+        name="31b-rtx-pro-6000",
+        description="Gemma 4 31B, 4-bit QLoRA on one RTX PRO 6000 96GB (the GPU the seed's job "
+                    "ran on; g4-standard-48): same recipe as 31b-qlora, room for the bf16 merge.",
+        gpu_task=Resources(cpu_limit="44", memory_limit="170G",
+                           accelerator_type="NVIDIA_RTX_PRO_6000", accelerator_count=1),
+        cpu_task=Resources(cpu_limit="8", memory_limit="32G"),
+        machine=Machine("g4-standard-48", vcpus=48, memory_gib=180),
     ),
     "e4b": Preset(
         name="e4b",
         description="Gemma 4 E4B: bf16 weights ~16 GB, QLoRA/LoRA on one L4 24GB.",
-        gpu_task=Resources(cpu_limit="12", memory_limit="48G",
+        gpu_task=Resources(cpu_limit="11", memory_limit="44G",
                            accelerator_type="NVIDIA_L4", accelerator_count=1),
         cpu_task=Resources(cpu_limit="4", memory_limit="16G"),
+        machine=Machine("g2-standard-12", vcpus=12, memory_gib=48),
     ),
     "e2b": Preset(
         name="e2b",
         description="Gemma 4 E2B: bf16 weights ~10 GB, LoRA on one L4 24GB.",
-        # 30G, not 32G: g2-standard-8 has 32 GB and part of it is reserved for the system
-        gpu_task=Resources(cpu_limit="8", memory_limit="30G",
+        gpu_task=Resources(cpu_limit="7", memory_limit="30G",
                            accelerator_type="NVIDIA_L4", accelerator_count=1),
         cpu_task=Resources(cpu_limit="4", memory_limit="16G"),
+        machine=Machine("g2-standard-8", vcpus=8, memory_gib=32),
     ),
     "cpu-smoke": Preset(
         name="cpu-smoke",
@@ -136,8 +199,10 @@ class CompileOptions:
             if not self.preset.gpu_task.accelerator_type:
                 raise ValueError(f"--finetune-gpus {self.finetune_gpus}: preset {self.preset.name} has no "
                                  "accelerator; choose a GPU preset")
-            if not 1 <= self.finetune_gpus <= 8:
-                raise ValueError(f"--finetune-gpus {self.finetune_gpus}: must be in 1..8 (GPUs of one machine)")
+            if self.finetune_gpus not in GPU_COUNTS:
+                raise ValueError(f"--finetune-gpus {self.finetune_gpus}: Vertex AI machines carry "
+                                 f"{', '.join(map(str, GPU_COUNTS[:-1]))} or {GPU_COUNTS[-1]} "
+                                 f"{self.preset.gpu_task.accelerator_type} GPUs")
 
     @property
     def finetune_task(self) -> Resources:

@@ -151,8 +151,35 @@ def test_finetune_gpus_reach_the_task_and_the_step(tmp_path, compiled):
         assert processes.number_value == gpus
     with pytest.raises(ValueError, match="--finetune-gpus 2: preset cpu-smoke has no accelerator"):
         compile_cli.compile_pipeline(tmp_path / "p.yaml", preset="cpu-smoke", image=IMAGE, finetune_gpus=2)
-    with pytest.raises(ValueError, match="--finetune-gpus 0: must be in 1..8"):
-        compile_cli.compile_pipeline(tmp_path / "p.yaml", image=IMAGE, finetune_gpus=0)
+    for gpus in (0, 3, 5, 6, 7, 16):
+        with pytest.raises(ValueError, match=rf"--finetune-gpus {gpus}: Vertex AI machines carry "
+                                             r"1, 2, 4 or 8 NVIDIA_H100_80GB GPUs"):
+            compile_cli.compile_pipeline(tmp_path / "p.yaml", image=IMAGE, finetune_gpus=gpus)
+
+
+def test_rtx_pro_6000_preset_asks_vertex_for_the_seeds_gpu(tmp_path):
+    path = compile_cli.compile_pipeline(tmp_path / "rtx.yaml", preset="31b-rtx-pro-6000", image=IMAGE)
+    spec, deployment = load_spec(path)
+    tasks = all_tasks(spec)
+    for name in dag.GPU_TASKS:
+        resources = executor_of(spec, deployment, tasks[name][1]).container.resources
+        assert (resources.accelerator.resource_type, resources.accelerator.resource_count) == (
+            "NVIDIA_RTX_PRO_6000", "1")
+        assert (resources.resource_cpu_limit, resources.resource_memory_limit) == ("44", "170G")
+
+
+def test_every_gpu_preset_fits_what_its_machine_leaves_a_task():
+    for preset in pipeline_options.PRESETS.values():
+        assert bool(preset.machine) == bool(preset.gpu_task.accelerator_type), preset.name
+    # The GKE reservations Machine.allocatable models: 43.4 GiB of a 48 GiB g2-standard-12.
+    cpu, gib = pipeline_options.PRESETS["e4b"].machine.allocatable()
+    assert (round(cpu, 2), round(gib, 1)) == (11.9, 43.4)
+    # All 48 GB of the machine is more than it leaves a task (what e4b asked for before).
+    e4b = pipeline_options.PRESETS["e4b"]
+    with pytest.raises(ValueError, match=r"preset e4b: cpu 12 / memory 48G is more than "
+                                         r"g2-standard-12 leaves a task \(11.90 vCPU, 43.4 GiB\)"):
+        dataclasses.replace(e4b, gpu_task=dataclasses.replace(e4b.gpu_task, cpu_limit="12",
+                                                              memory_limit="48G"))
 
 
 def test_tasks_run_the_image_without_installing_anything(compiled):
