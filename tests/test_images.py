@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -514,3 +515,55 @@ def test_gcloud_parses_cloudbuild_yaml_as_a_build(tmp_path):
     broken = tmp_path / "cloudbuild.yaml"
     broken.write_text(CLOUDBUILD.read_text().replace("machineType:", "machineTipe:"))
     assert subprocess.run([python, "-c", script, str(broken)], capture_output=True).returncode != 0
+
+
+# --- make image-resolve: the summary of pip's dry-run report ---------------------------------
+
+def load_resolve_script():
+    path = REPO / "images" / "trainer" / "resolve_requirements.py"
+    spec = importlib.util.spec_from_file_location("resolve_requirements", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def report_item(name: str, version: str, requires: list[str]) -> dict:
+    return {"metadata": {"name": name, "version": version, "requires_dist": requires},
+            "download_info": {"url": f"https://files/{name}-{version}-py3-none-any.whl"}}
+
+
+def test_resolution_summary_splits_what_only_torch_pulls_in(tmp_path):
+    resolve = load_resolve_script()
+    report = {"install": [
+        report_item("peft", "0.21.2", ["torch>=1.13.0", "google-api-core[grpc]>=2"]),
+        report_item("google-api-core", "2.44.0", ['grpcio-status>=1.33; extra == "grpc"', 'rsa; extra == "x"']),
+        report_item("grpcio-status", "1.85.3", []),
+        report_item("rsa", "4.9", []),
+        report_item("torch", "2.11.0", ["sympy>=1.13", 'nvidia-nccl-cu13; platform_system == "Linux"',
+                                        'pywin32; platform_system == "Windows"']),
+        report_item("sympy", "1.14.0", []), report_item("nvidia-nccl-cu13", "2.28.9", []),
+    ]}
+    ours, torch_only = resolve.split_by_origin(report, ["peft"], ["torch"])
+    assert [i["metadata"]["name"] for i in ours] == ["google-api-core", "grpcio-status", "peft"]
+    assert [i["metadata"]["name"] for i in torch_only] == ["nvidia-nccl-cu13", "rsa", "sympy"]
+    assert resolve.torch_bounds(report, ["peft==0.21.2"]) == [("peft 0.21.2", "torch>=1.13.0")]
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name in ("libbitsandbytes_cuda130.so", "libbitsandbytes_cuda128.so", "libbitsandbytes_cpu.so", "__init__.py"):
+            archive.writestr(f"bitsandbytes/{name}", b"")
+    assert resolve.cuda_libraries(wheel) == ["128", "130"]
+
+
+def test_committed_resolution_report_is_of_the_current_pins():
+    """docs/image-resolution.md (make image-resolve) lists every pin at its pinned version."""
+    text = (REPO / "docs" / "image-resolution.md").read_text(encoding="utf-8")
+    canonical = load_requirements_script().canonical
+    rows = dict((canonical(m.group(1)), m.group(2))
+                for m in re.finditer(r"^\| (\S+) \| (\S+) \| [^|]+\|$", text, re.MULTILINE))
+    pyproject = tomllib.loads(PYPROJECT.read_text())
+    pins = [*pyproject["project"]["dependencies"], *pyproject["tool"]["gemma-pets"]["trainer-image"]["torch"]]
+    for pin in pins:
+        name, version = pin.split("==")
+        if name not in ("torch", "torchvision"):  # the project's CPU torch is not the image's
+            assert rows.get(canonical(name)) == version, pin
+    assert "| torchvision 0.26.0 | torch==2.11.0 |" in text and "(cuda128 present)" in text

@@ -78,34 +78,38 @@ def cuda_libraries(wheel: Path) -> list[str]:
         return sorted({m.group(1) for m in found if m}, key=int)
 
 
-def requirements_of(item: dict, environment: dict) -> list[str]:
-    """Canonical names a resolved package needs here (no extras; markers for this platform)."""
-    names = []
+def requirements_of(item: dict, environment: dict, extras: set[str]) -> list[tuple[str, set[str]]]:
+    """(canonical name, extras) a resolved package needs here, with ``extras`` of its own
+    requested (markers evaluated for this platform)."""
+    needed = []
     for text in item["metadata"].get("requires_dist", []):
         requirement = Requirement(text)
-        if requirement.marker is None or requirement.marker.evaluate({**environment, "extra": ""}):
-            names.append(canonicalize_name(requirement.name))
-    return names
+        if requirement.marker is None or any(
+                requirement.marker.evaluate({**environment, "extra": extra}) for extra in {"", *extras}):
+            needed.append((canonicalize_name(requirement.name), set(requirement.extras)))
+    return needed
 
 
 def split_by_origin(report: dict, roots: list[str], torch_names: list[str]) -> tuple[list, list]:
     """(packages the non-torch pins need, packages only torch/torchvision need), as report items.
 
     The walk starts at ``roots`` and does not enter torch or torchvision: what it does not reach
-    comes with PyPI's torch only (its CUDA 13 libraries), which the image gets from the cu128
-    index instead.
+    comes with torch only (PyPI's torch: its CUDA 13 libraries), which the image installs from
+    the cu128 index instead.
     """
     environment = {**default_environment(), "python_version": PYTHON_VERSION,
                    "python_full_version": PYTHON_VERSION + ".0", "sys_platform": "linux",
                    "platform_system": "Linux", "platform_machine": "x86_64"}
     items = {canonicalize_name(i["metadata"]["name"]): i for i in report["install"]}
-    reached, stack = set(), [canonicalize_name(r) for r in roots]
+    seen, stack = set(), [(canonicalize_name(r), set()) for r in roots]
     while stack:
-        name = stack.pop()
-        if name in reached or name in torch_names or name not in items:
+        name, extras = stack.pop()
+        key = (name, frozenset(extras))
+        if key in seen or name in torch_names or name not in items:
             continue
-        reached.add(name)
-        stack += requirements_of(items[name], environment)
+        seen.add(key)
+        stack += requirements_of(items[name], environment, extras)
+    reached = {name for name, _ in seen}
     ours = [items[n] for n in sorted(reached)]
     torch_only = [items[n] for n in sorted(set(items) - reached - set(torch_names))]
     return ours, torch_only
