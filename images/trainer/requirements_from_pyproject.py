@@ -98,7 +98,7 @@ def installed_mismatches(lines: list[str], installed=metadata.version) -> list[s
     """"name: pinned X, installed Y" for each requirement line the environment does not match.
 
     ``installed(name)`` returns the installed version (raises PackageNotFoundError if absent).
-    Compared exactly, local label included: torch 2.14.1 from PyPI is not torch 2.14.1+cu128.
+    Compared exactly, local label included: torch 2.11.0 from PyPI is not torch 2.11.0+cu128.
     """
     problems = []
     for line in lines:
