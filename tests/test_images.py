@@ -226,6 +226,29 @@ def test_the_image_torch_pins_exist_on_the_cuda_index_it_uses(tmp_path):
     assert torchvision_matches(pins["torch"], pins["torchvision"])
 
 
+def test_the_image_project_wheel_requires_the_image_torch(tmp_path):
+    """The image installs the project's wheel, then runs `pip check`: the wheel must name the
+    torch the image has (2.11.0, which +cu128 satisfies), not the CPU pins."""
+    from packaging.requirements import Requirement
+
+    out = tmp_path / "pyproject.toml"
+    done = subprocess.run([sys.executable, str(REQUIREMENTS_SCRIPT), str(PYPROJECT),
+                           "--image-pyproject", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    original, swapped = tomllib.loads(PYPROJECT.read_text()), tomllib.loads(out.read_text())
+    image_torch = original["tool"]["gemma-pets"]["trainer-image"]["torch"]
+    by_name = {p.split("==")[0]: p for p in image_torch}
+    assert swapped["project"]["dependencies"] == [by_name.get(p.split("==")[0], p)
+                                                  for p in original["project"]["dependencies"]]
+    swapped["project"]["dependencies"] = original["project"]["dependencies"]
+    assert swapped == original, "nothing else changes"
+    for pin in image_torch:
+        assert Requirement(pin).specifier.contains(pin.split("==")[1] + "+cu128")
+    wheel_stage = stages(dockerfile_instructions())[1]
+    build = next(rest for keyword, rest in wheel_stage if keyword == "RUN" and "pip wheel" in rest)
+    assert build.index("--image-pyproject pyproject.toml") < build.index("pip wheel")
+
+
 def test_requirements_split_matches_pyproject_exactly(tmp_path):
     torch_out, rest_out = tmp_path / "torch.txt", tmp_path / "rest.txt"
     done = subprocess.run([sys.executable, str(REQUIREMENTS_SCRIPT), str(PYPROJECT),

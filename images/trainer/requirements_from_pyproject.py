@@ -94,6 +94,30 @@ def split_requirements(pins: list[tuple[str, str, str]], image_torch: list[tuple
     return torch_lines, rest_lines
 
 
+def with_image_torch(pyproject: Path) -> str:
+    """pyproject.toml's text with ``[project]``'s torch pins replaced by the image's.
+
+    The image installs the project's wheel; its Requires-Dist must name the torch the image has,
+    or ``pip check`` fails the build. Exact pins are whole quoted strings in the file, so each is
+    swapped textually (once, in ``[project].dependencies``) and the result read back to check.
+    """
+    text = pyproject.read_text(encoding="utf-8")
+    pins, image_torch = read_pins(pyproject)
+    image_by_name = {canonical(name): (name, extras, version) for name, extras, version in image_torch}
+    deps_start = re.search(r"^dependencies\s*=", text, re.MULTILINE).start()  # [project]'s
+    for name, extras, version in pins:
+        if canonical(name) in image_by_name:
+            old = f'"{name}{extras}=={version}"'
+            new = '"{}{}=={}"'.format(*image_by_name[canonical(name)])
+            at = text.index(old, deps_start)
+            text = text[:at] + new + text[at + len(old):]
+    swapped = tomllib.loads(text)["project"]["dependencies"]
+    want = [f"{n}{e}=={v}" for n, e, v in (image_by_name.get(canonical(p[0]), p) for p in pins)]
+    if swapped != want:
+        raise ValueError(f"{pyproject}: could not swap in the image's torch pins ({swapped})")
+    return text
+
+
 def installed_mismatches(lines: list[str], installed=metadata.version) -> list[str]:
     """"name: pinned X, installed Y" for each requirement line the environment does not match.
 
@@ -120,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="local version label of the PyTorch index, e.g. cu128 (CUDA 12.8)")
     parser.add_argument("--torch-out", type=Path, help="file for the torch pins")
     parser.add_argument("--rest-out", type=Path, help="file for every other pin")
+    parser.add_argument("--image-pyproject", type=Path,
+                        help="instead, write pyproject.toml with the image's torch pins in "
+                             "[project].dependencies here (for the image's project wheel)")
     parser.add_argument("--check-installed", action="store_true",
                         help="instead of writing files, exit 1 unless this Python environment "
                              "holds exactly the pinned versions (the image build's last check)")
@@ -127,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         torch_lines, rest_lines = split_requirements(*read_pins(args.pyproject),
                                                      args.torch_local_label)
+        if args.image_pyproject:
+            args.image_pyproject.write_text(with_image_torch(args.pyproject), encoding="utf-8")
+            return 0
     except ValueError as err:
         message = str(err) if str(args.pyproject) in str(err) else f"{args.pyproject}: {err}"
         print(f"error: {message}", file=sys.stderr)
