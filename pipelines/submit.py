@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from components.cli import entrypoint
+
 # Parameter types of the PipelineSpec (pipeline_spec_pb2.ParameterType names).
 _PY_TYPES = {"STRING": (str,), "NUMBER_INTEGER": (int,), "NUMBER_DOUBLE": (int, float),
              "BOOLEAN": (bool,), "LIST": (list,), "STRUCT": (dict,)}
@@ -293,14 +295,15 @@ def submit(args: argparse.Namespace, credentials: Any = None) -> dict[str, Any]:
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        record = submit(args)
-    except SubmitError as err:
-        raise SystemExit(f"error: {err}") from err
-    print(json.dumps(record, sort_keys=True))
+def _main(argv: list[str] | None = None) -> int:
+    print(json.dumps(submit(parse_args(argv)), sort_keys=True))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from google.auth.exceptions import DefaultCredentialsError  # no credentials: a user error
+
+    return entrypoint(_main, user_errors=(SubmitError, DefaultCredentialsError))(argv)
 
 
 if __name__ == "__main__":
