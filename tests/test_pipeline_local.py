@@ -138,7 +138,7 @@ def test_gate_holds_the_export_back(inputs, tmp_path):
     (["--param", "epochs=two"], "parameter 'epochs'='two': expected NUMBER_INTEGER"),
     (["--weights-source", "/no/such/model"], "--weights-source /no/such/model: no such"),
     (["--num-classes", "1"], "--num-classes must be >= 2"),
-    (["--dataset-source", "data/oxford-pets"], "--dataset-source data/oxford-pets: no such"),
+    (["--dataset-source", "data/oxford-pets/"], "--dataset-source data/oxford-pets/: no such"),
 ])
 def test_bad_input_fails_before_any_task(tmp_path, capsys, argv, message):
     assert local_run.main(["--run-dir", str(tmp_path / "run"), *argv]) == 2
