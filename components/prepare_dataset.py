@@ -513,13 +513,8 @@ def _load_from_hub(config: PrepareDatasetConfig):
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     print(f"--source {repo} is not a local folder: loading the Hugging Face dataset {repo} from "
           f"{endpoint}", file=sys.stderr)
-    if not config.revision:
-        print(f"note: no --revision for {repo}: the hub's latest version is used and a later run "
-              "may see other data; pin a commit sha to reproduce", file=sys.stderr)
     failed = f"--source {repo}: no such local folder, and the Hugging Face Hub could not serve it"
-    if constants.HF_HUB_OFFLINE:
-        reason = "HF_HUB_OFFLINE is set and the datasets cache does not hold it"
-    else:
+    if not constants.HF_HUB_OFFLINE:
         try:
             HfApi(endpoint=endpoint, token=token or False).dataset_info(
                 repo, revision=config.revision, timeout=HUB_TIMEOUT_S)
@@ -531,12 +526,17 @@ def _load_from_hub(config: PrepareDatasetConfig):
             raise UserError(f"{failed}: no such dataset, or no access{private}") from None
         except Exception as err:  # noqa: BLE001 - any failure of this one request: the Hub is out of reach
             raise UserError(f"{failed} (offline? {type(err).__name__}: {err})") from None
-        reason = "it failed to load"
     try:
-        return datasets.load_dataset(repo, revision=config.revision, token=token,
-                                     cache_dir=config.hf_cache_dir)
+        loaded = datasets.load_dataset(repo, revision=config.revision, token=token,
+                                       cache_dir=config.hf_cache_dir)
     except Exception as err:  # noqa: BLE001 - re-raised as one line naming the flag
-        raise UserError(f"{failed}: {reason} ({type(err).__name__}: {err})") from err
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f"{failed}: HF_HUB_OFFLINE is set and the datasets cache does not hold it") from err
+        raise UserError(f"{failed} ({type(err).__name__}: {err})") from err
+    if not config.revision:
+        print(f"note: no --revision for {repo}: the hub's latest version is used and a later run "
+              "may see other data; pin a commit sha to reproduce", file=sys.stderr)
+    return loaded
 
 
 def _split_pair(source: str) -> tuple[Path, Path] | None:
