@@ -38,7 +38,6 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tarfile
@@ -282,8 +281,8 @@ class OfficialSource(Source):
         else:
             assert root is not None
             if not (root / "images").is_dir():
-                raise UserError(f"missing image folder {root / 'images'} (official layout: "
-                                "images/ + annotations/)")
+                raise UserError(f"--source {root}: no images/ folder next to annotations/ (official "
+                                "layout: images/ + annotations/); extract images.tar.gz there")
             folder = root / "annotations"
             texts = {}
             for name in ANNOTATION_FILES:

@@ -21,7 +21,8 @@ Oxford-IIIT-Pet-like set. Writes into RUN_DIR:
 * ``tasks.json``     per task: state, output artifacts (uri, type, metadata), output parameters;
 * ``summary.json``   baseline / tuned / merged metrics, the gate decision, paths, lineage.
 
-Prints a baseline-vs-tuned table. Exit status 1 if a task failed (summary.json says which).
+Prints a baseline-vs-tuned table. Exit status 1 if a task failed (summary.json says which), 2
+on bad input (one ``error: ...`` line, before anything runs).
 Steps run as subprocesses, so this module never imports torch.
 """
 

@@ -141,7 +141,8 @@ CASES = [
          "images.tar.gz + annotations.tar.gz), one sub-folder per class, or a Hugging Face dataset folder",
          setup=empty_folder, issue_row=True),
     Case("prepare-dataset", "annotations but no images/", ["--source", "pets", *PD],
-         "missing image folder pets/images (official layout: images/ + annotations/)",
+         "--source pets: no images/ folder next to annotations/ (official layout: images/ + "
+         "annotations/); extract images.tar.gz there",
          setup=pets_without_images, issue_row=True),
     Case("prepare-dataset", "annotations with an empty images/ folder", ["--source", "pets", *PD],
          "pets/images: none of the 12 images listed in pets/annotations/list.txt is there (e.g. "
@@ -287,6 +288,42 @@ def test_hub_sources_are_announced_and_fail_within_seconds(tmp_path, monkeypatch
     assert code == 2 and seconds < 3  # the datasets library alone retried for ~25 s
 
 
+@pytest.fixture
+def hub_without_the_dataset(monkeypatch):
+    """A Hub that answers every request with 404 RepoNotFound (a missing or private dataset)."""
+    import http.server
+    import threading
+
+    import huggingface_hub.constants
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": "Repository not found"}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_without_the_dataset_says_so(hub_without_the_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert prepare_dataset.main(["--source", "someone/private-pets", "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: --source someone/private-pets: no such local folder, and the Hugging Face Hub could not "
+        "serve it: no such dataset, or no access; set HF_TOKEN for a private or gated one")
+
+
 def test_paths_are_never_sent_to_the_hub(tmp_path, monkeypatch, capsys):
     """No stderr line saying the Hub is asked, for every path-shaped source."""
     monkeypatch.chdir(tmp_path)
@@ -323,7 +360,8 @@ def test_from_a_shell(tmp_path, args, message):
 
 def test_debug_shows_the_traceback(tmp_path):
     args = ["-m", "components", "prepare-dataset", "--source", "nope", "--output-dir", "out"]
-    for result in (_run(args, tmp_path, **{DEBUG_ENV: "1"}), _run([*args, "--debug"], tmp_path)):
+    for result in (_run(args, tmp_path, **{DEBUG_ENV: "1"}), _run([*args, "--debug"], tmp_path),
+                   _run([*args[:2], "--debug", *args[2:]], tmp_path)):
         assert result.returncode == 1 and "Traceback" in result.stderr
         assert "components.cli.UserError: --source nope: no such folder" in result.stderr
 
