@@ -7,7 +7,8 @@ Sources (``--source-format auto`` tells them apart from ``--source``):
   ``annotations.tar.gz`` (a folder holding both, or the two paths joined by a comma). The
   split is kept (trainval -> train, test -> eval) unless ``--resplit``.
 * ``hf``: a Hugging Face dataset with an Image column and a ClassLabel column, loaded by
-  ``datasets.load_dataset`` (hub id + ``--revision``, token only from ``HF_TOKEN``), or by
+  ``datasets.load_dataset`` (hub id + ``--revision``, token only from ``HF_TOKEN``; only an
+  ``owner/name`` that is no local path goes to the Hub, see ``components.cli.hub_id``), or by
   ``datasets.load_from_disk`` when the path is a ``save_to_disk`` folder. The defaults fit
   ``timm/oxford-iiit-pet`` (splits train/test, columns image, label, image_id). Tested here
   with local folders only (no hub access from the test machines).
@@ -413,20 +414,17 @@ class HFSource(Source):
         path = Path(config.source)
         is_saved = path.is_dir() and ((path / "dataset_dict.json").is_file()
                                       or (path / "state.json").is_file())
-        if not path.exists() and hub_id(config.source) is None:
-            raise UserError(f"--source {config.source}: {NO_SUCH_SOURCE}")
-        try:
-            if is_saved:
-                loaded = datasets.load_from_disk(str(path))
-            elif path.exists():
-                loaded = datasets.load_dataset(str(path), cache_dir=config.hf_cache_dir)
-            else:
-                loaded = _load_from_hub(config)
-        except UserError:
-            raise
-        except Exception as err:  # noqa: BLE001 - re-raised with the flag named
-            where = "the Hugging Face Hub could not serve it" if not path.exists() else "could not load it"
-            raise UserError(f"--source {config.source}: {where} ({type(err).__name__}: {err})") from err
+        if not path.exists():
+            if hub_id(config.source) is None:
+                raise UserError(f"--source {config.source}: {NO_SUCH_SOURCE}")
+            loaded = _load_from_hub(config)
+        else:
+            try:
+                loaded = (datasets.load_from_disk(str(path)) if is_saved
+                          else datasets.load_dataset(str(path), cache_dir=config.hf_cache_dir))
+            except Exception as err:  # noqa: BLE001 - re-raised with the flag named
+                raise UserError(f"--source {config.source}: could not load it as a Hugging Face "
+                                f"dataset folder ({type(err).__name__}: {err})") from err
         single = isinstance(loaded, datasets.Dataset)  # a saved Dataset has no split names
         splits = {config.hf_train_split: loaded} if single else dict(loaded)
         wanted = {"train": config.hf_train_split}

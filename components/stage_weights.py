@@ -1,7 +1,9 @@
 """Stage a model's weights into a folder (the KFP artifact) or a gs:// prefix, verified and resumable.
 
 Sources: a Hugging Face repo id (``google/gemma-4-e2b-it``, at ``--revision``), a local folder,
-or a gs:// prefix (a Vertex FUSE path ``/gcs/b/x`` counts as ``gs://b/x``). Only files matching
+or a gs:// prefix (a Vertex FUSE path ``/gcs/b/x`` counts as ``gs://b/x``). A path that exists is
+local; only an ``owner/name`` that is not goes to the Hub, said on stderr first
+(``components.cli.hub_id``: '.', '/', '~' or two '/' never do). Only files matching
 ``--allow-patterns`` are staged (by default what ``from_pretrained`` needs: configs, safetensors,
 tokenizer and chat template; no README, .gitattributes or duplicate .bin/.pth/.gguf weights).
 
