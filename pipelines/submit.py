@@ -296,14 +296,18 @@ def submit(args: argparse.Namespace, credentials: Any = None) -> dict[str, Any]:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    print(json.dumps(submit(parse_args(argv)), sort_keys=True))
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        record = submit(parse_args(argv))
+    except DefaultCredentialsError as err:
+        raise SubmitError(f"no Google Cloud credentials ({err}); run `gcloud auth application-default "
+                          "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a key file") from err
+    print(json.dumps(record, sort_keys=True))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from google.auth.exceptions import DefaultCredentialsError  # no credentials: a user error
-
-    return entrypoint(_main, user_errors=(SubmitError, DefaultCredentialsError))(argv)
+main = entrypoint(_main, user_errors=(SubmitError,))
 
 
 if __name__ == "__main__":

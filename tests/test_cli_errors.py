@@ -83,6 +83,13 @@ def a_file() -> None:
     Path("out").write_text("not a folder")
 
 
+def a_template() -> None:
+    import compile as compile_cli
+
+    compile_cli.compile_pipeline("pipeline.yaml", image="us-central1-docker.pkg.dev/acme/gp/trainer:1")
+    Path("params.yaml").write_text("weights_source: gs://acme/models/g\ndataset_source: gs://acme/pets\n")
+
+
 def model_and_dataset() -> None:
     """What the model-side steps check before loading anything: a config.json and a manifest."""
     Path("model").mkdir()
@@ -232,6 +239,12 @@ CASES = [
     Case("submit", "--template that does not exist", ["--template", "nope.yaml", "--project", "p", "--region",
                                                       "us-central1", "--pipeline-root", "gs://b/root"],
          "--template nope.yaml: no such file (run `make compile` first)"),
+    Case("submit", "no Google Cloud credentials", ["--template", "pipeline.yaml", "--project", "p", "--region",
+                                                   "us-central1", "--pipeline-root", "gs://b/root",
+                                                   "--parameters", "params.yaml"],
+         "no Google Cloud credentials (File nope.json was not found.); run `gcloud auth application-default "
+         "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a key file", setup=a_template,
+         env={"GOOGLE_APPLICATION_CREDENTIALS": "nope.json"}),
     Case("submit", "a required flag missing", ["--template", "nope.yaml"],
          "the following arguments are required: --project, --region, --pipeline-root"),
     Case("compile", "--output with another suffix", ["--output", "p.txt"],
