@@ -198,10 +198,14 @@ def adapter_info(adapter_dir: str) -> tuple[dict, dict]:
     targets = lora.get("target_modules") or []
     if isinstance(targets, str):  # a regex in PEFT's config
         targets = [targets]
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as fh:
-        adapted_layers = sum(1 for key in fh.keys() if ".lora_A." in key)
+    try:
+        with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as fh:
+            adapted_layers = sum(1 for key in fh.keys() if ".lora_A." in key)
+    except SafetensorError as err:  # empty, truncated or not safetensors: a bad input, named
+        raise UserError(f"--adapter-dir {adapter_dir}: {ADAPTER_WEIGHTS} is not a readable "
+                        f"safetensors file ({err})") from None
     identity = {
         "adapter_dir": str(adapter_dir),
         "adapter_model_sha256": sha256_file(adapter / ADAPTER_WEIGHTS),

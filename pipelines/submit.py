@@ -260,11 +260,12 @@ def archive_template(template: str, pipeline_root: str, spec: dict[str, Any], pr
 def submit(args: argparse.Namespace, credentials: Any = None) -> dict[str, Any]:
     checked = validate(args)
     import google.auth
-    from google.cloud import aiplatform
 
-    if credentials is None:
+    if credentials is None:  # before the heavy aiplatform import: no credentials fails at once
         credentials, _ = google.auth.default(
             scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    from google.cloud import aiplatform
+
     aiplatform.init(project=args.project, location=args.region, credentials=credentials,
                     api_endpoint=args.api_endpoint, api_transport=args.api_transport)
     template_uri = archive_template(args.template, args.pipeline_root, checked["spec"],

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import save_file
 
 from components import prepare_dataset, synthetic_pets
 from components.cli import DEBUG_ENV
@@ -100,8 +102,13 @@ def model_and_dataset() -> None:
         ' "eval": {"num_examples": 2, "shards": [{"file": "eval.parquet"}]}}}')
     Path("adapter").mkdir()
     Path("adapter/adapter_config.json").write_text('{"peft_type": "LORA"}')
-    Path("adapter/adapter_model.safetensors").write_bytes(b"")
+    save_file({"layer.lora_A.weight": np.zeros((1, 1), np.float32)}, "adapter/adapter_model.safetensors")
     Path("metrics.json").write_text("{not json")
+
+
+def an_empty_adapter_file() -> None:
+    model_and_dataset()
+    Path("adapter/adapter_model.safetensors").write_bytes(b"")
 
 
 @dataclass
@@ -225,6 +232,10 @@ CASES = [
                                                              "--output-dir", "x", "--metrics-path", "metrics.json"],
          "--metrics-path metrics.json: not valid JSON (Expecting property name enclosed in double quotes: "
          "line 1 column 2 (char 1))", setup=model_and_dataset),
+    Case("merge-export", "an adapter file that is not safetensors", ["--model-dir", "model", "--adapter-dir",
+                                                                      "adapter", "--output-dir", "x"],
+         "--adapter-dir adapter: adapter_model.safetensors is not a readable safetensors file (Error while "
+         "deserializing header: header too small)", setup=an_empty_adapter_file),
     Case("merge-export", "a malformed value", ["--model-dir", "model", "--adapter-dir", "adapter",
                                                "--output-dir", "x", "--max-shard-size", "big"],
          "--max-shard-size must look like 5GB, 500MB or a byte count, got 'big'", setup=model_and_dataset),
@@ -287,7 +298,7 @@ def test_bad_input_is_one_line_exit_2_no_traceback(case, tmp_path, monkeypatch, 
     else:
         assert errors[0] == f"error: {case.message}", err
         assert err.rstrip("\n").endswith(errors[0])  # the last thing said
-    assert seconds < 10  # no model loading, no minutes of Hub retries
+    assert seconds < 20  # no model loading, no Hub retries (~25 s); imports are slow on a busy 2-core VM
     assert not Path("out/manifest.json").exists() or case.setup is prepared
 
 
@@ -344,6 +355,23 @@ def test_paths_are_never_sent_to_the_hub(tmp_path, monkeypatch, capsys):
         if case.step in ("prepare-dataset", "stage-weights") and "never sent" in case.what:
             code, err, _ = run_case(case, monkeypatch, capsys)
             assert code == 2 and "Hugging Face Hub at" not in err and "loading the Hugging" not in err
+
+
+@pytest.mark.parametrize("step", ["finetune", "evaluate", "merge-export"])
+def test_device_flag_is_checked_before_loading(step, tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    model_and_dataset()
+    inputs = {"finetune": ["--dataset-dir", "data"], "evaluate": ["--dataset-dir", "data"],
+              "merge-export": ["--adapter-dir", "adapter"]}[step]
+    main = importlib.import_module(MAINS[step]).main
+    assert main(["--model-dir", "model", *inputs, "--output-dir", "o", "--device", "banana"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device 'banana' is not a device torch knows (")
+    if not torch.cuda.is_available():
+        assert main(["--model-dir", "model", *inputs, "--output-dir", "o", "--device", "cuda"]) == 2
+        assert capsys.readouterr().err == ("error: --device cuda: CUDA is not available on this machine; "
+                                           "use --device cpu\n")
 
 
 # ---- real processes -----------------------------------------------------------------------------
