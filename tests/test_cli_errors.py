@@ -440,7 +440,7 @@ def render() -> str:
         env = " ".join(f"{k}={v}" for k, v in case.env.items())
         what = f"{case.what}{' *' if case.issue_row else ''}: `{' '.join(case.argv)}`" + (f" ({env})" if env else "")
         prefix = "<program>: error: " if case.by_argparse else "error: "
-        lines.append(f"| {case.step} | {cell(what)} | `{cell(prefix + case.message)}` |")
+        lines.append(f"| {case.step} | {cell(what)} | `` {cell(prefix + case.message)} `` |")  # `` : may hold `
     return "\n".join(lines) + "\n"
 
 
