@@ -17,6 +17,8 @@ from pathlib import Path
 
 from kfp import compiler
 
+from components.cli import UserError, entrypoint
+
 from pipelines.options import DEFAULT_PRESET, IMAGE_ENV, PRESETS, compile_options
 from pipelines.pipeline import build_pipeline
 
@@ -42,22 +44,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def compile_pipeline(output: str | Path, preset: str = DEFAULT_PRESET, image: str | None = None,
                      fine_tune_retries: int = 2, finetune_gpus: int | None = None) -> Path:
-    options = compile_options(image=image, preset=preset, fine_tune_retries=fine_tune_retries,
-                              finetune_gpus=finetune_gpus)
+    try:
+        options = compile_options(image=image, preset=preset, fine_tune_retries=fine_tune_retries,
+                                  finetune_gpus=finetune_gpus)
+    except ValueError as err:  # the options' own checks name the flag
+        raise UserError(str(err)) from err
     output = Path(output)
     if output.suffix not in (".yaml", ".yml", ".json"):
-        raise ValueError(f"--output {output}: must end in .yaml, .yml or .json")
+        raise UserError(f"--output {output}: must end in .yaml, .yml or .json")
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline_func=build_pipeline(options), package_path=str(output))
     return output
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        path = compile_pipeline(args.output, args.preset, args.image, args.fine_tune_retries, args.finetune_gpus)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+    path = compile_pipeline(args.output, args.preset, args.image, args.fine_tune_retries, args.finetune_gpus)
     print(f"wrote {path}")
     return 0
 

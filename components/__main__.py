@@ -1,12 +1,17 @@
 """``gemma-pets <command> [flags]``: the one entrypoint of the container and the Cloud Run Job.
 
 Each command is a step module's ``main(argv)``; ``gemma-pets <command> --help`` lists its flags.
+Bad input ends with one ``error: ...`` line and exit status 2; ``--debug`` (anywhere) or
+``GEMMA_PETS_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from components.cli import DEBUG_ENV
 
 COMMANDS = {
     "stage-weights": "components.stage_weights",
@@ -21,6 +26,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # also before the command: `gemma-pets --debug finetune ...`
+        argv.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         known = ", ".join(COMMANDS)
         if argv and argv[0] not in ("-h", "--help"):

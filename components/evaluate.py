@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from components import metrics
-from components.cli import parse_config
+from components.cli import UserError, entrypoint, parse_config
 from components.files import sha256_file, write_bytes_atomic, write_json_atomic
 
 MODES = ("generate", "score")
@@ -400,31 +400,30 @@ def default_batch_size(device) -> int:
 
 
 def check_inputs(config: EvaluateConfig) -> dict:
-    """Every cheap check, before any model is loaded; returns the dataset manifest."""
+    """Every cheap check, before any model is loaded; returns the dataset manifest. Bad input
+    raises UserError naming the flag."""
     from components import modeling
     from components.shards import read_manifest
 
     modeling.check_model_dir(config.model_dir)
     if config.adapter_dir is not None and not (Path(config.adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter-dir {config.adapter_dir}: no adapter_config.json there (not a LoRA adapter folder)")
-    manifest = read_manifest(config.dataset_dir)
+    try:
+        manifest = read_manifest(config.dataset_dir)
+    except ValueError as err:  # a manifest.json that is not one (FileNotFoundError names the file)
+        raise UserError(f"--dataset-dir {config.dataset_dir}: {err}") from None
     eval_split = manifest["splits"].get("eval")
     if not eval_split or not eval_split.get("shards"):
-        raise ValueError(f"--dataset-dir {config.dataset_dir}: the manifest lists no eval shards")
+        raise UserError(f"--dataset-dir {config.dataset_dir}: the manifest lists no eval shards")
     if eval_split.get("num_examples") == 0:
-        raise ValueError(f"--dataset-dir {config.dataset_dir}: the eval split is empty")
+        raise UserError(f"--dataset-dir {config.dataset_dir}: the eval split is empty")
     if not manifest["class_names"]:
-        raise ValueError(f"--dataset-dir {config.dataset_dir}: the manifest has no class_names")
-    AnswerMapper(manifest["class_names"])  # refuses class names that answers could not tell apart
-    import torch
-
+        raise UserError(f"--dataset-dir {config.dataset_dir}: the manifest has no class_names")
     try:
-        device = modeling.pick_device(config.device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {config.device!r} is not a device torch knows ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {config.device}: CUDA is not available on this machine")
-    modeling.resolve_quantization(config.quantization, device)  # nf4 without CUDA fails here
+        AnswerMapper(manifest["class_names"])  # refuses class names that answers could not tell apart
+    except ValueError as err:
+        raise UserError(f"--dataset-dir {config.dataset_dir}: {err}") from None
+    modeling.checked_device(config.device, config.quantization)  # e.g. nf4 without CUDA fails here
     return manifest
 
 
@@ -561,13 +560,9 @@ def run(config: EvaluateConfig) -> dict:
     return result
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(EvaluateConfig, argv)
-    try:
-        check_inputs(config)  # bad paths and flags end with one clear line, not a traceback
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from err
-    run(config)
+    run(parse_config(EvaluateConfig, argv))  # run checks its inputs before loading the model
     return 0
 
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.cli import parse_config
+from components.cli import UserError, entrypoint, parse_config
 from components.files import read_json, sha256_file, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
@@ -473,18 +473,29 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def check_inputs(cfg: FinetuneConfig):
+    """Everything cheap, before the model (and any GPU time) is touched: (class names, device,
+    quantization), or a UserError naming the flag."""
+    from components import modeling, shards
+
+    modeling.check_model_dir(cfg.model_dir)
+    try:
+        manifest = shards.read_manifest(cfg.dataset_dir)
+    except ValueError as err:  # a manifest.json that is not one (FileNotFoundError names the file)
+        raise UserError(f"--dataset-dir {cfg.dataset_dir}: {err}") from None
+    if not manifest["splits"].get("train", {}).get("num_examples"):
+        raise UserError(f"--dataset-dir {cfg.dataset_dir}: the train split is empty")
+    device, quantization = modeling.checked_device(cfg.device, cfg.quantization)
+    return manifest["class_names"], device, quantization
+
+
 def run(cfg: FinetuneConfig) -> dict:
     import torch
 
     from components import modeling, shards
 
     output_dir = Path(cfg.output_dir)
-    # Validate everything cheap before the model (and any GPU time) is touched.
-    modeling.check_model_dir(cfg.model_dir)
-    manifest = shards.read_manifest(cfg.dataset_dir)
-    class_names = manifest["class_names"]
-    device = modeling.pick_device(cfg.device)
-    quantization = modeling.resolve_quantization(cfg.quantization, device)
+    class_names, device, quantization = check_inputs(cfg)
 
     if (output_dir / METRICS_FILE).is_file():
         done = read_json(output_dir / METRICS_FILE)
@@ -662,8 +673,9 @@ def _train(cfg: FinetuneConfig, output_dir: Path, class_names: list[str], device
     return metrics
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
-    run(parse_config(FinetuneConfig, argv))
+    run(parse_config(FinetuneConfig, argv))  # run checks its inputs before loading the model
     return 0
 
 

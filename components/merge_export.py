@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import components
-from components.cli import parse_config
+from components.cli import UserError, entrypoint, parse_config
 from components.files import atomic_dir, read_json, sha256_file, write_bytes_atomic, write_json_atomic
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -164,10 +164,10 @@ def read_metrics(path: str) -> dict:
     try:
         metrics = read_json(path)
     except json.JSONDecodeError as err:
-        raise ValueError(f"--metrics-path {path}: not valid JSON ({err})") from None
+        raise UserError(f"--metrics-path {path}: not valid JSON ({err})") from None
     missing = [key for key in METRIC_KEYS if key not in metrics]
     if missing:
-        raise ValueError(f"--metrics-path {path}: missing key(s) {missing}; not a metrics.json of the evaluate step")
+        raise UserError(f"--metrics-path {path}: missing key(s) {missing}; not a metrics.json of the evaluate step")
     keep = (*METRIC_KEYS, "top5_accuracy", "num_examples", "mode")
     return {key: metrics[key] for key in keep if key in metrics}
 
@@ -191,17 +191,21 @@ def adapter_info(adapter_dir: str) -> tuple[dict, dict]:
     try:
         lora = read_json(adapter / ADAPTER_CONFIG)
     except json.JSONDecodeError as err:
-        raise ValueError(f"--adapter-dir {adapter_dir}: {ADAPTER_CONFIG} is not valid JSON ({err})") from None
+        raise UserError(f"--adapter-dir {adapter_dir}: {ADAPTER_CONFIG} is not valid JSON ({err})") from None
     if lora.get("peft_type") != "LORA":
-        raise ValueError(f"--adapter-dir {adapter_dir}: {ADAPTER_CONFIG} has peft_type "
-                         f"{lora.get('peft_type')!r}, this step merges LORA adapters")
+        raise UserError(f"--adapter-dir {adapter_dir}: {ADAPTER_CONFIG} has peft_type "
+                        f"{lora.get('peft_type')!r}, this step merges LORA adapters")
     targets = lora.get("target_modules") or []
     if isinstance(targets, str):  # a regex in PEFT's config
         targets = [targets]
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as fh:
-        adapted_layers = sum(1 for key in fh.keys() if ".lora_A." in key)
+    try:
+        with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as fh:
+            adapted_layers = sum(1 for key in fh.keys() if ".lora_A." in key)
+    except SafetensorError as err:  # empty, truncated or not safetensors: a bad input, named
+        raise UserError(f"--adapter-dir {adapter_dir}: {ADAPTER_WEIGHTS} is not a readable "
+                        f"safetensors file ({err})") from None
     identity = {
         "adapter_dir": str(adapter_dir),
         "adapter_model_sha256": sha256_file(adapter / ADAPTER_WEIGHTS),
@@ -508,7 +512,7 @@ def run(config: MergeExportConfig) -> dict:
     adapter, hyperparameters = adapter_info(config.adapter_dir)
     base_info = base_model_info(config.model_dir)
     data_info = dataset_info(config.dataset_dir)
-    device = modeling.pick_device(config.device)
+    device, _ = modeling.checked_device(config.device, "none")  # never 4-bit: see below
     dtype = modeling.compute_dtype(device)
     save_dtype = getattr(torch, config.save_dtype)
     default_merge, default_export = default_tolerances(dtype, save_dtype)
@@ -613,12 +617,11 @@ def run(config: MergeExportConfig) -> dict:
     return meta
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
+    config = parse_config(MergeExportConfig, argv)
     try:
-        run(parse_config(MergeExportConfig, argv))
-    except FileNotFoundError as err:  # a missing input folder or file, named in the message
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        run(config)  # reads and checks its inputs before loading the model
     except ExportVerificationError as err:
         print(f"error: merge verification failed: {err}", file=sys.stderr)
         return 1

@@ -40,6 +40,23 @@ def resolve_quantization(quantization: str, device: torch.device) -> str:
     return quantization
 
 
+def checked_device(device: str, quantization: str) -> tuple[torch.device, str]:
+    """(device, quantization) for the --device and --quantization flags, or a UserError naming
+    the flag: checked before any model is loaded."""
+    from components.cli import UserError
+
+    try:
+        picked = pick_device(device)
+    except RuntimeError as err:
+        raise UserError(f"--device {device!r} is not a device torch knows ({err})") from None
+    if picked.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return picked, resolve_quantization(quantization, picked)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def nf4_config():
     """QLoRA's storage: nf4 weights, double-quantised scales, bf16 compute and bf16 quant storage
     (bf16 storage lets FSDP shard the packed weights like any bf16 tensor)."""

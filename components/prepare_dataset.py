@@ -7,7 +7,8 @@ Sources (``--source-format auto`` tells them apart from ``--source``):
   ``annotations.tar.gz`` (a folder holding both, or the two paths joined by a comma). The
   split is kept (trainval -> train, test -> eval) unless ``--resplit``.
 * ``hf``: a Hugging Face dataset with an Image column and a ClassLabel column, loaded by
-  ``datasets.load_dataset`` (hub id + ``--revision``, token only from ``HF_TOKEN``), or by
+  ``datasets.load_dataset`` (hub id + ``--revision``, token only from ``HF_TOKEN``; only an
+  ``owner/name`` that is no local path goes to the Hub, see ``components.cli.hub_id``), or by
   ``datasets.load_from_disk`` when the path is a ``save_to_disk`` folder. The defaults fit
   ``timm/oxford-iiit-pet`` (splits train/test, columns image, label, image_id). Tested here
   with local folders only (no hub access from the test machines).
@@ -25,7 +26,10 @@ Files that do not decode are skipped and listed in the manifest with the reason.
 
 Every check that needs no pixel data (annotation files, class list, labels, requested sizes)
 runs before any image is read, and nothing is written to ``--output-dir`` until every image
-has been read.
+has been read. A rerun into a folder that holds a dataset prepared with the same options (and
+intact shards) does nothing; other options are refused unless ``--overwrite``. Bad input ends
+as one ``error: ...`` line naming the flag or file (components.cli.UserError); the table of
+cases and messages is docs/bad-input.md.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tarfile
@@ -55,8 +58,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
-from components.cli import parse_config
-from components.files import sha256_bytes, write_bytes_atomic, write_json_atomic
+from components.cli import UserError, entrypoint, hub_id, parse_config
+from components.files import read_json, sha256_bytes, sha256_file, write_bytes_atomic, write_json_atomic
 from components.shards import MANIFEST_NAME, SPLITS
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +112,11 @@ def annotation_line(image_name: str, class_index: int) -> str:
 
 SOURCE_FORMATS = ("auto", "official", "hf", "imagefolder")
 IMAGE_FORMATS = ("jpeg", "png")
-HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+MIN_CLASSES = 2
+WHY_TWO_CLASSES = "with one class every answer is right: accuracy would be a trivial 100%"
+# Options that change how the step runs but not the dataset it writes (a rerun may differ in them)
+RUN_ONLY_OPTIONS = ("num_workers", "hf_cache_dir", "overwrite")
+DATASET_FORMAT = "gemma-pets/prepared-dataset/v1"
 
 
 @dataclass
@@ -157,34 +164,39 @@ class PrepareDatasetConfig:
         "help": "rows per Parquet shard (about 100 MB of official-size photos)"})
     num_workers: int = field(default=0, metadata={
         "help": "decoding threads; 0 = one per CPU core"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace a dataset already prepared in --output-dir with other options (by "
+                "default a rerun with the same options reuses it, and other options are refused)"})
 
     def __post_init__(self) -> None:
         if not self.source:
-            raise ValueError("--source must not be empty")
+            raise UserError("--source must not be empty")
         if not self.output_dir:
-            raise ValueError("--output-dir must not be empty")
+            raise UserError("--output-dir must not be empty")
         if self.source_format not in SOURCE_FORMATS:
-            raise ValueError(f"--source-format must be one of {SOURCE_FORMATS}, got {self.source_format!r}")
+            raise UserError(f"--source-format must be one of {SOURCE_FORMATS}, got {self.source_format!r}")
         if self.image_format not in IMAGE_FORMATS:
-            raise ValueError(f"--image-format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+            raise UserError(f"--image-format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         # accept "--classes a,b c" as well as "--classes a b c" (KFP passes one string)
         self.classes = [name for item in self.classes for name in item.split(",") if name]
         if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"--classes lists a class twice: {self.classes}")
+            raise UserError(f"--classes lists a class twice: {self.classes}")
         if self.classes and self.num_classes is not None:
-            raise ValueError("give --classes or --num-classes, not both")
-        for flag, value in (("--num-classes", self.num_classes), ("--train-size", self.train_size),
-                            ("--eval-size", self.eval_size)):
+            raise UserError("give --classes or --num-classes, not both")
+        if self.num_classes is not None and self.num_classes < MIN_CLASSES or len(self.classes) == 1:
+            given = f"--num-classes {self.num_classes}" if self.classes == [] else f"--classes {self.classes[0]}"
+            raise UserError(f"{given}: keep at least {MIN_CLASSES} classes ({WHY_TWO_CLASSES})")
+        for flag, value in (("--train-size", self.train_size), ("--eval-size", self.eval_size)):
             if value is not None and value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
+                raise UserError(f"{flag} must be >= 1, got {value}")
         if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+            raise UserError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+            raise UserError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.examples_per_shard < 1:
-            raise ValueError(f"--examples-per-shard must be >= 1, got {self.examples_per_shard}")
+            raise UserError(f"--examples-per-shard must be >= 1, got {self.examples_per_shard}")
         if self.num_workers < 0:
-            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+            raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
 
 
 Config = PrepareDatasetConfig  # the name every step module also answers to
@@ -232,24 +244,24 @@ def _parse_annotation_file(text: str, filename: str) -> list[tuple[str, int]]:
         parts = line.split()
         where = f"{filename}:{lineno}"
         if len(parts) != 4:
-            raise ValueError(f"{where}: expected 4 columns 'Image CLASS-ID SPECIES BREED-ID', got {line!r}")
+            raise UserError(f"{where}: expected 4 columns 'Image CLASS-ID SPECIES BREED-ID', got {line!r}")
         image, *numbers = parts
         try:
             class_id, species, breed = (int(n) for n in numbers)
         except ValueError:
-            raise ValueError(f"{where}: CLASS-ID, SPECIES and BREED ID must be integers: {line!r}") from None
+            raise UserError(f"{where}: CLASS-ID, SPECIES and BREED ID must be integers: {line!r}") from None
         if not 1 <= class_id <= len(OXFORD_PET_CLASSES):
-            raise ValueError(f"{where}: CLASS-ID {class_id} is outside the class list "
-                             f"1..{len(OXFORD_PET_CLASSES)}: {line!r}")
+            raise UserError(f"{where}: CLASS-ID {class_id} is outside the class list "
+                            f"1..{len(OXFORD_PET_CLASSES)}: {line!r}")
         class_index = class_id - 1
         name = OXFORD_PET_CLASSES[class_index]
         if image.rsplit("_", 1)[0] != name:
-            raise ValueError(f"{where}: image {image!r} does not belong to CLASS-ID {class_id} ({name})")
+            raise UserError(f"{where}: image {image!r} does not belong to CLASS-ID {class_id} ({name})")
         if species != species_id(name) or breed != breed_id(class_index):
-            raise ValueError(f"{where}: SPECIES/BREED ID {species}/{breed} do not match class "
-                             f"{name} ({species_id(name)}/{breed_id(class_index)})")
+            raise UserError(f"{where}: SPECIES/BREED ID {species}/{breed} do not match class "
+                            f"{name} ({species_id(name)}/{breed_id(class_index)})")
         if image in seen:
-            raise ValueError(f"{where}: image {image!r} is listed twice")
+            raise UserError(f"{where}: image {image!r} is listed twice")
         seen.add(image)
         rows.append((image, class_index))
     return rows
@@ -270,14 +282,14 @@ class OfficialSource(Source):
         else:
             assert root is not None
             if not (root / "images").is_dir():
-                raise FileNotFoundError(f"missing image folder {root / 'images'} (official layout: "
-                                        "images/ + annotations/)")
+                raise UserError(f"--source {root}: no images/ folder next to annotations/ (official "
+                                "layout: images/ + annotations/); extract images.tar.gz there")
             folder = root / "annotations"
             texts = {}
             for name in ANNOTATION_FILES:
                 if not (folder / name).is_file():
-                    raise FileNotFoundError(f"missing annotation file {folder / name} "
-                                            "(the official layout needs list.txt, trainval.txt, test.txt)")
+                    raise UserError(f"missing annotation file {folder / name} "
+                                    "(the official layout needs list.txt, trainval.txt, test.txt)")
                 texts[name] = (folder / name).read_text(encoding="utf-8")
             label = f"{folder}/"
         listed = {name: _parse_annotation_file(texts[name], label + name) for name in ANNOTATION_FILES}
@@ -286,19 +298,25 @@ class OfficialSource(Source):
         for split, filename in SPLIT_FILES.items():
             for image, class_index in listed[filename]:
                 if catalogue.get(image) != class_index:
-                    raise ValueError(f"{label}{filename}: {image!r} with CLASS-ID {class_index + 1} "
-                                     "is not listed with that CLASS-ID in list.txt")
+                    raise UserError(f"{label}{filename}: {image!r} with CLASS-ID {class_index + 1} "
+                                    "is not listed with that CLASS-ID in list.txt")
                 if image in split_of:
-                    raise ValueError(f"{label}{filename}: {image!r} is also in "
-                                     f"{SPLIT_FILES[split_of[image]]}")
+                    raise UserError(f"{label}{filename}: {image!r} is also in "
+                                    f"{SPLIT_FILES[split_of[image]]}")
                 split_of[image] = split
         self.class_names = list(OXFORD_PET_CLASSES)
         self.has_split = True
-        self.pre_skipped = []
-        # images in list.txt but in neither split file have no split: they are left out
+        # images in list.txt but in neither split file have no split: left out, and reported
+        self.pre_skipped = [{"id": image, "file": f"images/{image}.jpg",
+                             "reason": f"listed in list.txt but in neither {' nor '.join(SPLIT_FILES.values())}"}
+                            for image, _ in listed["list.txt"] if image not in split_of]
         self.items = [Item(id=image, label=class_index, split=split_of[image], ref=f"images/{image}.jpg",
                            origin=f"images/{image}.jpg")
                       for image, class_index in listed["list.txt"] if image in split_of]
+        if root is not None and self.items and not any((root / it.ref).is_file() for it in self.items):
+            raise UserError(f"{root / 'images'}: none of the {len(self.items)} images listed in "
+                            f"{label}list.txt is there (e.g. {self.items[0].ref}); put the images "
+                            "there (extract images.tar.gz into it)")
 
     @staticmethod
     def _safe_member_name(member: tarfile.TarInfo, tar_path: Path) -> str:
@@ -306,9 +324,9 @@ class OfficialSource(Source):
         name = member.name
         parts = PurePosixPath(name).parts
         if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-            raise ValueError(f"{tar_path}: unsafe member path {name!r} (absolute or outside the archive)")
+            raise UserError(f"{tar_path}: unsafe member path {name!r} (absolute or outside the archive)")
         if member.issym() or member.islnk():
-            raise ValueError(f"{tar_path}: member {name!r} is a link; refusing to follow it")
+            raise UserError(f"{tar_path}: member {name!r} is a link; refusing to follow it")
         return str(PurePosixPath(*[p for p in parts if p not in (".", "")])) if parts else ""
 
     def _read_annotations_tar(self, path: Path) -> dict[str, str]:
@@ -321,7 +339,7 @@ class OfficialSource(Source):
                     texts[wanted[name]] = tar.extractfile(member).read().decode("utf-8")
         missing = [f"annotations/{n}" for n in ANNOTATION_FILES if n not in texts]
         if missing:
-            raise FileNotFoundError(f"missing annotation file(s) {missing} in {path}")
+            raise UserError(f"missing annotation file(s) {missing} in {path}")
         return texts
 
     def fetch(self, items: list[Item]) -> None:
@@ -362,8 +380,8 @@ class ImageFolderSource(Source):
         self.root = root
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
-            raise ValueError(f"--source {root}: no class sub-folders (image folder layout: "
-                             "<source>/<class name>/<image files>)")
+            raise UserError(f"--source {root}: no class sub-folders (image folder layout: "
+                            "<source>/<class name>/<image files>)")
         self.class_names = [p.name for p in class_dirs]
         self.has_split = False
         self.pre_skipped = [
@@ -375,7 +393,7 @@ class ImageFolderSource(Source):
                            if p.is_file() and not any(part.startswith(".")
                                                       for part in p.relative_to(root).parts))
             if not files:
-                raise ValueError(f"class folder {class_dir} is empty: every class needs images")
+                raise UserError(f"class folder {class_dir} is empty: every class needs images")
             for path in files:
                 rel = path.relative_to(root).as_posix()
                 self.items.append(Item(id=rel, label=label, split=None, ref=path, origin=rel))
@@ -396,20 +414,17 @@ class HFSource(Source):
         path = Path(config.source)
         is_saved = path.is_dir() and ((path / "dataset_dict.json").is_file()
                                       or (path / "state.json").is_file())
-        try:
-            if is_saved:
-                loaded = datasets.load_from_disk(str(path))
-            else:
-                if not path.exists() and not config.revision:
-                    print(f"note: no --revision for {config.source}: the hub's latest version is "
-                          "used and a later run may see other data; pin a commit sha to reproduce")
-                # the token comes only from the environment and is never logged or stored
-                loaded = datasets.load_dataset(config.source, revision=config.revision,
-                                               token=os.environ.get("HF_TOKEN") or None,
-                                               cache_dir=config.hf_cache_dir)
-        except Exception as err:  # noqa: BLE001 - re-raised with the flag named
-            raise RuntimeError(f"--source {config.source} (revision {config.revision}): could not "
-                               f"load the Hugging Face dataset: {type(err).__name__}: {err}") from err
+        if not path.exists():
+            if hub_id(config.source) is None:
+                raise UserError(f"--source {config.source}: {NO_SUCH_SOURCE}")
+            loaded = _load_from_hub(config)
+        else:
+            try:
+                loaded = (datasets.load_from_disk(str(path)) if is_saved
+                          else datasets.load_dataset(str(path), cache_dir=config.hf_cache_dir))
+            except Exception as err:  # noqa: BLE001 - re-raised with the flag named
+                raise UserError(f"--source {config.source}: could not load it as a Hugging Face "
+                                f"dataset folder ({type(err).__name__}: {err})") from err
         single = isinstance(loaded, datasets.Dataset)  # a saved Dataset has no split names
         splits = {config.hf_train_split: loaded} if single else dict(loaded)
         wanted = {"train": config.hf_train_split}
@@ -418,8 +433,8 @@ class HFSource(Source):
         for ours, theirs in wanted.items():
             if theirs not in splits:
                 flag = "--hf-train-split" if ours == "train" else "--hf-eval-split"
-                raise ValueError(f"{flag} {theirs!r}: no such split in {config.source} "
-                                 f"(splits: {sorted(splits)})")
+                raise UserError(f"{flag} {theirs!r}: no such split in {config.source} "
+                                f"(splits: {sorted(splits)})")
         self.has_split = "eval" in wanted
         self.class_names = []
         self._views: dict[str, Any] = {}
@@ -433,29 +448,29 @@ class HFSource(Source):
             for flag, column, kind in (("--image-column", config.image_column, datasets.Image),
                                        ("--label-column", config.label_column, datasets.ClassLabel)):
                 if column not in features:
-                    raise ValueError(f"{flag} {column!r}: no such column in split {theirs!r} "
-                                     f"(columns: {list(features)})")
+                    raise UserError(f"{flag} {column!r}: no such column in split {theirs!r} "
+                                    f"(columns: {list(features)})")
                 if not isinstance(features[column], kind):
-                    raise ValueError(f"{flag} {column!r} in split {theirs!r} is {features[column]}, "
-                                     f"not a datasets.{kind.__name__}")
+                    raise UserError(f"{flag} {column!r} in split {theirs!r} is {features[column]}, "
+                                    f"not a datasets.{kind.__name__}")
             names = list(features[config.label_column].names)
             if self.class_names and names != self.class_names:
-                raise ValueError(f"--label-column {config.label_column!r}: split {theirs!r} has "
-                                 f"class names {names}, split {wanted['train']!r} has {self.class_names}")
+                raise UserError(f"--label-column {config.label_column!r}: split {theirs!r} has "
+                                f"class names {names}, split {wanted['train']!r} has {self.class_names}")
             self.class_names = names
             labels = list(ds[config.label_column])
             for row, label in enumerate(labels):
                 if label is None or not 0 <= label < len(names):
-                    raise ValueError(f"--label-column {config.label_column!r}: split {theirs!r} row "
-                                     f"{row} has label {label}, outside the class list 0..{len(names) - 1}")
+                    raise UserError(f"--label-column {config.label_column!r}: split {theirs!r} row "
+                                    f"{row} has label {label}, outside the class list 0..{len(names) - 1}")
             if config.id_column and config.id_column in features:
                 ids = [str(v) for v in ds[config.id_column]]
             else:
                 ids = [f"{theirs}-{row:06d}" for row in range(len(labels))]
             for row, (image_id, label) in enumerate(zip(ids, labels)):
                 if image_id in seen_ids:
-                    raise ValueError(f"--id-column {config.id_column!r}: id {image_id!r} appears in "
-                                     f"{seen_ids[image_id]} and {theirs}[{row}]; give a unique "
+                    raise UserError(f"--id-column {config.id_column!r}: id {image_id!r} appears in "
+                                    f"{seen_ids[image_id]} and {theirs}[{row}]; give a unique "
                                      "column or --id-column '' for '<split>-<row>' ids")
                 seen_ids[image_id] = f"{theirs}[{row}]"
                 self.items.append(Item(id=image_id, label=label, split=ours if self.has_split else None,
@@ -476,6 +491,51 @@ class HFSource(Source):
         return Path(value["path"]).read_bytes()
 
 
+NO_SUCH_SOURCE = "no such folder; check the path (a Hugging Face dataset id has the form owner/name)"
+HUB_TIMEOUT_S = 10  # one metadata request; the datasets library would retry for ~25 s instead
+
+
+def _load_from_hub(config: PrepareDatasetConfig):
+    """``datasets.load_dataset`` of an owner/name id that is no local folder, said on stderr first.
+
+    Online, one quick metadata request comes first, so an unreachable Hub, a private or a missing
+    dataset ends in seconds with one line instead of the datasets library's retries. Offline
+    (HF_HUB_OFFLINE=1) the datasets cache answers, or fails at once.
+    """
+    import datasets
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, token = config.source, os.environ.get("HF_TOKEN") or None  # token: never logged or stored
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    print(f"--source {repo} is not a local folder: loading the Hugging Face dataset {repo} from "
+          f"{endpoint}", file=sys.stderr)
+    failed = f"--source {repo}: no such local folder, and the Hugging Face Hub could not serve it"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            HfApi(endpoint=endpoint, token=token or False).dataset_info(
+                repo, revision=config.revision, timeout=HUB_TIMEOUT_S)
+        except RevisionNotFoundError:
+            raise UserError(f"--revision {config.revision}: no such revision of the Hugging Face "
+                            f"dataset {repo}") from None
+        except (RepositoryNotFoundError, GatedRepoError):
+            private = "" if token else "; set HF_TOKEN for a private or gated one"
+            raise UserError(f"{failed}: no such dataset, or no access{private}") from None
+        except Exception as err:  # noqa: BLE001 - any failure of this one request: the Hub is out of reach
+            raise UserError(f"{failed} (offline? {type(err).__name__}: {err})") from None
+    try:
+        loaded = datasets.load_dataset(repo, revision=config.revision, token=token,
+                                       cache_dir=config.hf_cache_dir)
+    except Exception as err:  # noqa: BLE001 - re-raised as one line naming the flag
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f"{failed}: HF_HUB_OFFLINE is set and the datasets cache does not hold it") from err
+        raise UserError(f"{failed} ({type(err).__name__}: {err})") from err
+    if not config.revision:
+        print(f"note: no --revision for {repo}: the hub's latest version is used and a later run "
+              "may see other data; pin a commit sha to reproduce", file=sys.stderr)
+    return loaded
+
+
 def _split_pair(source: str) -> tuple[Path, Path] | None:
     """'IMAGES.tar.gz,ANNOTATIONS.tar.gz' -> (images, annotations) paths, else None."""
     if "," not in source:
@@ -486,13 +546,19 @@ def _split_pair(source: str) -> tuple[Path, Path] | None:
     return first, second
 
 
+LAYOUTS = ("the official layout (images/ + annotations/, or images.tar.gz + annotations.tar.gz), "
+           "one sub-folder per class, or a Hugging Face dataset folder")
+
+
 def detect_format(source: str) -> str:
     path = Path(source)
     pair = _split_pair(source)
     if pair is not None:
         return "official"
     if path.is_dir():
-        names = {p.name for p in path.iterdir()}
+        names = {p.name for p in path.iterdir() if not p.name.startswith(".")}
+        if not names:
+            raise UserError(f"--source {source}: the folder is empty; expected {LAYOUTS}")
         if {"images", "annotations"} & names or {"images.tar.gz", "annotations.tar.gz"} <= names:
             return "official"
         if names & {"dataset_dict.json", "state.json", "dataset_info.json"} or any(
@@ -500,11 +566,11 @@ def detect_format(source: str) -> str:
             return "hf"
         return "imagefolder"
     if path.exists():
-        raise ValueError(f"--source {source}: a file, but sources are folders, two tarballs "
-                         "'IMAGES.tar.gz,ANNOTATIONS.tar.gz', or Hugging Face dataset ids")
-    if HF_ID.match(source):
+        raise UserError(f"--source {source}: a file, but sources are folders, two tarballs "
+                        "'IMAGES.tar.gz,ANNOTATIONS.tar.gz', or Hugging Face dataset ids")
+    if hub_id(source):
         return "hf"
-    raise FileNotFoundError(f"--source {source}: no such folder, and not a Hugging Face id (owner/name)")
+    raise UserError(f"--source {source}: {NO_SUCH_SOURCE}")
 
 
 def open_source(config: PrepareDatasetConfig) -> Source:
@@ -514,7 +580,7 @@ def open_source(config: PrepareDatasetConfig) -> Source:
     if fmt == "imagefolder":
         root = Path(config.source)
         if not root.is_dir():
-            raise FileNotFoundError(f"--source {root}: no such folder")
+            raise UserError(f"--source {root}: {NO_SUCH_SOURCE}")
         return ImageFolderSource(root)
     # official
     pair = _split_pair(config.source)
@@ -525,10 +591,10 @@ def open_source(config: PrepareDatasetConfig) -> Source:
     if pair is not None:
         for tar_path in pair:
             if not tar_path.is_file():
-                raise FileNotFoundError(f"--source: missing official tarball {tar_path}")
+                raise UserError(f"--source: missing official tarball {tar_path}")
         return OfficialSource(None, images_tar=pair[0], annotations_tar=pair[1])
     if not root.is_dir():
-        raise FileNotFoundError(f"--source {root}: no such folder")
+        raise UserError(f"--source {root}: {NO_SUCH_SOURCE}")
     return OfficialSource(root)
 
 
@@ -632,8 +698,8 @@ def resplit_items(items: list[Item], labels: list[int], class_names: list[str], 
     for label in labels:
         members = _ranked([it for it in items if it.label == label], seed, "resplit", label)
         if len(members) < 2:
-            raise ValueError(f"class {class_names[label]!r} has {len(members)} example(s); "
-                             "re-splitting needs >= 2 per class (one for train, one for eval)")
+            raise UserError(f"class {class_names[label]!r} has {len(members)} example(s); "
+                            "re-splitting needs >= 2 per class (one for train, one for eval)")
         n_eval = min(max(round(len(members) * eval_fraction), 1), len(members) - 1)
         out["eval"] += members[:n_eval]
         out["train"] += members[n_eval:]
@@ -656,19 +722,23 @@ def _select_classes(source: Source, config: PrepareDatasetConfig) -> list[int]:
         elif config.num_classes is not None:
             empty = [name for name in empty if source.class_names.index(name) < config.num_classes]
         if empty:
-            raise ValueError(f"class(es) {empty} of --source {config.source} have no examples")
+            raise UserError(f"class(es) {empty} of --source {config.source} have no examples")
         present = list(range(len(source.class_names)))
     if config.classes:
         names = [source.class_names[i] for i in present]
         unknown = [name for name in config.classes if name not in names]
         if unknown:
-            raise ValueError(f"--classes {unknown}: not in the source's classes {names}")
+            raise UserError(f"--classes {unknown}: not in the source's classes {names}")
         return [i for i in present if source.class_names[i] in set(config.classes)]
     if config.num_classes is not None:
         if config.num_classes > len(present):
-            raise ValueError(f"--num-classes {config.num_classes} is larger than the "
-                             f"{len(present)} classes of --source {config.source}")
+            raise UserError(f"--num-classes {config.num_classes} is larger than the "
+                            f"{len(present)} classes of --source {config.source}")
         return present[: config.num_classes]
+    if len(present) < MIN_CLASSES:
+        names = [source.class_names[i] for i in present]
+        raise UserError(f"--source {config.source} has {len(present)} class(es) {names}; "
+                        f"at least {MIN_CLASSES} are needed ({WHY_TWO_CLASSES})")
     return present
 
 
@@ -683,16 +753,16 @@ def plan_splits(source: Source, config: PrepareDatasetConfig, kept: list[int]) -
         empty = [source.class_names[label] for label in kept if counts[label] == 0]
         if empty:
             where = SPLIT_FILES[split] if source.format == "official" else f"the {split} split"
-            raise ValueError(f"class(es) {empty} have no examples in {where} of --source {config.source}")
+            raise UserError(f"class(es) {empty} have no examples in {where} of --source {config.source}")
         size = config.train_size if split == "train" else config.eval_size
         if size is not None:
             flag = f"--{split}-size"
             if size > len(splits[split]):
-                raise ValueError(f"{flag} {size} is larger than the {len(splits[split])} {split} "
-                                 f"examples of --source {config.source} (after the class filter)")
+                raise UserError(f"{flag} {size} is larger than the {len(splits[split])} {split} "
+                                f"examples of --source {config.source} (after the class filter)")
             if size < len(kept):
-                raise ValueError(f"{flag} {size} is smaller than the {len(kept)} classes: "
-                                 "a stratified subset needs at least one example per class")
+                raise UserError(f"{flag} {size} is smaller than the {len(kept)} classes: "
+                                "a stratified subset needs at least one example per class")
     return splits
 
 
@@ -730,11 +800,15 @@ def _decode_all(source: Source, splits: dict[str, list[Item]], config: PrepareDa
                 available = [len(ranked[split, label]) - len(bad[split, label]) for label in kept]
                 for label, count in zip(kept, available):
                     if count == 0:
-                        raise ValueError(f"class {source.class_names[label]!r} has no readable "
-                                         f"image in the {split} split ({len(bad[split, label])} skipped)")
+                        reasons = Counter(e["reason"] for e in skipped if e["id"] in bad[split, label])
+                        raise UserError(
+                            f"class {source.class_names[label]!r} has no readable image in the {split} "
+                            f"split: all {len(bad[split, label])} unreadable ("
+                            + ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
+                            + f"); {len(skipped)} file(s) skipped so far, e.g. {skipped[0]['file']}")
                 if size is not None and size > sum(available):
-                    raise ValueError(f"--{split}-size {size}: only {sum(available)} readable {split} "
-                                     f"examples remain after skipping unreadable files")
+                    raise UserError(f"--{split}-size {size}: only {sum(available)} readable {split} "
+                                    f"examples remain after skipping unreadable files")
                 quotas = stratified_quotas(available, size)
                 chosen[split] = []
                 for label, quota in zip(kept, quotas):
@@ -771,53 +845,80 @@ def _shard_bytes(rows: list[tuple[Item, bytes]], class_names: list[str], remap: 
 def _check_output(config: PrepareDatasetConfig) -> Path:
     output = Path(config.output_dir)
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output-dir {output} is a file, not a folder")
+        raise UserError(f"--output-dir {output} is a file, not a folder")
     source = Path(config.source)
     if source.is_dir() and output.resolve().is_relative_to(source.resolve()):
-        raise ValueError(f"--output-dir {output} is inside --source {source}; it would be read as data")
+        raise UserError(f"--output-dir {output} is inside --source {source}; it would be read as data")
     return output
 
 
 def _local_source(source: str) -> str:
-    """gs:// URIs in --source (one, or a comma pair) -> Vertex AI's Cloud Storage FUSE paths."""
+    """'~' expanded, and gs:// URIs in --source (one, or a comma pair) -> Vertex AI's Cloud
+    Storage FUSE paths."""
+    source = ",".join(os.path.expanduser(part.strip()) if part.strip().startswith("~") else part
+                      for part in source.split(","))
     if "gs://" not in source:
         return source
     from components import gcs  # google-cloud-storage import: only when needed
 
     if not Path(gcs.FUSE_ROOT).is_dir():
-        raise FileNotFoundError(f"--source {source}: gs:// sources are read through the Cloud "
-                                f"Storage FUSE mount {gcs.FUSE_ROOT}/ (as on Vertex AI), which is "
-                                "not mounted here; copy the data to a local folder instead")
+        raise UserError(f"--source {source}: gs:// sources are read through the Cloud "
+                        f"Storage FUSE mount {gcs.FUSE_ROOT}/ (as on Vertex AI), which is "
+                        "not mounted here; copy the data to a local folder instead")
     return ",".join(gcs.fuse_path(part.strip()) if gcs.is_gcs(part.strip()) else part
                     for part in source.split(","))
 
 
-def run(config: PrepareDatasetConfig) -> dict[str, Any]:
-    """Prepare the dataset; returns the manifest written to ``output_dir/manifest.json``."""
-    start = time.perf_counter()
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode half grey
-    given_source = config.source
-    config = dataclasses.replace(config, source=_local_source(config.source))
-    output = _check_output(config)
-    source = open_source(config)
-    try:
-        kept = _select_classes(source, config)
-        class_names = [source.class_names[i] for i in kept]
-        remap = {label: new for new, label in enumerate(kept)}
-        splits = plan_splits(source, config, kept)
-        source.fetch([item for split in SPLITS for item in splits[split]])
-        chosen, decoded, skipped = _decode_all(source, splits, config, kept)
-    finally:
-        source.close()
-    skipped = source.pre_skipped + skipped
+def _dataset_options(config: PrepareDatasetConfig, given_source: str) -> dict[str, Any]:
+    """The options that define the dataset: a rerun that matches them may reuse it."""
+    options = {**asdict(config), "source": given_source}
+    return {k: v for k, v in options.items() if k not in RUN_ONLY_OPTIONS}
 
-    # ---- everything is read and valid: only now touch the output folder ----
+
+def _reusable(output: Path, config: PrepareDatasetConfig, options: dict[str, Any]) -> dict | None:
+    """The manifest of ``output`` when it already holds this very dataset, intact; None when
+    there is none (or --overwrite); UserError when it holds another one."""
+    path = output / MANIFEST_NAME
+    if not path.is_file():
+        return None  # nothing there, or an unfinished run (its manifest goes first): rebuilt
+    try:
+        manifest = read_json(path)
+    except ValueError:
+        manifest = None
+    if config.overwrite:
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
+        raise UserError(f"--output-dir {output}: holds a {MANIFEST_NAME} that prepare-dataset did "
+                        "not write; choose another --output-dir (or --overwrite)")
+    old = {k: v for k, v in manifest.get("options", {}).items() if k not in RUN_ONLY_OPTIONS}
+    changed = [k for k in sorted(set(old) | set(options)) if old.get(k) != options.get(k)]
+    if changed:
+        diff = "; ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {options.get(k)!r}" for k in changed)
+        raise UserError(f"--output-dir {output} already holds a dataset prepared with other options "
+                        f"({diff}); pass --overwrite to replace it, or choose another --output-dir")
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            file = output / shard["file"]
+            if not file.is_file() or sha256_file(file) != shard["sha256"]:
+                return None  # damaged: rebuilt
+    return manifest
+
+
+def _clear_output(output: Path) -> None:
+    """Remove the old dataset and what an interrupted run left behind, manifest first."""
     output.mkdir(parents=True, exist_ok=True)
-    # drop the old manifest first: from here until the new one lands the folder is incomplete
+    # from here until the new manifest lands the folder reads as incomplete
     (output / MANIFEST_NAME).unlink(missing_ok=True)
     for split in SPLITS:
-        for stale in output.glob(f"{split}-*-of-*.parquet"):
+        # shards, and files.write_bytes_atomic's temporaries ('.<name>.<random>.tmp') of a killed run
+        for stale in [*output.glob(f"{split}-*-of-*.parquet"), *output.glob(f".{split}-*-of-*.parquet.*.tmp")]:
             stale.unlink()
+    for stale in output.glob(f".{MANIFEST_NAME}.*.tmp"):
+        stale.unlink()
+
+
+def _write_shards(output: Path, config: PrepareDatasetConfig, chosen: dict[str, list[Item]],
+                  decoded: dict, class_names: list[str], remap: dict[int, int]) -> dict[str, Any]:
     split_info: dict[str, Any] = {}
     for split in SPLITS:
         picked = sorted(chosen[split], key=lambda item: item.id)
@@ -836,10 +937,41 @@ def run(config: PrepareDatasetConfig) -> dict[str, Any]:
         split_info[split] = {"num_examples": len(rows),
                              "per_class": {name: per_class[i] for i, name in enumerate(class_names)},
                              "shards": shards}
+    return split_info
+
+
+def run(config: PrepareDatasetConfig) -> dict[str, Any]:
+    """Prepare the dataset; returns the manifest written to ``output_dir/manifest.json``."""
+    start = time.perf_counter()
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode half grey
+    given_source = config.source
+    config = dataclasses.replace(config, source=_local_source(config.source))
+    output = _check_output(config)
+    options = _dataset_options(config, given_source)
+    existing = _reusable(output, config, options)
+    if existing is not None:
+        print(f"{output} already holds this dataset (same options, shards intact); nothing to do "
+              "(--overwrite rebuilds it, e.g. after the source's files changed)")
+        return existing
+    source = open_source(config)
+    try:
+        kept = _select_classes(source, config)
+        class_names = [source.class_names[i] for i in kept]
+        remap = {label: new for new, label in enumerate(kept)}
+        splits = plan_splits(source, config, kept)
+        source.fetch([item for split in SPLITS for item in splits[split]])
+        chosen, decoded, skipped = _decode_all(source, splits, config, kept)
+    finally:
+        source.close()
+    skipped = source.pre_skipped + skipped
+
+    # ---- everything is read and valid: only now touch the output folder ----
+    _clear_output(output)
+    split_info = _write_shards(output, config, chosen, decoded, class_names, remap)
     used = [decoded[item.id] for split in SPLITS for item in chosen[split]]
     converted = Counter(mode for _, mode, kept_original in used if mode != "RGB")
     manifest = {
-        "format": "gemma-pets/prepared-dataset/v1",
+        "format": DATASET_FORMAT,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "class_names": class_names,
         "num_classes": len(class_names),
@@ -861,15 +993,15 @@ def run(config: PrepareDatasetConfig) -> dict[str, Any]:
           f"{manifest['elapsed_s']:.1f} s -> {output}")
     if converted:
         print("converted to RGB: " + ", ".join(f"{mode} x{n}" for mode, n in sorted(converted.items())))
-    print(f"skipped {len(skipped)} unreadable file(s)" + (" (listed in manifest.json):" if skipped else ""))
+    print(f"skipped {len(skipped)} file(s)" + (" (listed in manifest.json):" if skipped else ""))
     for entry in skipped[:20]:
         print(f"  {entry['file']}: {entry['reason']}")
     return manifest
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(PrepareDatasetConfig, argv)
-    run(config)
+    run(parse_config(PrepareDatasetConfig, argv))
     return 0
 
 

@@ -1,7 +1,9 @@
 """Stage a model's weights into a folder (the KFP artifact) or a gs:// prefix, verified and resumable.
 
 Sources: a Hugging Face repo id (``google/gemma-4-e2b-it``, at ``--revision``), a local folder,
-or a gs:// prefix (a Vertex FUSE path ``/gcs/b/x`` counts as ``gs://b/x``). Only files matching
+or a gs:// prefix (a Vertex FUSE path ``/gcs/b/x`` counts as ``gs://b/x``). A path that exists is
+local; only an ``owner/name`` that is not goes to the Hub, said on stderr first
+(``components.cli.hub_id``: '.', '/', '~' or two '/' never do). Only files matching
 ``--allow-patterns`` are staged (by default what ``from_pretrained`` needs: configs, safetensors,
 tokenizer and chat template; no README, .gitattributes or duplicate .bin/.pth/.gguf weights).
 
@@ -39,7 +41,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -48,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from components import gcs
-from components.cli import parse_config
+from components.cli import entrypoint, hub_id, parse_config
 from components.files import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,8 @@ HF_ENDPOINT_ENV = "HF_ENDPOINT"
 HF_METADATA_DIR = ".cache"  # huggingface_hub's local_dir bookkeeping (.cache/huggingface/...)
 DEFAULT_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken")
 REQUIRED_FILE = "config.json"
-# owner/name (or a bare legacy name like "gpt2"): letters, digits, '-', '_', '.'
-HF_REPO_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 SOURCE_KINDS = ("hf", "local", "gcs")
+HUB_TIMEOUT_S = 10  # seconds per Hub metadata request: an unreachable Hub fails fast
 
 
 class StageError(RuntimeError):
@@ -158,10 +158,10 @@ class StageWeightsConfig:
             return "gcs", source
         if self.fuse_via_api and gcs.is_fuse_path(source):
             return "gcs", _fuse_to_uri(source, "--source")
-        if source.startswith(("/", "./", "../", "~")) or os.path.isdir(source):
-            return "local", str(Path(source).expanduser())
-        if HF_REPO_RE.match(source):
+        if hub_id(source):  # owner/name and no such local path: the one shape sent to the Hub
             return "hf", source
+        if source.startswith(("/", ".", "~")) or "/" in source or os.path.isdir(source):
+            return "local", str(Path(source).expanduser())
         raise ValueError(f"--source {source!r} is neither a gs:// URI, an existing folder, nor a "
                          "Hugging Face repo id (owner/name)")
 
@@ -362,27 +362,30 @@ def _describe_hf(config: StageWeightsConfig) -> SourcePlan:
 
     repo = config.source_location
     api = HfApi(endpoint=_hf_endpoint(), token=_hf_token())
+    print(f"--source {repo} is not a local folder: staging it from the Hugging Face Hub at "
+          f"{api.endpoint}", file=sys.stderr)
     where = f"--source {repo} (Hugging Face Hub at {api.endpoint})"
+    unserved = f"--source {repo}: no such local folder, and the Hugging Face Hub at {api.endpoint} could not serve it"
     try:
-        info = api.repo_info(repo, revision=config.revision)
+        info = api.repo_info(repo, revision=config.revision, timeout=HUB_TIMEOUT_S)
         commit = info.sha
         tree = [f for f in api.list_repo_tree(repo, revision=commit, recursive=True)
                 if isinstance(f, RepoFile)]
     except RevisionNotFoundError:
         raise StageError(f"--revision {config.revision}: not found in {repo}") from None
     except GatedRepoError:
-        raise StageError(f"{where}: gated repository; accept its license on the Hub and set "
+        raise StageError(f"{unserved}: gated repository; accept its license on the Hub and set "
                          f"{HF_TOKEN_ENV} to a token with access") from None
     except RepositoryNotFoundError:
         hint = "" if os.environ.get(HF_TOKEN_ENV) else f" (set {HF_TOKEN_ENV} for a private repo)"
-        raise StageError(f"{where}: repository not found or not accessible{hint}") from None
+        raise StageError(f"{unserved}: repository not found or not accessible{hint}") from None
     except HfHubHTTPError as err:
-        raise StageError(f"{where}: Hub request failed: {err}") from None
+        raise StageError(f"{unserved}: {err}") from None
     except OSError as err:  # connection refused, DNS, timeouts (httpx errors subclass neither)
-        raise StageError(f"{where}: cannot reach the Hub: {err}") from None
+        raise StageError(f"{unserved} (cannot reach the Hub, offline?): {err}") from None
     except Exception as err:
         if type(err).__module__.split(".")[0].startswith("httpx"):
-            raise StageError(f"{where}: cannot reach the Hub: {type(err).__name__}: {err}") from None
+            raise StageError(f"{unserved} (cannot reach the Hub, offline?): {type(err).__name__}: {err}") from None
         raise
     if not commit:
         raise StageError(f"{where}: the Hub did not report a commit sha for {config.revision}")
@@ -683,15 +686,14 @@ def run(config: StageWeightsConfig) -> dict[str, Any]:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_config(StageWeightsConfig, argv)
-    try:
-        run(config)
-    except StageError as err:
-        raise SystemExit(f"error: {err}") from err
+    run(parse_config(StageWeightsConfig, argv))
     return 0
+
+
+main = entrypoint(_main, user_errors=(StageError,))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from components.cli import parse_config
+from components.cli import entrypoint, parse_config
 from components.files import atomic_dir
 from components.prepare_dataset import (
     LIST_HEADER,
@@ -330,6 +330,7 @@ def run(config: SyntheticPetsConfig) -> Path:
     return output
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(SyntheticPetsConfig, argv)
     run(config)

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.cli import parse_config
+from components.cli import entrypoint, parse_config
 from components.files import atomic_dir
 
 # Gemma 4's special tokens (shared/gemma4_variants.json, chat_framing). The first five keep the
@@ -337,6 +337,7 @@ def run(cfg: TinyModelConfig) -> dict:
     return info
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     run(parse_config(TinyModelConfig, argv))
     return 0

@@ -21,7 +21,8 @@ Oxford-IIIT-Pet-like set. Writes into RUN_DIR:
 * ``tasks.json``     per task: state, output artifacts (uri, type, metadata), output parameters;
 * ``summary.json``   baseline / tuned / merged metrics, the gate decision, paths, lineage.
 
-Prints a baseline-vs-tuned table. Exit status 1 if a task failed (summary.json says which).
+Prints a baseline-vs-tuned table. Exit status 1 if a task failed (summary.json says which), 2
+on bad input (one ``error: ...`` line, before anything runs).
 Steps run as subprocesses, so this module never imports torch.
 """
 
@@ -38,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from components.cli import entrypoint, hub_id
 from components.files import write_json_atomic
 from components.tiny_model import CPU_DEMO_FINETUNE  # a dict; the module imports no torch
 from pipelines import options as pipeline_options
@@ -242,15 +244,16 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(args.run_dir).resolve()
-    for flag, value in (("--num-classes", args.num_classes),
-                        ("--images-per-class", args.images_per_class)):
-        if value < 1:
-            raise SubmitError(f"{flag} must be >= 1, got {value}")
+    for flag, value, least in (("--num-classes", args.num_classes, 2),  # 1 class: a trivial 100%
+                               ("--images-per-class", args.images_per_class, 2)):  # train + eval
+        if value < least:
+            raise SubmitError(f"{flag} must be >= {least}, got {value}")
     for flag, value in (("--weights-source", args.weights_source),
                         ("--dataset-source", args.dataset_source)):
-        # a local path must exist; anything else (gs://, a Hugging Face id) is the step's to check
-        if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().exists():
-            raise SubmitError(f"{flag} {value}: no such file or folder")
+        # a local path must exist; gs:// and owner/name Hugging Face ids are the steps' to check
+        if value and "://" not in value and hub_id(value) is None and not Path(value).expanduser().exists():
+            raise SubmitError(f"{flag} {value}: no such file or folder (a Hugging Face id has the "
+                              "form owner/name)")
     if args.margin is not None and not -1.0 <= args.margin <= 1.0:
         raise SubmitError(f"--margin {args.margin}: an accuracy difference, must lie in [-1, 1]")
 
@@ -299,12 +302,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        summary = run(args)
-    except SubmitError as err:
-        raise SystemExit(f"error: {err}") from err
+def _main(argv: list[str] | None = None) -> int:
+    summary = run(parse_args(argv))
     print()
     print(format_table(summary))
     print(f"summary: {Path(summary['run_dir']) / SUMMARY_FILE}")
@@ -312,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline failed: {summary['error']}", file=sys.stderr)
         return 1
     return 0
+
+
+main = entrypoint(_main, user_errors=(SubmitError,))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from components.cli import entrypoint
+
 # Parameter types of the PipelineSpec (pipeline_spec_pb2.ParameterType names).
 _PY_TYPES = {"STRING": (str,), "NUMBER_INTEGER": (int,), "NUMBER_DOUBLE": (int, float),
              "BOOLEAN": (bool,), "LIST": (list,), "STRUCT": (dict,)}
@@ -258,11 +260,12 @@ def archive_template(template: str, pipeline_root: str, spec: dict[str, Any], pr
 def submit(args: argparse.Namespace, credentials: Any = None) -> dict[str, Any]:
     checked = validate(args)
     import google.auth
-    from google.cloud import aiplatform
 
-    if credentials is None:
+    if credentials is None:  # before the heavy aiplatform import: no credentials fails at once
         credentials, _ = google.auth.default(
             scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    from google.cloud import aiplatform
+
     aiplatform.init(project=args.project, location=args.region, credentials=credentials,
                     api_endpoint=args.api_endpoint, api_transport=args.api_transport)
     template_uri = archive_template(args.template, args.pipeline_root, checked["spec"],
@@ -293,14 +296,19 @@ def submit(args: argparse.Namespace, credentials: Any = None) -> dict[str, Any]:
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _main(argv: list[str] | None = None) -> int:
+    from google.auth.exceptions import DefaultCredentialsError
+
     try:
-        record = submit(args)
-    except SubmitError as err:
-        raise SystemExit(f"error: {err}") from err
+        record = submit(parse_args(argv))
+    except DefaultCredentialsError as err:
+        raise SubmitError(f"no Google Cloud credentials ({err}); run `gcloud auth application-default "
+                          "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a key file") from err
     print(json.dumps(record, sort_keys=True))
     return 0
+
+
+main = entrypoint(_main, user_errors=(SubmitError,))
 
 
 if __name__ == "__main__":

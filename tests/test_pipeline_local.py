@@ -137,10 +137,10 @@ def test_gate_holds_the_export_back(inputs, tmp_path):
     (["--param", "lora_rank=8"], "parameter 'lora_rank' is not in the pipeline"),
     (["--param", "epochs=two"], "parameter 'epochs'='two': expected NUMBER_INTEGER"),
     (["--weights-source", "/no/such/model"], "--weights-source /no/such/model: no such"),
-    (["--num-classes", "0"], "--num-classes must be >= 1"),
+    (["--num-classes", "1"], "--num-classes must be >= 2"),
+    (["--dataset-source", "data/oxford-pets/"], "--dataset-source data/oxford-pets/: no such"),
 ])
-def test_bad_input_fails_before_any_task(tmp_path, argv, message):
-    with pytest.raises(SystemExit) as exc:
-        local_run.main(["--run-dir", str(tmp_path / "run"), *argv])
-    assert message in str(exc.value)
+def test_bad_input_fails_before_any_task(tmp_path, capsys, argv, message):
+    assert local_run.main(["--run-dir", str(tmp_path / "run"), *argv]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "inputs").exists()  # nothing was built

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from components import prepare_dataset, shards, synthetic_pets
+from components.cli import UserError
 from components.prepare_dataset import PrepareDatasetConfig, encode_rgb, stratified_quotas
 
 CLASSES4 = ["Abyssinian", "american_bulldog", "american_pit_bull_terrier", "basset_hound"]
@@ -105,7 +106,7 @@ def test_same_seed_same_shards_other_seed_other_order(raw_pets, tmp_path):
 @pytest.mark.parametrize("missing", ["list.txt", "trainval.txt", "test.txt"])
 def test_missing_annotation_file_errors_before_writing(pets_copy, tmp_path, missing):
     (pets_copy / "annotations" / missing).unlink()
-    with pytest.raises(FileNotFoundError, match=missing):
+    with pytest.raises(UserError, match=missing):
         prepare(pets_copy, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -151,7 +152,7 @@ def test_missing_image_file_is_skipped_and_listed(pets_copy, tmp_path, capsys):
     manifest = prepare(pets_copy, tmp_path / "out")
     assert manifest["skipped"] == [{"id": victim, "file": f"images/{victim}.jpg", "reason": "file not found"}]
     assert manifest["splits"]["train"]["num_examples"] == 11
-    assert "skipped 1 unreadable file(s)" in capsys.readouterr().out
+    assert "skipped 1 file(s)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def test_annotations_tarball_without_split_file_errors(raw_pets, tmp_path):
     with tarfile.open(tmp_path / "tars" / "annotations.tar.gz", "w:gz") as tar:
         tar.add(raw_pets / "annotations" / "list.txt", arcname="annotations/list.txt")
         tar.add(raw_pets / "annotations" / "trainval.txt", arcname="annotations/trainval.txt")
-    with pytest.raises(FileNotFoundError, match=r"annotations/test\.txt"):
+    with pytest.raises(UserError, match=r"annotations/test\.txt"):
         prepare(tmp_path / "tars", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -282,7 +283,7 @@ def test_unreadable_files_are_skipped_and_listed_decodable_misnamed_kept(tmp_pat
     assert counts["train"]["dog"] + counts["eval"]["dog"] == 5
     assert manifest["image_encoding"]["converted_to_rgb_by_mode"] == {"P": 1}  # the real GIF
     out = capsys.readouterr().out
-    assert "skipped 5 unreadable file(s)" in out
+    assert "skipped 5 file(s)" in out
 
 
 def test_mode_conversions_end_to_end(tmp_path):
@@ -463,17 +464,74 @@ def test_class_filters_keep_labels_contiguous(raw_pets, tmp_path):
     labels = {(e.label, e.label_name) for e in shards.load_examples(tmp_path / "c", "eval")}
     assert labels == {(0, "american_bulldog"), (1, "basset_hound")}
     with pytest.raises(ValueError, match=r"--classes \['husky'\]"):
-        prepare(raw_pets, tmp_path / "x", classes=["husky"])
+        prepare(raw_pets, tmp_path / "x", classes=["husky", "Abyssinian"])
     with pytest.raises(ValueError, match="--num-classes 5 is larger than the 4 classes"):
         prepare(raw_pets, tmp_path / "x", num_classes=5)
 
 
-def test_rerun_replaces_old_shards_and_manifest(raw_pets, tmp_path):
+def test_rerun_replaces_old_shards_and_manifest_with_overwrite(raw_pets, tmp_path):
     prepare(raw_pets, tmp_path / "out", examples_per_shard=2)
     assert len(list((tmp_path / "out").glob("train-*.parquet"))) == 6
-    prepare(raw_pets, tmp_path / "out", examples_per_shard=100)
+    prepare(raw_pets, tmp_path / "out", examples_per_shard=100, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "eval-00000-of-00001.parquet", "manifest.json", "train-00000-of-00001.parquet"]
+
+
+def test_rerun_with_other_options_is_refused_same_options_reuse(raw_pets, tmp_path, capsys):
+    first = prepare(raw_pets, tmp_path / "out")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(UserError, match=r"already holds a dataset prepared with other options "
+                                        r"\(--num-classes None -> 2\); pass --overwrite"):
+        prepare(raw_pets, tmp_path / "out", num_classes=2)
+    with pytest.raises(UserError, match=r"--source .* -> '.*other'"):
+        prepare(tmp_path / "other", tmp_path / "out")  # checked before the source is even opened
+    capsys.readouterr()
+    # same options (a run-only one may differ): nothing is read or written
+    assert prepare(raw_pets, tmp_path / "out", num_workers=1) == first
+    assert "already holds this dataset" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
+    # a damaged shard is rebuilt, not reused
+    shard = tmp_path / "out" / first["splits"]["eval"]["shards"][0]["file"]
+    shard.write_bytes(b"garbage")
+    assert prepare(raw_pets, tmp_path / "out")["splits"] == first["splits"]
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "manifest.json").write_text("{}")
+    with pytest.raises(UserError, match="holds a manifest.json that prepare-dataset did not write"):
+        prepare(raw_pets, tmp_path / "foreign")
+
+
+def test_temporary_files_of_a_killed_run_are_removed(raw_pets, tmp_path):
+    out = tmp_path / "out"
+    prepare(raw_pets, out)
+    # what `kill -9` during the shard writes leaves: no manifest (removed first), some shards,
+    # and files.write_bytes_atomic's hidden temporary of the shard being written
+    (out / "manifest.json").unlink()
+    stale = [out / ".train-00000-of-00001.parquet.k9x2ab.tmp", out / ".manifest.json.zz81.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    prepare(raw_pets, out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "eval-00000-of-00001.parquet", "manifest.json", "train-00000-of-00001.parquet"]
+
+
+def test_written_files_are_readable_by_other_users(raw_pets, tmp_path):
+    """0644 (another uid, e.g. a serving container, reads the dataset); needs the 0644 temporary
+    files of components.files.write_bytes_atomic."""
+    prepare(raw_pets, tmp_path / "out")
+    for path in (tmp_path / "out").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_listed_but_unsplit_images_are_reported_as_skipped(pets_copy, tmp_path, capsys):
+    path = pets_copy / "annotations" / "trainval.txt"
+    lines = path.read_text().splitlines()
+    dropped = lines.pop(0).split()[0]  # still in list.txt, now in neither split file
+    path.write_text("".join(line + "\n" for line in lines))
+    manifest = prepare(pets_copy, tmp_path / "out")
+    assert manifest["skipped"] == [{"id": dropped, "file": f"images/{dropped}.jpg",
+                                    "reason": "listed in list.txt but in neither trainval.txt nor test.txt"}]
+    assert manifest["splits"]["train"]["num_examples"] == 11
+    assert f"images/{dropped}.jpg: listed in list.txt but in neither" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,15 +563,13 @@ def test_reader_refuses_incomplete_or_corrupted_datasets(raw_pets, tmp_path):
     (["--train-size", "0"], "--train-size"),
     (["--num-classes", "2", "--classes", "a"], "--classes or --num-classes"),
     (["--jpeg-quality", "0"], "--jpeg-quality"),
+    (["--num-classes", "1"], "--num-classes 1: keep at least 2 classes"),
+    (["--classes", "pug"], "--classes pug: keep at least 2 classes"),
 ])
-def test_cli_rejects_bad_flags(tmp_path, argv, match):
-    with pytest.raises(SystemExit, match=match):
-        prepare_dataset.main(["--source", str(tmp_path), "--output-dir", str(tmp_path / "o"), *argv])
-
-
-def test_cli_unknown_source_names_the_flag(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--source"):
-        prepare_dataset.main(["--source", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")])
+def test_cli_rejects_bad_flags(tmp_path, capsys, argv, match):
+    assert prepare_dataset.main(["--source", str(tmp_path), "--output-dir", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1
 
 
 def test_cli_end_to_end(raw_pets, tmp_path):

@@ -8,6 +8,7 @@ Assertions are on the request bodies the fake recorded, i.e. what Vertex would h
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import google.auth
@@ -163,35 +164,33 @@ def test_schedule_sends_cron_window_and_concurrency(template, gcs, fake, tmp_pat
     (["--start-time", "2026-03-01T00:00:00Z"], "need --schedule-cron"),
     (["--label", "Team=Vision"], "--label 'Team=Vision'"),
 ])
-def test_bad_input_is_refused_before_any_request(template, gcs, fake, tmp_path, extra, message):
+def test_bad_input_is_refused_before_any_request(template, gcs, fake, tmp_path, capsys, extra, message):
     params = write_params(tmp_path)
-    with pytest.raises(SystemExit) as exc:
-        submit.main(base_args(template, gcs, fake, "--parameters", str(params), *extra))
-    assert message in str(exc.value)
+    assert submit.main(base_args(template, gcs, fake, "--parameters", str(params), *extra)) == 2
+    assert message in capsys.readouterr().err
     assert fake.requests == [] and gcs.emulator.uploads() == []
 
 
-def test_missing_required_parameters_and_bad_root_and_template(template, gcs, fake, tmp_path):
+def test_missing_required_parameters_and_bad_root_and_template(template, gcs, fake, tmp_path, capsys):
     params = tmp_path / "p.json"
     params.write_text(json.dumps({"margin": 0.1}))
-    with pytest.raises(SystemExit, match="required parameters missing: dataset_source, "
-                                         "weights_source"):
-        submit.main(base_args(template, gcs, fake, "--parameters", str(params)))
+    assert submit.main(base_args(template, gcs, fake, "--parameters", str(params))) == 2
+    assert "required parameters missing: dataset_source, weights_source" in capsys.readouterr().err
     args = base_args(template, gcs, fake, "--parameters", str(write_params(tmp_path)))
     args[args.index("--pipeline-root") + 1] = "/local/root"
-    with pytest.raises(SystemExit, match="--pipeline-root '/local/root'"):
-        submit.main(args)
-    with pytest.raises(SystemExit, match="--template .*missing.yaml: no such file"):
-        submit.main(base_args(tmp_path / "missing.yaml", gcs, fake))
+    assert submit.main(args) == 2
+    assert "--pipeline-root '/local/root'" in capsys.readouterr().err
+    assert submit.main(base_args(tmp_path / "missing.yaml", gcs, fake)) == 2
+    assert re.search("--template .*missing.yaml: no such file", capsys.readouterr().err)
     assert fake.requests == []
 
 
-def test_template_with_the_placeholder_image_is_refused(gcs, fake, tmp_path, monkeypatch):
+def test_template_with_the_placeholder_image_is_refused(gcs, fake, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("GEMMA_PETS_IMAGE", raising=False)
     placeholder = compile_cli.compile_pipeline(tmp_path / "default.yaml")
-    with pytest.raises(SystemExit, match="compiled with the placeholder image "
-                                         "us-central1-docker.pkg.dev/PROJECT/gemma-pets/trainer"):
-        submit.main(base_args(placeholder, gcs, fake, "--parameters", str(write_params(tmp_path))))
+    assert submit.main(base_args(placeholder, gcs, fake, "--parameters", str(write_params(tmp_path)))) == 2
+    assert ("compiled with the placeholder image us-central1-docker.pkg.dev/PROJECT/gemma-pets/trainer"
+            in capsys.readouterr().err)
     assert fake.requests == []
 
 
