@@ -154,9 +154,9 @@ class AnswerMapper:
 def answer_token_ids(processor, class_names: Sequence[str], check_prefix: bool = True) -> list[list[int]]:
     """Per class: the token ids of its answer and closing ``<turn|>``, as training labels them.
 
-    With ``check_prefix`` (score mode) each class's training sequence is checked to be exactly
-    the evaluation prompt followed by these ids, the sequence that scoring "prompt, then
-    candidate" ranks; generate mode only needs the answers' lengths.
+    With ``check_prefix`` (score mode) the training sequence is checked to be exactly the
+    evaluation prompt followed by these ids, the sequence that scoring "prompt, then candidate"
+    ranks; generate mode only needs the answers' lengths.
     """
     from components import prompting
 
@@ -167,22 +167,22 @@ def answer_token_ids(processor, class_names: Sequence[str], check_prefix: bool =
 
 
 def check_training_extends_prompt(processor, class_names: Sequence[str], answers: Sequence[Sequence[int]]) -> None:
-    """Raise unless, on a probe image, every class's training sequence is the prompt's tokens
-    followed by that class's answer ids (true by construction in ``prompting``; this keeps score
-    mode honest should either recipe change)."""
+    """Raise unless, on a probe image, the first class's training sequence is the prompt's tokens
+    followed by that class's candidate ids. True by construction in ``prompting``; this keeps
+    score mode honest should either recipe change. One class suffices (every row is the same
+    concatenation) and keeps the cost at two processor calls, not one image per class."""
     from PIL import Image
 
     from components import prompting
 
-    probe = Image.new("RGB", (64, 64), (127, 127, 127))
-    prompt = prompting.encode_prompt_batch(processor, [probe], class_names)["input_ids"][0].tolist()
-    for name, answer in zip(class_names, answers):
-        row = prompting.encode_training_batch(processor, [probe], [name], class_names)
-        if row["input_ids"][0].tolist() != prompt + list(answer):
-            raise ValueError(
-                f"the training sequence of {name!r} is not the evaluation prompt followed by its answer tokens; "
-                "scoring prompt-then-answer would not rank what fine-tuning trained"
-            )
+    probe = [Image.new("RGB", (64, 64), (127, 127, 127))]
+    prompt = prompting.encode_prompt_batch(processor, probe, class_names)["input_ids"][0].tolist()
+    trained = prompting.encode_training_batch(processor, probe, class_names[:1], class_names)["input_ids"][0].tolist()
+    if trained != prompt + list(answers[0]):
+        raise ValueError(
+            f"the training sequence of {class_names[0]!r} is not the evaluation prompt followed by its answer "
+            "tokens; scoring prompt-then-answer would not rank what fine-tuning trained"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -439,6 +439,13 @@ def test_both_modes_prompt_with_the_trained_prefix(tiny_model_dir, tiny_large_mo
             assert seen["candidates"][c] == supervised.tolist(), (framing, name)
 
 
+def test_score_mode_guard_names_a_candidate_training_would_not_supervise(tiny_large_model_dir):
+    processor = modeling.load_processor(str(tiny_large_model_dir))
+    answers = evaluate.answer_token_ids(processor, CLASSES)  # checked: passes on the large template
+    with pytest.raises(ValueError, match="training sequence of 'Abyssinian' is not the evaluation prompt"):
+        evaluate.check_training_extends_prompt(processor, CLASSES, answers[1:] + answers[:1])
+
+
 def make_adapter(model_dir, adapter_dir):
     from peft import LoraConfig, get_peft_model
 

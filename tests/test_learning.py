@@ -42,8 +42,9 @@ def test_tiny_model_learns_synthetic_pets(template, request, tmp_path):
     trained = finetune.run(finetune.FinetuneConfig(model_dir=str(tiny_model_dir), dataset_dir=str(data),
                                                    output_dir=str(adapter), **tiny_model.CPU_DEMO_FINETUNE))
     tuned = evaluate_all(str(adapter))
-    print({"template": template, "baseline": {m: r["accuracy"] for m, r in baseline.items()},
-           "tuned": {m: r["accuracy"] for m, r in tuned.items()}, "final_loss": trained["final_loss"]})
+    print({"template": template, "final_loss": trained["final_loss"], **{
+        name: {"accuracy": {m: r["accuracy"] for m, r in runs.items()}, "unknown": runs["generate"]["unknown_rate"],
+               "top5": runs["score"]["top5_accuracy"]} for name, runs in (("baseline", baseline), ("tuned", tuned))}})
 
     chance = 1 / NUM_CLASSES
     assert baseline["score"]["accuracy"] <= 2 * chance
