@@ -7,7 +7,7 @@ adapter (``--adapter-dir``), or a merged export. The prompt is the one fine-tuni
 Two modes:
 
 * ``generate`` (the recipe's way): greedy generation of a few tokens per image, mapped to a class
-  by name (case, underscores, hyphens and spaces ignored; longest class name first, whole words
+  by name (case, underscores, hyphens and spaces ignored; the first class named, whole words
   only); an answer that names no class is ``Unknown``.
 * ``score``: every class name is ranked by the model's log-likelihood of the answer (the class
   name and the closing ``<turn|>``, the very tokens fine-tuning puts its loss on) after the
@@ -121,8 +121,9 @@ def normalize_name(text: str) -> str:
 class AnswerMapper:
     """Maps a generated answer to a class index, or ``metrics.UNKNOWN``.
 
-    Class names are tried longest first and must match whole words, so "american pit bull
-    terrier" is never read as a shorter name inside it, and "pug" is not found in "pugnacious".
+    The class named first in the answer wins ("beagle, not a basset hound" is a beagle); of names
+    found at the same place the longest wins, so "american pit bull terrier" is never read as a
+    shorter name it starts with. Names match whole words only: "pug" is not found in "pugnacious".
     """
 
     def __init__(self, class_names: Sequence[str]):
@@ -135,17 +136,14 @@ class AnswerMapper:
                 raise ValueError(f"class names {seen[key]!r} and {name!r} are the same once case, underscores "
                                  "and spaces are ignored; answers could not tell them apart")
             seen[key] = name
-        order = sorted(range(len(class_names)), key=lambda i: (-len(normalize_name(class_names[i])), i))
-        self._patterns = [
-            (i, re.compile(r"(?<!\w)" + re.escape(normalize_name(class_names[i])) + r"(?!\w)")) for i in order
-        ]
+        self._patterns = [(i, re.compile(r"(?<!\w)" + re.escape(normalize_name(name)) + r"(?!\w)"))
+                          for i, name in enumerate(class_names)]
 
     def __call__(self, answer: str) -> int:
         text = normalize_name(answer)
-        for index, pattern in self._patterns:
-            if pattern.search(text):
-                return index
-        return metrics.UNKNOWN
+        found = [(match.start(), -len(match.group()), index)
+                 for index, pattern in self._patterns if (match := pattern.search(text))]
+        return min(found)[2] if found else metrics.UNKNOWN
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,27 +154,35 @@ class AnswerMapper:
 def answer_token_ids(processor, class_names: Sequence[str], check_prefix: bool = True) -> list[list[int]]:
     """Per class: the token ids of its answer and closing ``<turn|>``, as training labels them.
 
-    Each is cut from the whole rendered training conversation by ``prompting.answer_span``. With
-    ``check_prefix`` (score mode) the tokens before the span must be exactly the prompt's tokens,
-    otherwise scoring "prompt, then candidate" would not be the sequence the model was trained
-    on; generate mode only needs the answers' lengths.
+    With ``check_prefix`` (score mode) the training sequence is checked to be exactly the
+    evaluation prompt followed by these ids, the sequence that scoring "prompt, then candidate"
+    ranks; generate mode only needs the answers' lengths.
     """
     from components import prompting
 
-    tokenizer = processor.tokenizer
-    prompt_ids = tokenizer(prompting.prompt_text(processor, class_names), add_special_tokens=False).input_ids
-    answers = []
-    for name in class_names:
-        ids = tokenizer(prompting.training_text(processor, class_names, name), add_special_tokens=False).input_ids
-        start, end = prompting.answer_span(ids, tokenizer)
-        if check_prefix and ids[:start] != prompt_ids:
-            raise ValueError(
-                f"the tokens before the answer {name!r} differ from the prompt's tokens (the chat template or a "
-                "BPE merge across the prompt/answer boundary changes them); prompt-then-answer scoring would "
-                "not match training"
-            )
-        answers.append(ids[start:end])
+    answers = [prompting.answer_ids(processor.tokenizer, name) for name in class_names]
+    if check_prefix:
+        check_training_extends_prompt(processor, class_names, answers)
     return answers
+
+
+def check_training_extends_prompt(processor, class_names: Sequence[str], answers: Sequence[Sequence[int]]) -> None:
+    """Raise unless, on a probe image, the first class's training sequence is the prompt's tokens
+    followed by that class's candidate ids. True by construction in ``prompting``; this keeps
+    score mode honest should either recipe change. One class suffices (every row is the same
+    concatenation) and keeps the cost at two processor calls, not one image per class."""
+    from PIL import Image
+
+    from components import prompting
+
+    probe = [Image.new("RGB", (64, 64), (127, 127, 127))]
+    prompt = prompting.encode_prompt_batch(processor, probe, class_names)["input_ids"][0].tolist()
+    trained = prompting.encode_training_batch(processor, probe, class_names[:1], class_names)["input_ids"][0].tolist()
+    if trained != prompt + list(answers[0]):
+        raise ValueError(
+            f"the training sequence of {class_names[0]!r} is not the evaluation prompt followed by its answer "
+            "tokens; scoring prompt-then-answer would not rank what fine-tuning trained"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,20 +1,21 @@
 """The one prompt and label recipe shared by fine-tuning and evaluation.
 
 A sample is one user turn holding the image first, then the instruction with the list of class
-names; the model's answer is the class name. Training and evaluation build the prompt with the
-same functions here, so what is measured is what was trained.
+names; the model's answer is the class name. Evaluation prompts with the chat template's own
+generation prompt (thinking off), as any server using the template does. A training sequence is
+that very prompt, token for token, followed by the answer's tokens and the closing ``<turn|>``
+(where generation stops), so what is measured is what was trained on every template.
 
-Loss falls only on the answer and the closing ``<turn|>``. The answer span is found from the
-chat template's structure in the token ids of the whole rendered conversation (the last
-``<|turn>`` whose role is ``model``, past its newline and an optional empty thought channel, up
-to the next ``<turn|>``), never by re-tokenising the prompt alone: that would shift when a BPE
-merge crosses the prompt/answer boundary, when images expand to a variable number of soft
-tokens, or under left padding.
+Why token concatenation and not a rendered conversation with the answer: the large Gemma 4
+templates (31B, 26B-A4B) render a *past* model turn as ``<|turn>model\\n{answer}<turn|>`` while
+their generation prompt ends ``<|turn>model\\n<|channel>thought\\n<channel|>``; a training
+sequence rendered from history would teach an answer right after ``<|turn>model\\n`` that the
+served prompt never asks for. Loss falls only on the answer and ``<turn|>``, at positions known
+by construction (no parsing of the rendered text).
 """
 
 from __future__ import annotations
 
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -22,121 +23,54 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
-TURN_OPEN, TURN_CLOSE = "<|turn>", "<turn|>"
-CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
-MODEL_ROLE = "model"
+TURN_CLOSE = "<turn|>"
 
 INSTRUCTION = "What breed of pet is in this image? Answer with exactly one of these class names: {choices}."
+
+# Per-token fields of the processor's output, with their value on appended answer tokens and on
+# padding (the other fields, pixel_values and image_position_ids, are per image).
+TOKEN_FIELDS = {"attention_mask": (1, 0), "mm_token_type_ids": (0, 0), "token_type_ids": (0, 0)}
 
 
 def instruction(class_names: Sequence[str]) -> str:
     return INSTRUCTION.format(choices=", ".join(class_names))
 
 
-def conversation(class_names: Sequence[str], answer: str | None = None) -> list[dict]:
-    """Chat messages for one sample: image first, then the instruction; optional answer turn."""
-    messages = [
+def conversation(class_names: Sequence[str]) -> list[dict]:
+    """Chat messages of one sample's prompt: image first, then the instruction."""
+    return [
         {
             "role": "user",
             "content": [{"type": "image"}, {"type": "text", "text": instruction(class_names)}],
         }
     ]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return messages
 
 
 def prompt_text(processor, class_names: Sequence[str]) -> str:
-    """Rendered prompt ending with the generation prompt (the model's turn is open)."""
+    """Rendered prompt ending with the template's generation prompt (thinking off by default)."""
     return processor.apply_chat_template(
         conversation(class_names), tokenize=False, add_generation_prompt=True
     )
 
 
-def training_text(processor, class_names: Sequence[str], answer: str) -> str:
-    """Rendered conversation with the answer turn closed by ``<turn|>``."""
-    return processor.apply_chat_template(conversation(class_names, answer), tokenize=False)
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """The supervised tokens of one answer: its own tokens, then ``<turn|>``. Templates close a
+    past turn with ``<turn|>\n``, but generation stops at ``<turn|>`` (evaluate's generation
+    config, the checkpoints' eos list), so the newline is never the model's to produce."""
+    turn_close = tokenizer.convert_tokens_to_ids(TURN_CLOSE)
+    if turn_close in (None, tokenizer.unk_token_id):
+        raise ValueError(f"tokenizer has no {TURN_CLOSE} token: not a Gemma 4 chat tokenizer")
+    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"answer {answer!r} has no tokens")
+    return ids + [turn_close]
 
 
-class _TemplateTokens:
-    """Ids of the template's structural tokens for one tokenizer (cached per tokenizer)."""
-
-    def __init__(self, tokenizer):
-        ids = tokenizer.convert_tokens_to_ids([TURN_OPEN, TURN_CLOSE, CHANNEL_OPEN, CHANNEL_CLOSE])
-        if ids[0] in (None, tokenizer.unk_token_id) or ids[1] in (None, tokenizer.unk_token_id):
-            raise ValueError(f"tokenizer has no {TURN_OPEN} / {TURN_CLOSE} tokens: not a Gemma 4 chat tokenizer")
-        self.turn_open, self.turn_close, self.channel_open, self.channel_close = ids
-        self.tokenizer = tokenizer
-        self._text: dict[int, str] = {}
-
-    def text(self, token_id: int) -> str:
-        if token_id not in self._text:
-            self._text[token_id] = self.tokenizer.decode([token_id])
-        return self._text[token_id]
-
-
-# Keyed by the tokenizer object itself, not id(): an id can be reused by a later tokenizer with
-# other token ids once the first is garbage-collected.
-_TOKENS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _template_tokens(tokenizer) -> _TemplateTokens:
-    if tokenizer not in _TOKENS_CACHE:
-        _TOKENS_CACHE[tokenizer] = _TemplateTokens(tokenizer)
-    return _TOKENS_CACHE[tokenizer]
-
-
-def answer_span(ids: Sequence[int], tokenizer) -> tuple[int, int]:
-    """[start, end) token positions of the answer plus its closing ``<turn|>`` in one row."""
-    tt = _template_tokens(tokenizer)
-    ids = list(ids)
-    opens = [i for i, t in enumerate(ids) if t == tt.turn_open]
-    if not opens:
-        raise ValueError("no chat turn found in the sequence")
-    start = opens[-1] + 1
-    role = ""
-    # The role line ends at the first token whose text ends with a newline ("model\n").
-    while start < len(ids) and not tt.text(ids[start]).endswith("\n"):
-        role += tt.text(ids[start])
-        start += 1
-    role += tt.text(ids[start]) if start < len(ids) else ""
-    if role.strip() != MODEL_ROLE:
-        raise ValueError(f"last turn is {role.strip()!r}, not the model's answer")
-    start += 1
-    if start < len(ids) and ids[start] == tt.channel_open:
-        # Large-model framing: an empty thought channel precedes the answer; it is prompt, not answer.
-        try:
-            start = ids.index(tt.channel_close, start) + 1
-        except ValueError:
-            raise ValueError("thought channel opened but never closed") from None
-    try:
-        end = ids.index(tt.turn_close, start) + 1
-    except ValueError:
-        raise ValueError("answer turn is not closed by <turn|> (sequence truncated?)") from None
-    if end - start < 2:
-        raise ValueError("empty answer")
-    return start, end
-
-
-def answer_labels(input_ids, tokenizer):
-    """Labels for a batch: the answer tokens and the closing ``<turn|>``; everything else -100."""
-    import torch
-
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    for row, ids in enumerate(input_ids.tolist()):
-        start, end = answer_span(ids, tokenizer)
-        labels[row, start:end] = input_ids[row, start:end]
-    return labels
-
-
-def _process(processor, texts: list[str], images: Sequence, padding_side: str):
-    return processor(
-        text=texts,
-        images=[[img] for img in images],
-        padding=True,
-        padding_side=padding_side,
-        return_tensors="pt",
-    )
+def encode_prompt_batch(processor, images: Sequence, class_names: Sequence[str]) -> dict:
+    """Model inputs for generation/scoring: prompts padded on the left so all end together."""
+    texts = [prompt_text(processor, class_names)] * len(images)
+    return dict(processor(text=texts, images=[[img] for img in images], padding=True, padding_side="left",
+                          return_tensors="pt"))
 
 
 def encode_training_batch(
@@ -145,22 +79,37 @@ def encode_training_batch(
     answers: Sequence[str],
     class_names: Sequence[str],
     max_length: int | None = None,
-    padding_side: str = "right",
 ) -> dict:
-    """Model inputs with ``labels`` for a batch of (image, answer) pairs."""
+    """Model inputs with ``labels`` for a batch of (image, answer) pairs, padded on the right.
+
+    Row i is the unpadded row i of ``encode_prompt_batch`` (image soft tokens expanded by the
+    processor) followed by ``answer_ids(answers[i])``; labels are those answer ids, -100 elsewhere.
+    """
+    import torch
+
     if len(images) != len(answers):
         raise ValueError(f"{len(images)} images but {len(answers)} answers")
-    texts = [training_text(processor, class_names, a) for a in answers]
-    batch = dict(_process(processor, texts, images, padding_side))
+    prompts = encode_prompt_batch(processor, images, class_names)
+    prompts["labels"] = torch.full_like(prompts["input_ids"], IGNORE_INDEX)
+    tokenizer = processor.tokenizer
+    # Per-token field -> (value on the answer's tokens, None: the answer's ids; value on padding).
+    fields = {"input_ids": (None, tokenizer.pad_token_id), "labels": (None, IGNORE_INDEX)} | {
+        key: values for key, values in TOKEN_FIELDS.items() if key in prompts}
+    rows = []
+    for row, answer in enumerate(answers):
+        prompt = prompts["attention_mask"][row].bool()  # left padded: the prompt's own tokens
+        ids = torch.tensor(answer_ids(tokenizer, answer))
+        rows.append({key: torch.cat([prompts[key][row][prompt], ids if fill is None else torch.full_like(ids, fill)])
+                     for key, (fill, _) in fields.items()})
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {key: value for key, value in prompts.items() if key not in fields}  # per image: as processed
+    unknown = [key for key, value in batch.items() if value.shape == prompts["input_ids"].shape]
+    if unknown:
+        raise ValueError(f"the processor returned per-token fields {unknown} that training rows do not extend")
+    for key, (_, pad) in fields.items():
+        batch[key] = torch.stack([torch.nn.functional.pad(r[key], (0, width - len(r[key])), value=pad) for r in rows])
     check_length(batch["attention_mask"], max_length)
-    batch["labels"] = answer_labels(batch["input_ids"], processor.tokenizer)
     return batch
-
-
-def encode_prompt_batch(processor, images: Sequence, class_names: Sequence[str]) -> dict:
-    """Model inputs for generation/scoring: prompts padded on the left so all end together."""
-    texts = [prompt_text(processor, class_names)] * len(images)
-    return dict(_process(processor, texts, images, padding_side="left"))
 
 
 def check_length(attention_mask, max_length: int | None) -> None:

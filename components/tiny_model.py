@@ -4,13 +4,14 @@ There is no Hugging Face hub here, so the demo and the tests run on a folder thi
 the real ``Gemma4ForConditionalGeneration`` (vision tower with clipped linears, per-layer inputs
 and KV-shared layers like E2B), the real ``Gemma4Processor`` (image processor, audio feature
 extractor, video processor), a small BPE tokenizer trained here that carries Gemma 4's special
-tokens, and a chat template with the official framing:
+tokens, and a chat template of the official shape (E2B/E4B's by default):
 
     <bos><|turn>user\\n<|image|>TEXT<turn|>\\n<|turn>model\\nANSWER<turn|>\\n
 
-``--large-model-template`` renders the 31B / 26B-A4B generation prompt instead, which appends an
-empty thought channel (``<|channel>thought\\n<channel|>``) after ``<|turn>model\\n``, so label
-masking is tested against both framings.
+``--large-model-template`` gives the 31B / 26B-A4B template instead: past model turns as above,
+but the generation prompt (thinking off) appends an empty thought channel
+(``<|channel>thought\\n<channel|>``) after ``<|turn>model\\n``, so training and evaluation are
+tested against a template whose history differs from its generation prompt.
 
     gemma-pets tiny-model --output-dir runs/tiny-gemma4
     AutoModelForMultimodalLM.from_pretrained("runs/tiny-gemma4")
@@ -55,34 +56,61 @@ CPU_DEMO_FINETUNE = {
     "batch_size": 8,
 }
 
-SMALL_MODEL_GENERATION_PROMPT = TURN_OPEN + "model\n"
-LARGE_MODEL_GENERATION_PROMPT = TURN_OPEN + "model\n" + CHANNEL_OPEN + "thought\n" + CHANNEL_CLOSE
-
-# Jinja chat template with the official framing. Assistant turns render under the role name
-# 'model'; every turn closes with '<turn|>\n'. `large_model` switches the generation prompt (and
-# the last assistant turn, so training sees exactly what generation will) to the large models'
-# empty-thought-channel form.
-CHAT_TEMPLATE = (
-    "{%- set gen_prompt = '" + "{gen}" + "' -%}"
-    "{{ bos_token }}"
-    "{%- for message in messages -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{%- if role == 'model' and loop.last -%}{{ gen_prompt }}"
-    "{%- else -%}{{ '<|turn>' + role + '\\n' }}{%- endif -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<|image|>' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ '<turn|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ gen_prompt }}{%- endif -%}"
-)
+# Chat templates of the official Gemma 4 shape, a subset of it: bos, an optional system turn
+# (with <|think|> when enable_thinking), user and model turns, images as <|image|>, thought
+# channels stripped from past model turns (strip_thinking). Only the generation prompt differs by
+# kind. The 31B / 26B-A4B template, with thinking off (enable_thinking defaults false), opens and
+# closes an empty thought channel after <|turn>model\n, so a served prompt never equals a past
+# model turn (models/templates/google-gemma-4-31B-it.jinja as vendored in llama.cpp forks, e.g.
+# fukuro-kun/fukuro-llama-cpp-turboquant@543233b; older copies, e.g.
+# CompleteTech-LLC-AI-Research/llama.cpp@ff89113, open the channel only with thinking on).
+# Google's E2B/E4B templates end the generation prompt at <|turn>model\n.
+CHAT_TEMPLATE = r"""
+{%- macro strip_thinking(text) -%}
+    {%- set kept = namespace(text='') -%}
+    {%- for piece in text.split('<channel|>') -%}
+        {%- set kept.text = kept.text + piece.split('<|channel>')[0] -%}
+    {%- endfor -%}
+    {{- kept.text | trim -}}
+{%- endmacro -%}
+{%- set thinking = enable_thinking is defined and enable_thinking -%}
+{%- set loop_messages = messages -%}
+{{- bos_token -}}
+{%- if thinking or messages[0]['role'] in ['system', 'developer'] -%}
+    {{- '<|turn>system\n' -}}
+    {%- if thinking -%}{{- '<|think|>\n' -}}{%- endif -%}
+    {%- if messages[0]['role'] in ['system', 'developer'] -%}
+        {{- messages[0]['content'] | trim -}}
+        {%- set loop_messages = messages[1:] -%}
+    {%- endif -%}
+    {{- '<turn|>\n' -}}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{- '<|turn>' + role + '\n' -}}
+    {%- if message['content'] is string -%}
+        {{- strip_thinking(message['content']) if role == 'model' else message['content'] | trim -}}
+    {%- else -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'text' -%}
+                {{- strip_thinking(item['text']) if role == 'model' else item['text'] | trim -}}
+            {%- elif item['type'] == 'image' -%}
+                {{- '<|image|>' -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {{- '<turn|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|turn>model\n' -}}
+    @EMPTY_THOUGHT_CHANNEL@
+{%- endif -%}
+"""
+EMPTY_THOUGHT_CHANNEL = r"{%- if not thinking -%}{{- '<|channel>thought\n<channel|>' -}}{%- endif -%}"
 
 
 def chat_template(large_model: bool = False) -> str:
-    gen = LARGE_MODEL_GENERATION_PROMPT if large_model else SMALL_MODEL_GENERATION_PROMPT
-    return CHAT_TEMPLATE.replace("{gen}", gen.replace("\n", "\\n"))
+    return CHAT_TEMPLATE.replace("@EMPTY_THOUGHT_CHANNEL@", EMPTY_THOUGHT_CHANNEL if large_model else "").strip()
 
 
 @dataclass
@@ -104,7 +132,7 @@ class TinyModelConfig:
     )
     large_model_template: bool = field(
         default=False,
-        metadata={"help": "render the 31B/26B-A4B generation prompt (empty thought channel)"},
+        metadata={"help": "the 31B/26B-A4B chat template (its generation prompt has an empty thought channel)"},
     )
 
     def __post_init__(self) -> None:

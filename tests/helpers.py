@@ -30,3 +30,28 @@ def gcloud_sdk() -> tuple[str, Path] | None:
     if not (root / "lib" / "googlecloudsdk").is_dir():
         return None
     return (str(python) if python.exists() else sys.executable), root / "lib"
+
+
+# A chat template whose past model turns differ from its generation prompt the other way round
+# from the large Gemma 4 one: history keeps an empty thought channel, the generation prompt has
+# none. Training must still extend the generation prompt, never the rendered history.
+HISTORY_WITH_CHANNEL_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<|turn>' + role + '\\n' -}}"
+    "{%- if role == 'model' -%}{{- '<|channel>thought\\n<channel|>' -}}{%- endif -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<|image|>' -}}{%- else -%}{{- item['text'] | trim -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- '<turn|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}{%- endif -%}"
+)
+
+
+def model_with_chat_template(source: Path, path: Path, template: str) -> Path:
+    """A copy of a model folder whose processor renders ``template``."""
+    shutil.copytree(source, path)
+    (path / "chat_template.jinja").write_text(template)
+    return path

@@ -157,6 +157,26 @@ def test_longest_overlapping_class_name_wins():
     assert mapper("terrier") == 1
 
 
+def test_first_class_named_wins_on_the_real_names():
+    from components.prepare_dataset import OXFORD_PET_CLASSES
+
+    mapper = AnswerMapper(OXFORD_PET_CLASSES)
+    for answer, expected in [
+        ("beagle, not a basset hound", "beagle"),
+        ("a basset hound, not a beagle", "basset_hound"),
+        ("American pit bull terrier, maybe a Staffordshire bull terrier", "american_pit_bull_terrier"),
+        ("Staffordshire bull terrier or American pit bull terrier?", "staffordshire_bull_terrier"),
+        ("american bulldog; an american pit bull terrier", "american_bulldog"),
+    ]:
+        assert OXFORD_PET_CLASSES[mapper(answer)] == expected, answer
+
+
+def test_names_found_at_the_same_place_go_to_the_longest():
+    mapper = AnswerMapper(["pit bull", "pit bull terrier", "terrier"])
+    assert mapper("pit bull terrier, or a terrier") == 1
+    assert mapper("a pit bull, not a pit bull terrier") == 0
+
+
 def test_class_names_that_answers_cannot_tell_apart_are_refused():
     with pytest.raises(ValueError, match="same once case"):
         AnswerMapper(["great_pyrenees", "Great Pyrenees"])
@@ -369,6 +389,62 @@ def test_score_mode_end_to_end(tiny_model_dir, dataset_dir, tmp_path):
                                 mode="score", batch_size=1, score_chunk_size=64))
     for p, q in zip(predictions, read_predictions(again)):
         assert q["scores"] == pytest.approx(p["scores"], abs=1e-4)
+
+
+def test_both_modes_prompt_with_the_trained_prefix(tiny_model_dir, tiny_large_model_dir, dataset_dir, tmp_path,
+                                                  monkeypatch):
+    """On every template shape (E2B/E4B; 31B/26B-A4B, whose past model turns lack the generation
+    prompt's empty thought channel; the reverse divergence): what generate mode generates from
+    and what score mode scores after is, token for token, what each image's training sequence
+    holds before its answer, and score mode's candidates are the tokens training supervises."""
+    from tests.helpers import HISTORY_WITH_CHANNEL_TEMPLATE, model_with_chat_template
+
+    seen = {"generate": [], "score": [], "candidates": None}
+    real_generate = evaluate.generate_answers
+
+    def spy_generate(model, tokenizer, batch, gen_config):
+        seen["generate"].append(batch)
+        return real_generate(model, tokenizer, batch, gen_config)
+
+    class SpyScorer(evaluate.CandidateScorer):
+        def __init__(self, model, candidates, *args, **kwargs):
+            seen["candidates"] = candidates
+            super().__init__(model, candidates, *args, **kwargs)
+
+        def __call__(self, batch):
+            seen["score"].append(batch)
+            return super().__call__(batch)
+
+    monkeypatch.setattr(evaluate, "generate_answers", spy_generate)
+    monkeypatch.setattr(evaluate, "CandidateScorer", SpyScorer)
+    diverging = model_with_chat_template(tiny_model_dir, tmp_path / "diverging", HISTORY_WITH_CHANNEL_TEMPLATE)
+    examples = 6
+    images, labels = [make_image(i) for i in range(examples)], [CLASSES[i % len(CLASSES)] for i in range(examples)]
+    for framing, model_dir in (("small", tiny_model_dir), ("large", tiny_large_model_dir), ("diverging", diverging)):
+        processor = modeling.load_processor(str(model_dir))
+        training = prompting.encode_training_batch(processor, images, labels, CLASSES)
+        answer_starts = [int((label != prompting.IGNORE_INDEX).nonzero().min()) for label in training["labels"]]
+        trained_prefixes = [ids[:start] for ids, start in zip(training["input_ids"], answer_starts)]
+        for mode in ("generate", "score"):
+            seen[mode].clear()
+            evaluate.run(EvaluateConfig(model_dir=str(model_dir), dataset_dir=dataset_dir, mode=mode, batch_size=4,
+                                        output_dir=str(tmp_path / framing / mode), max_new_tokens=2))
+            prompts = [ids[mask.bool()] for batch in seen[mode] for ids, mask in zip(batch["input_ids"],
+                                                                                    batch["attention_mask"])]
+            assert len(prompts) == examples
+            for prompt, trained in zip(prompts, trained_prefixes):
+                assert prompt.tolist() == trained.tolist(), (framing, mode)
+        for c, name in enumerate(CLASSES):
+            row = labels.index(name)
+            supervised = training["labels"][row][training["labels"][row] != prompting.IGNORE_INDEX]
+            assert seen["candidates"][c] == supervised.tolist(), (framing, name)
+
+
+def test_score_mode_guard_names_a_candidate_training_would_not_supervise(tiny_large_model_dir):
+    processor = modeling.load_processor(str(tiny_large_model_dir))
+    answers = evaluate.answer_token_ids(processor, CLASSES)  # checked: passes on the large template
+    with pytest.raises(ValueError, match="training sequence of 'Abyssinian' is not the evaluation prompt"):
+        evaluate.check_training_extends_prompt(processor, CLASSES, answers[1:] + answers[:1])
 
 
 def make_adapter(model_dir, adapter_dir):

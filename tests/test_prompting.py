@@ -1,4 +1,5 @@
-"""Label masks: loss only on the answer and its closing <turn|>, under every framing and padding."""
+"""Training sequences: the served prompt token for token, then the answer and <turn|>, with the
+loss only on those, under every chat-template shape."""
 
 from __future__ import annotations
 
@@ -7,16 +8,23 @@ import torch
 from PIL import Image
 
 from components import prompting
+from tests.helpers import HISTORY_WITH_CHANNEL_TEMPLATE, model_with_chat_template
 
 CLASSES = ["Abyssinian", "american_bulldog", "american_pit_bull_terrier", "pug", "great_pyrenees"]
+ANSWERS = ["pug", "american_pit_bull_terrier", "Abyssinian"]
 
 
 @pytest.fixture(scope="module")
-def processors(tiny_model_dir, tiny_large_model_dir):
+def processors(tiny_model_dir, tiny_large_model_dir, tmp_path_factory):
+    """One processor per chat-template shape: E2B/E4B, 31B/26B-A4B (the generation prompt has an
+    empty thought channel that past model turns lack), and the reverse divergence."""
     from transformers import AutoProcessor
 
+    diverging = model_with_chat_template(tiny_model_dir, tmp_path_factory.mktemp("template") / "model",
+                                         HISTORY_WITH_CHANNEL_TEMPLATE)
     return {"small": AutoProcessor.from_pretrained(tiny_model_dir),
-            "large": AutoProcessor.from_pretrained(tiny_large_model_dir)}
+            "large": AutoProcessor.from_pretrained(tiny_large_model_dir),
+            "history_with_channel": AutoProcessor.from_pretrained(diverging)}
 
 
 def images():
@@ -26,32 +34,54 @@ def images():
 
 
 def expected_answer_ids(tokenizer, answer):
-    return tokenizer(answer + "<turn|>", add_special_tokens=False).input_ids
+    return tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.convert_tokens_to_ids("<turn|>")]
+
+
+def served_prompt(processor, image):
+    """What a server using the template feeds the model: the template's own generation prompt
+    (thinking off), tokenized by the processor with the image expanded; not via prompting."""
+    content = [{"type": "image"}, {"type": "text", "text": prompting.instruction(CLASSES)}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    return processor(text=[text], images=[[image]], return_tensors="pt")
+
+
+def test_training_sequence_is_the_served_prompt_then_the_answer(processors):
+    """On every template shape, also where past model turns render differently from the
+    generation prompt: the tokens before the answer are the served prompt's, exactly."""
+    for framing, processor in processors.items():
+        batch = prompting.encode_training_batch(processor, images(), ANSWERS, CLASSES)
+        for row, (image, answer) in enumerate(zip(images(), ANSWERS)):
+            served = served_prompt(processor, image)
+            n = served["input_ids"].shape[1]
+            real = batch["attention_mask"][row].bool()
+            assert batch["input_ids"][row][:n].tolist() == served["input_ids"][0].tolist(), framing
+            assert batch["mm_token_type_ids"][row][:n].tolist() == served["mm_token_type_ids"][0].tolist(), framing
+            assert batch["input_ids"][row][real][n:].tolist() == expected_answer_ids(processor.tokenizer, answer)
+            assert (batch["labels"][row][:n] == prompting.IGNORE_INDEX).all(), framing
+            torch.testing.assert_close(batch["pixel_values"][row], served["pixel_values"][0])
 
 
 @pytest.mark.parametrize("framing", ["small", "large"])
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_labels_are_exactly_answer_and_turn_close(processors, framing, padding_side):
+def test_labels_are_exactly_answer_and_turn_close(processors, framing):
     processor = processors[framing]
     tok = processor.tokenizer
-    answers = ["pug", "american_pit_bull_terrier", "Abyssinian"]
-    batch = prompting.encode_training_batch(processor, images(), answers, CLASSES, padding_side=padding_side)
+    batch = prompting.encode_training_batch(processor, images(), ANSWERS, CLASSES)
     ids, labels = batch["input_ids"], batch["labels"]
     n_image = (ids == tok.image_token_id).sum(dim=1)
     assert len(set(n_image.tolist())) == 3, "the three images should expand to different token counts"
-    pad_rows = (batch["attention_mask"] == 0).any(dim=1)
-    assert pad_rows.any(), "the batch should need padding"
-    for row, answer in enumerate(answers):
+    assert (batch["attention_mask"] == 0).any(), "the batch should need padding"
+    assert (batch["attention_mask"][:, 0] == 1).all(), "training batches are padded on the right"
+    for row, answer in enumerate(ANSWERS):
         kept = labels[row][labels[row] != -100].tolist()
         assert kept == expected_answer_ids(tok, answer)
         positions = (labels[row] != -100).nonzero().flatten()
-        # One contiguous span, after the last <|turn> and after every image token.
+        # One contiguous span closing the row's real tokens, after the last <|turn> and every image token.
         assert (positions.diff() == 1).all()
+        assert int(positions.max()) + 1 == int(batch["attention_mask"][row].sum())
         last_turn = (ids[row] == tok.convert_tokens_to_ids("<|turn>")).nonzero().max()
         last_image = (ids[row] == tok.image_token_id).nonzero().max()
         assert positions.min() > last_turn and positions.min() > last_image
-        # Never on padding, never on the thought channel.
-        assert (batch["attention_mask"][row][positions] == 1).all()
         assert tok.convert_tokens_to_ids("<channel|>") not in kept
 
 
@@ -68,23 +98,16 @@ def test_class_name_also_in_prompt_list_is_masked_there(processors):
 def test_large_framing_prompt_ends_with_empty_thought_channel(processors):
     text = prompting.prompt_text(processors["large"], CLASSES)
     assert text.endswith("<|turn>model\n<|channel>thought\n<channel|>")
-    full = prompting.training_text(processors["large"], CLASSES, "pug")
-    assert full.startswith(text), "training text must extend exactly the generation prompt"
 
 
-def test_errors_for_truncated_or_unanswered_sequences(processors):
-    tok = processors["small"].tokenizer
-    no_close = tok("<bos><|turn>user\nhi<turn|>\n<|turn>model\npug", add_special_tokens=False).input_ids
-    with pytest.raises(ValueError, match="not closed"):
-        prompting.answer_span(no_close, tok)
-    user_last = tok("<bos><|turn>user\nhi<turn|>\n", add_special_tokens=False).input_ids
-    with pytest.raises(ValueError, match="not the model"):
-        prompting.answer_span(user_last, tok)
-
-
-def test_max_length_is_enforced_with_a_clear_error(processors):
+def test_bad_answers_and_lengths_are_refused(processors):
+    processor = processors["small"]
+    with pytest.raises(ValueError, match="has no tokens"):
+        prompting.answer_ids(processor.tokenizer, "")
+    with pytest.raises(ValueError, match="3 images but 2 answers"):
+        prompting.encode_training_batch(processor, images(), ANSWERS[:2], CLASSES)
     with pytest.raises(ValueError, match="--max-length"):
-        prompting.encode_training_batch(processors["small"], images()[:1], ["pug"], CLASSES, max_length=16)
+        prompting.encode_training_batch(processor, images()[:1], ["pug"], CLASSES, max_length=16)
 
 
 def test_prompt_batch_is_left_padded(processors):

@@ -33,24 +33,28 @@ def test_folder_is_small(tiny_model_dir):
     assert size < 5 * 2**20
 
 
-def test_chat_template_renders_official_framing(tiny_model_dir, tiny_large_model_dir):
+def test_chat_templates_have_the_official_shapes(tiny_model_dir, tiny_large_model_dir):
+    """Both kinds render history the official way (past model turns without thought channels);
+    only the generation prompt differs: E2B/E4B end at <|turn>model\n, 31B/26B-A4B add an empty
+    thought channel unless thinking is on (then <|think|> opens a system turn instead)."""
     from transformers import AutoProcessor
 
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which breed?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "pug"}]},
-    ]
-    small = AutoProcessor.from_pretrained(tiny_model_dir)
-    assert small.apply_chat_template(messages, tokenize=False) == (
-        "<bos><|turn>user\n<|image|>Which breed?<turn|>\n<|turn>model\npug<turn|>\n"
-    )
-    assert small.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True) == (
-        "<bos><|turn>user\n<|image|>Which breed?<turn|>\n<|turn>model\n"
-    )
-    large = AutoProcessor.from_pretrained(tiny_large_model_dir)
-    assert large.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True) == (
-        "<bos><|turn>user\n<|image|>Which breed?<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
-    )
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " Which breed? "}]}
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "<|channel>thought\nfur<channel|>pug"}]}
+    user_turn = "<|turn>user\n<|image|>Which breed?<turn|>\n"
+    history = user_turn + "<|turn>model\npug<turn|>\n"
+    generation = {"small": "<|turn>model\n", "large": "<|turn>model\n<|channel>thought\n<channel|>"}
+    for kind, folder in (("small", tiny_model_dir), ("large", tiny_large_model_dir)):
+        processor = AutoProcessor.from_pretrained(folder)
+        render = processor.apply_chat_template
+        assert render([user, answer], tokenize=False) == "<bos>" + history, kind
+        assert render([user, answer, user], tokenize=False, add_generation_prompt=True) == (
+            "<bos>" + history + user_turn + generation[kind]), kind
+        system = {"role": "system", "content": " Be brief. "}
+        assert render([system, user], tokenize=False, add_generation_prompt=True) == (
+            "<bos><|turn>system\nBe brief.<turn|>\n" + user_turn + generation[kind]), kind
+        assert render([user], tokenize=False, add_generation_prompt=True, enable_thinking=True) == (
+            "<bos><|turn>system\n<|think|>\n<turn|>\n" + user_turn + "<|turn>model\n"), kind
 
 
 def test_special_tokens_stay_whole(tiny_model_dir):
