@@ -290,7 +290,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except RuntimeError as err:  # kfp.local: "Pipeline ... finished with status FAILURE ..."
         error = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # drop kfp.local's terminal colours
     wall_s = time.monotonic() - started
-    created = sorted(p for p in set(kfp_root.iterdir()) - before if p.is_dir())
+    # the run's folder; kfp_root/checkpoints (finetune's, keyed by the run) is not one
+    created = sorted(p for p in set(kfp_root.iterdir()) - before
+                     if p.is_dir() and p.name.startswith(pipeline_options.PIPELINE_NAME))
     kfp_run_dir = created[-1] if created else None
     records = collect_records(spec, kfp_run_dir) if kfp_run_dir else {}
     write_json_atomic(run_dir / RECORDS_FILE, records)
