@@ -223,15 +223,17 @@ def finetune_config(lora_r: int, batch_size: int, seed: int, **overrides):
 
 
 def train_row_project(model, processor, samples, class_names, cfg: BenchConfig, device, *, name: str,
-                      cap_gib: float | None = None, fused_norms: bool = True, **overrides) -> tuple[object, dict]:
-    """Time the project's loop: one warm-up micro-batch, then ``timed_steps`` optimizer steps."""
+                      cap_gib: float | None = None, fused_norms: bool = True, lora_r: int | None = None,
+                      **overrides) -> tuple[object, dict]:
+    """Time the project's loop: one warm-up micro-batch, then ``timed_steps`` optimizer steps.
+    ``lora_r`` (alpha the same) replaces the bench's rank; ``overrides`` are FinetuneConfig fields."""
     import torch
 
     from components import finetune, modeling, prompting
 
     modeling.fuse_rms_norms(model, enabled=fused_norms and device.type == "cuda")
 
-    ft = finetune_config(cfg.lora_r, cfg.batch_size, cfg.seed, **overrides)
+    ft = finetune_config(lora_r or cfg.lora_r, cfg.batch_size, cfg.seed, **overrides)
     preset, micro, recompute_every = finetune.memory_plan(ft, device)
     row = {"row": name, "kind": "train", "loop": "project", "memory_preset": preset, "micro_batch_size": micro,
            "batch_size": ft.batch_size, "recompute_every": recompute_every, "lora_r": ft.lora_r,
@@ -408,7 +410,7 @@ def run(cfg: BenchConfig) -> dict:
         model = real_size.build_model(config, device, "none" if cfg.bf16_base else quantization)
     else:
         processor = modeling.load_processor(cfg.model_dir)
-        model = modeling.load_model(cfg.model_dir, device, quantization)
+        model = modeling.load_model(cfg.model_dir, device, "none" if cfg.bf16_base else quantization)
         model.requires_grad_(False)
     counts = real_size.parameter_counts(model)
     photos = random_photos(cfg.batch_size * (cfg.timed_steps + 1), cfg.seed)
@@ -427,17 +429,19 @@ def run(cfg: BenchConfig) -> dict:
     print(json.dumps(result["model"]), flush=True)
     sizes = [int(x) for x in cfg.eval_batch_sizes.split(",")]
 
-    if cfg.bf16_base and cfg.variant:
-        # Lever: the unquantised base. Same rows, then quantise in place for the nf4 rows.
+    if cfg.bf16_base:
+        # Lever: the unquantised base (bf16 on CUDA, fp32 on CPU). Same rows, then quantise in
+        # place for the nf4 rows.
+        plain = "bf16" if device.type == "cuda" else "fp32"
         for micro in (2, 4):
             model, row = train_row_project(model, processor, samples, class_names, cfg, device,
                                            name=f"bf16 base, micro-batch {micro}, no recompute",
                                            micro_batch_size=micro, gradient_checkpointing="off")
-            record({**row, "base": "bf16"})
+            record({**row, "base": plain})
         record({**eval_row(model, processor, photos, class_names, cfg, device, name="generate, bf16 base",
-                           mode="generate", batch_size=sizes[-1], max_new_tokens=cap), "base": "bf16"})
+                           mode="generate", batch_size=sizes[-1], max_new_tokens=cap), "base": plain})
         record({**eval_row(model, processor, photos, class_names, cfg, device, name="score, bf16 base",
-                           mode="score", batch_size=sizes[-1]), "base": "bf16"})
+                           mode="score", batch_size=sizes[-1]), "base": plain})
         if quantization == "nf4":
             real_size.quantize_nf4_(model)
             reset_memory(device)
@@ -449,16 +453,15 @@ def run(cfg: BenchConfig) -> dict:
     record({**row, "base": base})
     model, row = train_row_project(model, processor, samples, class_names, cfg, device, name="project default")
     record({**row, "base": base})
-    if device.type == "cuda":
-        # Each preset under the memory of the smallest card it is for (the CUDA context, ~0.5 GiB,
-        # comes on top); the 24 GB preset at r=16, as it is meant for.
-        for preset in filter(None, cfg.presets.split(",")):
-            cap_gib = PRESET_CARDS_GIB[preset]
-            rank = 16 if preset == "24gb" else cfg.lora_r
-            model, row = train_row_project(model, processor, samples, class_names, cfg, device,
-                                           name=f"preset {preset}", cap_gib=cap_gib, memory_preset=preset,
-                                           lora_r=rank, lora_alpha=rank)
-            record({**row, "base": base})
+    # Each preset under the memory of the smallest card it is for (the CUDA context, ~0.5 GiB,
+    # comes on top); the 24 GB preset at r=16, as it is meant for. On CPU the rows still run (the
+    # CPU plan, no cap), so a CPU run exercises every row's code (tests/test_bench.py).
+    for preset in filter(None, cfg.presets.split(",")):
+        rank = 16 if preset == "24gb" else cfg.lora_r
+        model, row = train_row_project(model, processor, samples, class_names, cfg, device,
+                                       name=f"preset {preset}", cap_gib=PRESET_CARDS_GIB[preset],
+                                       memory_preset=preset, lora_r=rank)
+        record({**row, "base": base})
     if cfg.levers:
         # One lever at a time against the default; docs/benchmarks.md lists the others, measured
         # in earlier runs of this harness.

@@ -1,7 +1,13 @@
 """Small file helpers shared by the steps: checksums and atomic writes.
 
-"No half-written artifact is ever taken as complete": every output is written to a temporary
-sibling and renamed into place, and folders carry a completion marker written last.
+"No half-written artifact is ever taken as complete", also on Cloud Storage FUSE (Vertex's /gcs,
+Cloud Run's GCS volumes): a file is written to a temporary sibling and renamed into place, and a
+folder is written in place with a completion marker written last. Folders are never renamed:
+gcsfuse renames a folder object by object, and refuses unless mounted with rename-dir-limit, so a
+cut-off rename leaves half a folder (gcsfuse docs/semantics.md). A single-file rename is supported
+and safe for us: a new object appears whole when its file is closed, and the rename creates the
+destination object whole (copy then delete; MoveObject since gcsfuse 3.1), at worst leaving the
+temporary name behind.
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 CHUNK = 8 * 1024 * 1024  # bytes read per hash update: large enough to keep disk reads sequential
+COMPLETE = ".complete"  # written last into a folder by atomic_dir: a folder without it is incomplete
+FILE_MODE = 0o644  # outputs are read by other users (serving containers, other service accounts)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -35,6 +44,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp creates it owner-only
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -55,27 +65,51 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(fh)
 
 
+def is_complete(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` was finished by :func:`atomic_dir` (its marker is there)."""
+    return (Path(folder) / COMPLETE).is_file()
+
+
+def clear_dir(folder: Path) -> None:
+    """Remove what ``folder`` holds, keeping the folder itself (no rename, FUSE-safe)."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def make_readable(folder: str | os.PathLike) -> None:
+    """Files 0644 and folders 0755 at least, under ``folder``: some writers (transformers'
+    safetensors shards) create files owner-only. A no-op on gcsfuse, whose modes are the mount's."""
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if path.is_symlink():
+            continue
+        wanted = 0o755 if path.is_dir() else FILE_MODE
+        current = stat.S_IMODE(path.stat().st_mode)
+        if current & wanted != wanted:
+            path.chmod(current | wanted)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to ``final``; on success it replaces ``final`` whole.
+    """Yield ``final``, emptied, to write into; on success write its :data:`COMPLETE` marker last.
 
-    On an exception the temporary folder is removed and ``final`` is left as it was, so a
-    reader never sees a half-built folder under the final name.
+    The old marker goes first, so from then on the folder reads as incomplete (``is_complete``)
+    until the new one lands; a run cut off (even by SIGKILL) leaves no marker, and the next write
+    clears the stale files. On an exception the half-written folder is removed.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the finished folder is read by other users
+    with contextlib.suppress(FileNotFoundError):
+        (final / COMPLETE).unlink()
+    clear_dir(final)
+    final.mkdir(parents=True, exist_ok=True)
     try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        yield final
+        make_readable(final)
+        write_bytes_atomic(final / COMPLETE, b"")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
         raise

@@ -6,15 +6,17 @@ One readable recipe:
   3. train on (image, class name) pairs with loss only on the answer and its closing <turn|>,
      16 samples per optimizer step split into micro-batches as the GPU's memory preset says,
      and over several GPUs as data-parallel processes the step launches itself (torchrun);
-  4. checkpoint every N optimizer steps (adapter, optimizer, scheduler, RNG, data position),
-     atomically; on start, resume from the newest complete checkpoint in the output folder;
-  5. write the adapter (safetensors), the processor and train_metrics.json.
+  4. checkpoint every N optimizer steps and every M minutes (adapter, optimizer, scheduler, RNG,
+     data position) into a checkpoint folder outside the adapter output, copied to host memory
+     and written by a background thread; on start, resume from the newest complete checkpoint;
+  5. write the adapter (safetensors), the processor and train_metrics.json; delete the checkpoints.
 
     gemma-pets finetune --model-dir weights/ --dataset-dir data/ --output-dir adapter/
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,16 +33,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from components.cli import UserError, entrypoint, parse_config
-from components.files import read_json, sha256_file, write_json_atomic
+from components.files import make_readable, read_json, sha256_file, write_json_atomic
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS_SUFFIX = ".checkpoints"  # default checkpoint folder: <output-dir>.checkpoints, beside it
 METRICS_FILE = "train_metrics.json"
 STATE_FILE = "trainer_state.json"  # written last inside a checkpoint: its presence marks it complete
+ADAPTER_FILE = "adapter_model.safetensors"  # the name PEFT's save_pretrained gives the weights
+# On SIGTERM the platform kills the task about 10 s later (Cloud Run, Vertex): a checkpoint write
+# already under way may finish within this many seconds; a new one is never started.
+PREEMPT_WAIT_S = 5.0
 # Fields that may differ between a run and the run that resumes it; every other field must match.
 # How a step is split into micro-batches and whether activations are recomputed changes memory
 # and speed, not the gradient (the loss is normalised per optimizer step), so a resume may change
 # them too, e.g. when a retry lands on a different GPU.
-RESUMABLE_CHANGES = ("output_dir", "stop_after_steps", "save_every_steps", "keep_checkpoints", "log_every_steps",
+RESUMABLE_CHANGES = ("output_dir", "checkpoint_dir", "stop_after_steps", "save_every_steps",
+                     "checkpoint_every_minutes", "keep_checkpoints", "log_every_steps",
                      "micro_batch_size", "gradient_checkpointing", "memory_preset", "num_processes")
 
 
@@ -76,7 +83,13 @@ class FinetuneConfig:
 
     model_dir: str = field(metadata={"help": "staged base model folder (config.json, safetensors, processor)"})
     dataset_dir: str = field(metadata={"help": "prepared dataset folder (manifest.json + Parquet shards)"})
-    output_dir: str = field(metadata={"help": "where the adapter, processor, metrics and checkpoints go"})
+    output_dir: str = field(metadata={"help": "where the adapter, processor and metrics go"})
+    checkpoint_dir: str = field(
+        default="",
+        metadata={"help": "resume checkpoints: a stable folder per run and task, outside --output-dir, so a retry "
+                          "finds them (gs:// is read through /gcs); empty: <output-dir>.checkpoints beside it; "
+                          "deleted once the adapter is written"},
+    )
     quantization: str = field(
         default="auto",
         metadata={"help": "nf4 (4-bit QLoRA, CUDA only), none (bf16 on CUDA / fp32 on CPU), auto: nf4 on CUDA",
@@ -108,6 +121,10 @@ class FinetuneConfig:
                                   "choices": list(RECOMPUTE_CHOICES)},
     )
     save_every_steps: int = field(default=50, metadata={"help": "checkpoint every N optimizer steps"})
+    checkpoint_every_minutes: float = field(
+        default=10.0, metadata={"help": "also checkpoint when this many minutes passed since the last one, so a "
+                                        "kill loses at most that much work (0: by steps only)"},
+    )
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk"})
     log_every_steps: int = field(default=10, metadata={"help": "log loss, lr, samples/s every N steps"})
     stop_after_steps: int | None = field(
@@ -128,6 +145,8 @@ class FinetuneConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.checkpoint_every_minutes < 0:
+            raise ValueError(f"--checkpoint-every-minutes must be >= 0, got {self.checkpoint_every_minutes}")
         if self.num_processes < 0:
             raise ValueError(f"--num-processes must be >= 0 (0: one per visible GPU), got {self.num_processes}")
         if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
@@ -241,13 +260,27 @@ def answer_loss_sum(causal_lm, batch: dict):
 # --------------------------------------------------------------------------------------------
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
+def checkpoint_root(cfg: FinetuneConfig) -> Path:
+    """The folder the step-N checkpoints go in (see --checkpoint-dir)."""
+    if not cfg.checkpoint_dir:
+        output = Path(cfg.output_dir).absolute()
+        return output.with_name(output.name + CHECKPOINTS_SUFFIX)
+    if cfg.checkpoint_dir.startswith("gs://"):
+        from components import gcs
+
+        return Path(gcs.fuse_path(cfg.checkpoint_dir))
+    return Path(cfg.checkpoint_dir)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
     """Newest checkpoint whose state file exists (a folder without it was cut off mid-write)."""
-    root = output_dir / CHECKPOINTS
     if not root.is_dir():
         return None
-    complete = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
-    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return max(_complete_checkpoints(root), key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    return [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
 
 
 def rng_state() -> dict:
@@ -271,36 +304,98 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
-                    rank: int = 0) -> Path:
-    """Write checkpoint ``step`` so that a reader never takes a partial one as complete.
+def snapshot(model, optimizer, scheduler, state: dict, rngs: list[dict]) -> dict:
+    """What a checkpoint holds (``rngs``: every process's RNG state), copied to host memory so
+    training goes on while it is written. The copy is the only pause training takes for a
+    checkpoint (31B r=64: about 8 GB of LoRA weights and AdamW state, seconds over PCIe)."""
+    import copy
 
-    No folder rename: on a Cloud Storage FUSE mount (Vertex's /gcs, Cloud Run's GCS volume) a
-    rename copies object by object and can be cut off half-way. Each file is instead an object
-    that appears when closed, and the state file is closed last, so its presence means every
-    other file is whole. With several processes, rank 0 writes the (identical) adapter and
-    optimizer, every rank its own RNG state, and rank 0 the state file once all are written.
+    import torch
+    from peft import get_peft_model_state_dict
+
+    def to_host(value):
+        return value.detach().to("cpu", copy=True) if torch.is_tensor(value) else copy.deepcopy(value)
+
+    optim = optimizer.state_dict()
+    return {
+        "adapter": {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()},
+        "optimizer": {"state": {i: {k: to_host(v) for k, v in s.items()} for i, s in optim["state"].items()},
+                      "param_groups": copy.deepcopy(optim["param_groups"])},
+        "scheduler": copy.deepcopy(scheduler.state_dict()),
+        "rng": rngs,
+        "state": copy.deepcopy(state),
+    }
+
+
+def write_checkpoint(root: Path, snap: dict, keep: int) -> Path:
+    """Write ``snap`` as checkpoint step-N so that a reader never takes a partial one as complete.
+
+    No folder rename: on Cloud Storage FUSE (Vertex's /gcs, Cloud Run's GCS volume) a rename copies
+    object by object and can be cut off half-way. Each file is instead an object that appears
+    when closed (gcsfuse stages it on local disk and uploads it then), and the state file is
+    written last, so its presence means every other file is whole.
     """
     import torch
+    from safetensors.torch import save_file
 
-    final = output_dir / CHECKPOINTS / f"step-{step:06d}"
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        final.mkdir(parents=True)
-        model.save_pretrained(final)
-        torch.save(optimizer.state_dict(), final / "optimizer.pt")
-        torch.save(scheduler.state_dict(), final / "scheduler.pt")
-    _barrier()
-    torch.save(rng_state(), final / rng_file(rank))
-    _barrier()
-    if rank == 0:
-        write_json_atomic(final / STATE_FILE, state)
-        older = sorted((p for p in final.parent.iterdir() if re.fullmatch(r"step-\d+", p.name)), key=lambda p: p.name)
-        for stale in older[:-keep]:
+    final = root / f"step-{snap['state']['global_step']:06d}"
+    if final.exists():
+        shutil.rmtree(final)  # a cut-off earlier write of the same step
+    final.mkdir(parents=True)
+    save_file(snap["adapter"], final / ADAPTER_FILE, metadata={"format": "pt"})
+    torch.save(snap["optimizer"], final / "optimizer.pt")
+    torch.save(snap["scheduler"], final / "scheduler.pt")
+    for rank, rng in enumerate(snap["rng"]):
+        torch.save(rng, final / rng_file(rank))
+    write_json_atomic(final / STATE_FILE, snap["state"])
+    # The newest ``keep`` complete checkpoints stay; older ones and cut-off writes go.
+    kept = sorted(_complete_checkpoints(root), key=lambda p: p.name)[-keep:]
+    for stale in root.iterdir():
+        if re.fullmatch(r"step-\d+", stale.name) and stale not in kept:
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
     return final
+
+
+class CheckpointWriter:
+    """Writes snapshots on a background thread, one at a time (a new one waits for the last)."""
+
+    def __init__(self, root: Path, keep: int):
+        self.root, self.keep = root, keep
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, snap: dict) -> None:
+        self.wait()
+        # A daemon thread: a process that exits (SIGTERM) leaves a write in flight unfinished,
+        # without its state file, and the resume ignores it.
+        self._thread = threading.Thread(target=self._write, args=(snap,), name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def _write(self, snap: dict) -> None:
+        try:
+            write_checkpoint(self.root, snap, self.keep)
+        except BaseException as error:  # raised in the training thread by the next wait()
+            self._error = error
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the write in flight (up to ``timeout`` s); True when none is left."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"checkpoint write to {self.root} failed: {error}") from error
+        return self._thread is None or not self._thread.is_alive()
+
+
+def delete_checkpoints(root: Path) -> None:
+    """After the adapter is written: the checkpoints are spent (the folder too, once empty)."""
+    if not root.is_dir():
+        return
+    for stale in root.iterdir():
+        if re.fullmatch(r"step-\d+", stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 def rng_file(rank: int) -> str:
@@ -314,7 +409,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0) -> d
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, load_file(ckpt / ADAPTER_FILE))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     state = read_json(ckpt / STATE_FILE)
@@ -363,9 +458,33 @@ def all_reduce_sum_(tensors) -> None:
         tensor.copy_(reduced)
 
 
+def agree(preempted: bool, due: bool, device) -> tuple[bool, bool]:
+    """(stop for SIGTERM, checkpoint now), the same in every process: a SIGTERM seen by any stops
+    them all at the same step, and rank 0's clock decides when a checkpoint is due."""
+    if not _distributed():
+        return preempted, due
+    import torch
+    import torch.distributed as dist
+
+    flags = torch.tensor([float(preempted), float(due and dist.get_rank() == 0)], device=device)
+    all_reduce_sum_([flags])
+    return bool(flags[0].item()), bool(flags[1].item())
+
+
+def all_gather_objects(obj) -> list:
+    """``obj`` of every process, in rank order (``[obj]`` in one process)."""
+    if not _distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def launch_workers(cfg: FinetuneConfig, processes: int) -> dict:
     """Run this step as ``processes`` data-parallel workers under torchrun, forwarding SIGTERM
-    (Cloud Run and Vertex signal only the container's first process) so they checkpoint."""
+    (Cloud Run and Vertex signal only the container's first process) so they stop together."""
     import subprocess
 
     from components.cli import to_argv
@@ -385,10 +504,10 @@ def launch_workers(cfg: FinetuneConfig, processes: int) -> dict:
     output_dir = Path(cfg.output_dir)
     if code != 0:
         raise SystemExit(f"finetune: {processes} worker processes exited with {code}; complete checkpoints in "
-                         f"{output_dir / CHECKPOINTS} let a rerun resume")
+                         f"{checkpoint_root(cfg)} let a rerun resume")
     if (output_dir / METRICS_FILE).is_file():
         return read_json(output_dir / METRICS_FILE)
-    state = read_json(latest_checkpoint(output_dir) / STATE_FILE)  # stopped early (--stop-after-steps)
+    state = read_json(latest_checkpoint(checkpoint_root(cfg)) / STATE_FILE)  # stopped early (--stop-after-steps)
     return {"stopped_at_step": state["global_step"], "total_steps": state["total_steps"]}
 
 
@@ -478,6 +597,9 @@ def check_inputs(cfg: FinetuneConfig):
     quantization), or a UserError naming the flag."""
     from components import modeling, shards
 
+    if checkpoint_root(cfg).absolute().is_relative_to(Path(cfg.output_dir).absolute()):
+        raise UserError(f"--checkpoint-dir {checkpoint_root(cfg)} is inside --output-dir {cfg.output_dir}: the "
+                        "adapter artifact must hold only the adapter and its processor files")
     modeling.check_model_dir(cfg.model_dir)
     try:
         manifest = shards.read_manifest(cfg.dataset_dir)
@@ -555,7 +677,8 @@ def _train(cfg: FinetuneConfig, output_dir: Path, class_names: list[str], device
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * steps), steps)
 
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "log": [], "total_steps": steps}
-    ckpt = latest_checkpoint(output_dir)
+    ckpt_root = checkpoint_root(cfg)
+    ckpt = latest_checkpoint(ckpt_root)
     if ckpt is not None:
         saved = read_json(ckpt / STATE_FILE)
         if saved.get("hyperparameters") != cfg.hyperparameters():
@@ -566,7 +689,7 @@ def _train(cfg: FinetuneConfig, output_dir: Path, class_names: list[str], device
         state = load_checkpoint(ckpt, model, optimizer, scheduler, rank)
         say(f"resuming from {ckpt} (step {state['global_step']} of {steps}, attempt {attempt})")
     elif attempt > 0:
-        say(f"Cloud Run task attempt {attempt}: no complete checkpoint in {output_dir}, starting over")
+        say(f"Cloud Run task attempt {attempt}: no complete checkpoint in {ckpt_root}, starting over")
 
     state["hyperparameters"] = cfg.hyperparameters()  # a resume checks them against its own
     state["total_steps"] = steps
@@ -574,9 +697,12 @@ def _train(cfg: FinetuneConfig, output_dir: Path, class_names: list[str], device
         f"({sum(p.numel() for p in trainable):,} trainable parameters) on {world_size} x {device.type}, "
         f"{quantization}, {len(examples)} samples, {steps} optimizer steps of {cfg.batch_size} samples "
         f"(memory preset {preset}: micro-batch {micro_batch_size}, recompute every {recompute_every} layers)")
-    # Cloud Run and Vertex stop a task with SIGTERM and a grace period: finish the current step,
-    # checkpoint, and exit non-zero so the retry resumes from here.
+    # Cloud Run and Vertex stop a task with SIGTERM and kill it about 10 s later: finish the
+    # current step and exit non-zero without starting a (multi-GB) checkpoint write; the retry
+    # resumes from the last complete checkpoint, at most --checkpoint-every-minutes old.
     preempted: list[int] = []
+    writer = CheckpointWriter(ckpt_root, cfg.keep_checkpoints)
+    last_saved = time.monotonic()
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum)) if in_main_thread else None
     model.train()
@@ -623,20 +749,26 @@ def _train(cfg: FinetuneConfig, output_dir: Path, class_names: list[str], device
                 if rank == 0:
                     progress.write(json.dumps(entry))
             stopping = cfg.stop_after_steps is not None and state["global_step"] >= cfg.stop_after_steps
-            if world_size > 1:  # a SIGTERM seen by any process stops them all at the same step
-                flag = torch.tensor([float(bool(preempted))], device=device)
-                all_reduce_sum_([flag])
-                if flag.item() and not preempted:
-                    preempted.append(signal.SIGTERM)
-            if preempted or finished or stopping or state["global_step"] % cfg.save_every_steps == 0:
-                save_checkpoint(output_dir, state["global_step"], model, optimizer, scheduler, state,
-                                cfg.keep_checkpoints, rank)
-            if preempted and not finished:
-                raise SystemExit(f"SIGTERM: checkpointed step {state['global_step']}; a rerun resumes from it")
+            due = (state["global_step"] % cfg.save_every_steps == 0 or stopping
+                   or 0 < cfg.checkpoint_every_minutes * 60 <= time.monotonic() - last_saved)
+            preempt_now, save_now = agree(bool(preempted), due and not finished, device)
+            if preempt_now and not finished:
+                done = writer.wait(PREEMPT_WAIT_S)  # a write in flight may finish; none is started
+                raise SystemExit(f"SIGTERM after step {state['global_step']}: no new checkpoint started"
+                                 f"{'' if done else ' (the one in flight is left incomplete)'}; a rerun resumes "
+                                 f"from {latest_checkpoint(ckpt_root)}")
+            if save_now:
+                rngs = all_gather_objects(rng_state())  # every process's, for rank 0 to write
+                if rank == 0:
+                    writer.submit(snapshot(model, optimizer, scheduler, state, rngs))
+                last_saved = time.monotonic()
             if stopping and not finished:
+                writer.wait()
+                _barrier()
                 progress.close()
                 say(f"stopped after step {state['global_step']} as asked (--stop-after-steps); rerun to resume")
                 return {"stopped_at_step": state["global_step"], "total_steps": steps}
+        writer.wait()  # spent once the adapter is written, but let it finish before deleting
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
@@ -666,7 +798,9 @@ def _train(cfg: FinetuneConfig, output_dir: Path, class_names: list[str], device
     if rank == 0:
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
+        make_readable(output_dir)
         write_json_atomic(output_dir / METRICS_FILE, metrics)  # last: marks the adapter folder complete
+        delete_checkpoints(ckpt_root)
         print(f"wrote adapter to {output_dir}: final loss {metrics['final_loss']}, "
               f"{metrics['samples_per_s']:.2f} samples/s")
     _barrier()

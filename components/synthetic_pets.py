@@ -314,7 +314,7 @@ def run(config: SyntheticPetsConfig) -> Path:
                               "pass --overwrite to replace it")
     start = time.perf_counter()
     files = generate(config)
-    # the whole folder appears at once under its final name: never a half-written data set
+    # written in place, its completion marker last: a half-written data set never reads as complete
     with atomic_dir(output) as tmp:
         if config.layout == "tarballs":
             _write_tarball(tmp / "images.tar.gz", files, "images/")

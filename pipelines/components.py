@@ -47,7 +47,8 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, 
              lora_alpha: int, lora_dropout: float, learning_rate: float, epochs: int,
              max_steps: int, warmup_ratio: float, batch_size: int, micro_batch_size: int,
              memory_preset: str, num_processes: int, max_length: int, seed: int,
-             save_every_steps: int, build: dict, adapter: Output[Model], train_metrics: Output[Metrics]):
+             save_every_steps: int, checkpoint_dir: str, build: dict, adapter: Output[Model],
+             train_metrics: Output[Metrics]):
     from components import finetune as step
     from pipelines import runtime
 
@@ -57,7 +58,7 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, 
         learning_rate=learning_rate, epochs=epochs, max_steps=max_steps or None,
         warmup_ratio=warmup_ratio, batch_size=batch_size, micro_batch_size=micro_batch_size,
         memory_preset=memory_preset, num_processes=num_processes, max_length=max_length, seed=seed,
-        save_every_steps=save_every_steps))
+        save_every_steps=save_every_steps, checkpoint_dir=checkpoint_dir))
     for key in ("final_loss", "steps", "samples_per_s", "peak_memory_mb"):
         if isinstance(result.get(key), (int, float)):
             train_metrics.log_metric(key, float(result[key]))

@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from components.cli import entrypoint, hub_id
-from components.files import write_json_atomic
+from components.files import is_complete, write_json_atomic
 from components.tiny_model import CPU_DEMO_FINETUNE  # a dict; the module imports no torch
 from pipelines import options as pipeline_options
 from pipelines import pipeline as dag
@@ -101,19 +101,19 @@ def _python_module(*args: str) -> None:
 
 
 def demo_inputs(run_dir: Path, num_classes: int, images_per_class: int) -> tuple[str, str]:
-    """Build (or reuse) the tiny model and the synthetic set; folders are written atomically by
-    their steps, so an existing folder is complete."""
+    """Build (or reuse) the tiny model and the synthetic set; their steps mark a folder complete
+    last (files.atomic_dir), so one without the mark was cut off and is rebuilt."""
     inputs = run_dir / "inputs"
     model = inputs / "tiny-gemma4"
-    if not (model / "tiny_model.json").is_file():
+    if not is_complete(model):
         print(f"building the tiny stand-in model in {model}", flush=True)
         _python_module("tiny-model", "--output-dir", str(model))
     pets = inputs / f"synthetic-pets-c{num_classes}-n{images_per_class}-{DEMO_IMAGE_SIZE}px"
-    if not (pets / "annotations").is_dir():
+    if not is_complete(pets):
         print(f"generating {num_classes} synthetic pet classes in {pets}", flush=True)
         _python_module("synthetic-pets", "--output-dir", str(pets), "--num-classes",
                        str(num_classes), "--images-per-class", str(images_per_class),
-                       "--image-size", str(DEMO_IMAGE_SIZE))
+                       "--image-size", str(DEMO_IMAGE_SIZE), "--overwrite")
     return str(model.resolve()), str(pets.resolve())
 
 
@@ -293,7 +293,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except RuntimeError as err:  # kfp.local: "Pipeline ... finished with status FAILURE ..."
         error = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # drop kfp.local's terminal colours
     wall_s = time.monotonic() - started
-    created = sorted(p for p in set(kfp_root.iterdir()) - before if p.is_dir())
+    # the run's folder; kfp_root/checkpoints (finetune's, keyed by the run) is not one
+    created = sorted(p for p in set(kfp_root.iterdir()) - before
+                     if p.is_dir() and p.name.startswith(pipeline_options.PIPELINE_NAME))
     kfp_run_dir = created[-1] if created else None
     records = collect_records(spec, kfp_run_dir) if kfp_run_dir else {}
     write_json_atomic(run_dir / RECORDS_FILE, records)

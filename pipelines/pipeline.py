@@ -107,10 +107,12 @@ def build_pipeline(options: CompileOptions) -> Callable:
             batch_size=batch_size, micro_batch_size=micro_batch_size, memory_preset=memory_preset,
             # One data-parallel process per GPU of the task (1 for a CPU task).
             num_processes=max(options.finetune_task.accelerator_count, 1),
-            max_length=max_length, seed=seed, save_every_steps=save_every_steps, build=build),
+            max_length=max_length, seed=seed, save_every_steps=save_every_steps, build=build,
+            # Keyed by the run, not the task's output URI: a retry finds the checkpoints.
+            checkpoint_dir=f"{dsl.PIPELINE_ROOT_PLACEHOLDER}/checkpoints/{dsl.PIPELINE_JOB_ID_PLACEHOLDER}/{FINETUNE}"),
             FINETUNE)
-        # A preempted or failed fine-tune restarts with the same output folder and resumes from
-        # its last checkpoint; backoff 60 s doubling, capped at one hour.
+        # A preempted or failed fine-tune restarts and resumes from its last checkpoint;
+        # backoff 60 s doubling, capped at one hour.
         tuning.set_retry(num_retries=options.fine_tune_retries, backoff_duration="60s",
                          backoff_factor=2.0, backoff_max_duration="3600s")
         adapter = tuning.outputs["adapter"]

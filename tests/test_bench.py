@@ -101,17 +101,28 @@ def test_recipe_trainer_and_project_loop_train_the_same(tiny_model_dir, tmp_path
     assert moved > 1e-2 and diff < 0.01 * moved
 
 
-def test_harness_runs_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
+def test_harness_runs_every_row_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
+    """Every row kind the GPU run makes (bf16 base, recipe, default, each preset, each lever, each
+    evaluation row) runs on CPU, so no row can break unnoticed until device time is spent."""
+    monkeypatch.setattr(recipe, "RECIPE_MAX_NEW_TOKENS", 8)  # the row's code, not its 128 tokens of CPU time
     out = tmp_path / "bench.json"
     result = bench_gpu.run(bench_gpu.BenchConfig(
-        output=str(out), model_dir=str(tiny_model_dir), device="cpu", batch_size=4, timed_steps=1,
-        recipe_micro_batches=3, eval_batch_sizes="2", eval_batches=1, recipe_long_generation=False))
+        output=str(out), model_dir=str(tiny_model_dir), device="cpu", batch_size=8, timed_steps=1,
+        recipe_micro_batches=3, eval_batch_sizes="2", eval_batches=1, bf16_base=True))
     saved = json.loads(out.read_text())
     rows = {r["row"]: r for r in saved["rows"]}
-    assert {"recipe", "project default", "recipe generate", "project score (default)"} <= set(rows)
-    assert all("error" not in r for r in rows.values())
+    expected = {"bf16 base, micro-batch 2, no recompute", "bf16 base, micro-batch 4, no recompute",
+                "generate, bf16 base", "score, bf16 base", "recipe", "project default",
+                *(f"preset {p}" for p in bench_gpu.PRESET_CARDS_GIB), "lever: default without fused norms",
+                "lever: micro-batch 8, recompute every-2", "lever: micro-batch 4, recompute off",
+                "recipe generate", "recipe generate, 128 tokens",
+                *(f"project {mode} ({size})" for mode in ("generate", "score") for size in ("default", "batch 2"))}
+    assert set(rows) == expected and len(saved["rows"]) == len(expected)
+    assert [name for name, r in rows.items() if "error" in r] == []
     assert rows["recipe"]["loop"] == "transformers.Trainer" and rows["project default"]["loop"] == "project"
     assert rows["project default"]["lora_layers"] == rows["recipe"]["lora_layers"]
+    assert rows["preset 24gb"]["lora_r"] == 16 and rows["preset fast"]["lora_r"] == 64  # the 24 GB preset's rank
+    assert rows["lever: micro-batch 4, recompute off"]["micro_batch_size"] == 4
     assert saved["summary"]["train_speedup"]["recipe"] == pytest.approx(1.0)
     assert result["summary"]["recipe_job_minutes"] > 0
     assert "| recipe (none) | transformers.Trainer |" in bench_gpu.render_markdown(saved)

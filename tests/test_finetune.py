@@ -1,8 +1,9 @@
-"""Fine-tune step on the tiny model: LoRA placement, clipping, checkpointing, resume, bad input."""
+"""Fine-tune step on the tiny model: LoRA placement, clipping, checkpointing, resume, preemption, bad input."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,11 @@ def test_train_writes_adapter_processor_and_metrics(tiny_model_dir, small_pets_d
         assert (out / name).is_file(), name
     saved = json.loads((out / "train_metrics.json").read_text())
     assert saved["steps"] == 3 and saved["train_samples"] == 12
+    # The adapter artifact holds the adapter and its processor files only; the checkpoints went
+    # to their own folder beside it and were deleted once the adapter was written.
+    assert not [p for p in out.rglob("*") if p.is_dir() or p.name in ("optimizer.pt", finetune.STATE_FILE)]
+    assert finetune.checkpoint_root(small_config(tiny_model_dir, small_pets_dir, out)) == tmp_path / "adapter.checkpoints"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert any("vision_tower" in m for m in saved["adapted_modules"])
     assert any("language_model" in m for m in saved["adapted_modules"])
     assert saved["hyperparameters"]["lora_r"] == 4
@@ -114,11 +120,16 @@ def test_resume_ends_with_the_same_adapter(tiny_model_dir, small_pets_dir, tmp_p
     straight = tmp_path / "straight"
     finetune.run(small_config(tiny_model_dir, small_pets_dir, straight))
     resumed = tmp_path / "resumed"
-    stopped = finetune.run(small_config(tiny_model_dir, small_pets_dir, resumed, stop_after_steps=3))
+    stopped = finetune.run(small_config(tiny_model_dir, small_pets_dir, resumed, stop_after_steps=3,
+                                        checkpoint_dir=str(tmp_path / "ckpt")))
     assert stopped == {"stopped_at_step": 3, "total_steps": 6}
     assert not (resumed / "adapter_model.safetensors").exists()
-    finetune.run(small_config(tiny_model_dir, small_pets_dir, resumed))
-    assert "resuming from" in capsys.readouterr().out
+    assert finetune.latest_checkpoint(tmp_path / "ckpt").name == "step-000003"
+    # Another output folder (a retried task's new output URI), the same checkpoint folder: resumes.
+    resumed = tmp_path / "resumed-retry"
+    finetune.run(small_config(tiny_model_dir, small_pets_dir, resumed, checkpoint_dir=str(tmp_path / "ckpt")))
+    assert f"resuming from {tmp_path / 'ckpt' / 'step-000003'}" in capsys.readouterr().out
+    assert not (tmp_path / "ckpt").exists()  # spent once the adapter is written
     a = load_file(straight / "adapter_model.safetensors")
     b = load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -129,12 +140,21 @@ def test_resume_ends_with_the_same_adapter(tiny_model_dir, small_pets_dir, tmp_p
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
-    root = tmp_path / finetune.CHECKPOINTS
-    (root / "step-000002").mkdir(parents=True)
-    (root / "step-000002" / finetune.STATE_FILE).write_text("{}")
-    (root / "step-000004").mkdir()  # cut off before its state file: not complete
-    (root / ".step-000006.abc.partial").mkdir()
+    (tmp_path / "step-000002").mkdir(parents=True)
+    (tmp_path / "step-000002" / finetune.STATE_FILE).write_text("{}")
+    (tmp_path / "step-000004").mkdir()  # cut off before its state file: not complete
+    (tmp_path / ".step-000006.abc.partial").mkdir()
     assert finetune.latest_checkpoint(tmp_path).name == "step-000002"
+
+
+def test_checkpoints_inside_the_adapter_folder_are_refused(tiny_model_dir, small_pets_dir, tmp_path):
+    with pytest.raises(ValueError, match="--checkpoint-dir .* is inside --output-dir"):
+        finetune.run(small_config(tiny_model_dir, small_pets_dir, tmp_path / "o",
+                                  checkpoint_dir=str(tmp_path / "o" / "checkpoints")))
+    with pytest.raises(ValueError, match="--checkpoint-every-minutes must be >= 0"):
+        small_config(tiny_model_dir, small_pets_dir, tmp_path / "o", checkpoint_every_minutes=-1)
+    assert finetune.checkpoint_root(small_config(tiny_model_dir, small_pets_dir, "o", checkpoint_dir="gs://bkt/ck/1")) \
+        == Path("/gcs/bkt/ck/1")
 
 
 def test_resume_refuses_other_hyperparameters(tiny_model_dir, small_pets_dir, tmp_path):
@@ -157,9 +177,10 @@ def test_bad_input_fails_before_loading_the_model(tiny_model_dir, small_pets_dir
     assert not (tmp_path / "o").exists()
 
 
-def test_sigterm_checkpoints_the_current_step_and_exits(tiny_model_dir, small_pets_dir, tmp_path, monkeypatch):
-    """Cloud Run / Vertex stop a task with SIGTERM: the step in flight finishes, is checkpointed,
-    and the process exits non-zero so the retry resumes from it."""
+def test_sigterm_exits_without_starting_a_checkpoint(tiny_model_dir, small_pets_dir, tmp_path, monkeypatch):
+    """Cloud Run / Vertex kill a task about 10 s after SIGTERM, too soon for a multi-GB write: the
+    step in flight finishes, no checkpoint is started, and the process exits non-zero; the retry
+    resumes from the last periodic (here: by wall time, every step) checkpoint."""
     import os
     import signal
 
@@ -174,13 +195,64 @@ def test_sigterm_checkpoints_the_current_step_and_exits(tiny_model_dir, small_pe
     monkeypatch.setattr(finetune, "train_step", step_then_sigterm)
     handler_before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match="SIGTERM: checkpointed step 3"):
-        finetune.run(small_config(tiny_model_dir, small_pets_dir, out, save_every_steps=100))
-    assert finetune.latest_checkpoint(out).name == "step-000003"
+    # Steps alone would never checkpoint (100); the clock does, after every step (1e-6 minutes).
+    cfg = small_config(tiny_model_dir, small_pets_dir, out, save_every_steps=100, checkpoint_every_minutes=1e-6)
+    with pytest.raises(SystemExit, match="SIGTERM after step 3: no new checkpoint started; a rerun resumes from"):
+        finetune.run(cfg)
+    root = finetune.checkpoint_root(cfg)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002"]  # nothing of step 3
+    assert finetune.latest_checkpoint(root).name == "step-000002"
     assert signal.getsignal(signal.SIGTERM) is handler_before and len(calls) == 3
     monkeypatch.setattr(finetune, "train_step", real_step)
-    metrics = finetune.run(small_config(tiny_model_dir, small_pets_dir, out, save_every_steps=100))
+    metrics = finetune.run(cfg)
     assert metrics["steps"] == 6
+
+
+# Runs the step in a child process whose checkpoint writer blocks inside the write of step 4,
+# after the adapter and optimizer files and before the state file, and says so with a file.
+BLOCK_IN_WRITE = """
+import os, sys, time, torch
+real_save = torch.save
+def save(obj, path, *args, **kwargs):
+    if str(path).endswith(os.path.join("step-000004", "scheduler.pt")):
+        open(os.environ["WRITING"], "w").close()
+        time.sleep(3600)
+    return real_save(obj, path, *args, **kwargs)
+torch.save = save
+from components import finetune
+sys.exit(finetune.main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny_model_dir, small_pets_dir,
+                                                                          tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from components.cli import to_argv
+
+    cfg = small_config(tiny_model_dir, small_pets_dir, tmp_path / "run", checkpoint_every_minutes=0)
+    writing = tmp_path / "writing"
+    child = subprocess.Popen([sys.executable, "-c", BLOCK_IN_WRITE, *to_argv(cfg)], env={**os.environ, "WRITING": str(writing)})
+    try:
+        deadline = time.monotonic() + 300
+        while not writing.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert writing.exists(), "the child never reached the write of step 4"
+        child.send_signal(signal.SIGKILL)  # no handler, no cleanup: the write is cut off where it is
+    finally:
+        child.kill()
+        child.wait()
+    root = finetune.checkpoint_root(cfg)
+    cut_off = root / "step-000004"
+    assert (cut_off / finetune.ADAPTER_FILE).is_file() and not (cut_off / finetune.STATE_FILE).exists()
+    assert finetune.latest_checkpoint(root).name == "step-000002"
+    metrics = finetune.run(cfg)
+    assert f"resuming from {root / 'step-000002'}" in capsys.readouterr().out
+    assert metrics["steps"] == 6 and not root.exists()
 
 
 def test_memory_presets_come_from_the_gpus_memory(monkeypatch):
@@ -250,9 +322,6 @@ def test_two_processes_train_the_same_adapter_as_one(tiny_model_dir, small_pets_
     print(f"1 vs 2 processes: losses {[round(e['loss'], 5) for e in one['log']]} vs "
           f"{[round(e['loss'], 5) for e in two['log']]}; adapter |diff| {diff:.2e} of |lora_B| {moved:.3f}")
     assert moved > 0 and diff < 1e-3 * moved, (diff, moved)
-    # Checkpoints carry every process's RNG state; a resume with another count re-seeds the rest.
-    ckpt = finetune.latest_checkpoint(tmp_path / "two")
-    assert (ckpt / "rng.pt").is_file() and (ckpt / "rng-rank1.pt").is_file()
 
 
 def test_process_count_is_checked_before_anything_runs(tiny_model_dir, small_pets_dir, tmp_path):
@@ -263,7 +332,8 @@ def test_process_count_is_checked_before_anything_runs(tiny_model_dir, small_pet
 def test_sigterm_reaches_the_workers_which_checkpoint_and_the_rerun_resumes(tiny_model_dir, small_pets_dir,
                                                                              tmp_path, capfd):
     """Cloud Run / Vertex signal only the container's first process: the step forwards SIGTERM to
-    its workers, which agree on a step, checkpoint it and exit; the parent exits non-zero."""
+    its workers, which agree on a step and exit; the parent exits non-zero, and the rerun resumes
+    from the last complete checkpoint."""
     import os
     import signal
     import threading
@@ -272,10 +342,11 @@ def test_sigterm_reaches_the_workers_which_checkpoint_and_the_rerun_resumes(tiny
     out = tmp_path / "run"
     cfg = small_config(tiny_model_dir, small_pets_dir, out, lora_dropout=0.0, device="cpu", batch_size=4,
                        micro_batch_size=2, epochs=8, train_limit=8, save_every_steps=1, num_processes=2)
+    root = finetune.checkpoint_root(cfg)
 
     def signal_after_first_checkpoint():
         deadline = time.monotonic() + 240
-        while finetune.latest_checkpoint(out) is None and time.monotonic() < deadline:
+        while finetune.latest_checkpoint(root) is None and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -284,9 +355,11 @@ def test_sigterm_reaches_the_workers_which_checkpoint_and_the_rerun_resumes(tiny
     with pytest.raises(SystemExit, match="2 worker processes exited"):
         finetune.run(cfg)
     killer.join()
-    stopped = finetune.latest_checkpoint(out)
+    stopped = finetune.latest_checkpoint(root)
     assert stopped is not None and not (out / "train_metrics.json").exists()
     assert int(stopped.name.split("-")[1]) < 16, "the workers should stop before the end"
+    # Checkpoints carry every process's RNG state; a resume with another count re-seeds the rest.
+    assert (stopped / "rng.pt").is_file() and (stopped / "rng-rank1.pt").is_file()
     capfd.readouterr()
     metrics = finetune.run(cfg)
     assert metrics["steps"] == 16

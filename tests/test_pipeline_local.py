@@ -22,8 +22,9 @@ from pipelines import pipeline as dag
 
 from tests.helpers import REPO, is_commit_of_this_checkout
 PLANTED = "hf_plantedSECRETlocalrun0123456789"
-# Small enough for minutes on 2 cores: 3 classes x (2 train + 2 eval) images, 2 optimizer steps.
-SMALL = ["--param", "max_steps=2", "--param", "epochs=1", "--param", "micro_batch_size=2",
+# Small enough for minutes on 2 cores: 3 classes x (2 train + 2 eval) images, 2 optimizer steps
+# (a checkpoint after the first).
+SMALL = ["--param", "max_steps=2", "--param", "epochs=1", "--param", "batch_size=4", "--param", "micro_batch_size=2",
          "--param", "eval_batch_size=8", "--param", "save_every_steps=1"]
 
 
@@ -76,6 +77,13 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
     assert summary["gate"]["accuracy_delta"] == pytest.approx(delta)
     export = Path(summary["export"]["path"])
     assert (export / "export_metadata.json").is_file()
+    # The adapter artifact holds the adapter and its processor files only; the checkpoints lived
+    # under the pipeline root, keyed by the run, and were deleted once the adapter was written.
+    adapter = Path(records[dag.FINETUNE]["outputs"]["adapter"]["uri"])
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not [p for p in adapter.rglob("*") if p.is_dir() or p.suffix == ".pt" or p.name == "trainer_state.json"]
+    checkpoint_runs = list((run_dir / "kfp" / "checkpoints").iterdir())
+    assert len(checkpoint_runs) == 1 and not list(checkpoint_runs[0].rglob("*"))
     assert list(export.glob("*.safetensors"))
 
     # the KFP metric artifacts carry what Vertex renders

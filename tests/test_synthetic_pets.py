@@ -135,7 +135,7 @@ def test_images_of_a_class_vary():
 
 def test_tarballs_layout(tmp_path):
     root = make(tmp_path, layout="tarballs", num_classes=2, images_per_class=3)
-    assert sorted(p.name for p in root.iterdir()) == ["annotations.tar.gz", "images.tar.gz"]
+    assert sorted(p.name for p in root.iterdir()) == [".complete", "annotations.tar.gz", "images.tar.gz"]
     with tarfile.open(root / "images.tar.gz") as tar:
         names = sorted(tar.getnames())
         data = tar.extractfile("images/Abyssinian_1.jpg").read()
