@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 
 from components import prepare_dataset, synthetic_pets
 from components.cli import DEBUG_ENV
+from pipelines import options as pipeline_options
 from tests.helpers import REPO
 
 DOCS = REPO / "docs" / "bad-input.md"
@@ -261,7 +262,8 @@ CASES = [
     Case("compile", "--output with another suffix", ["--output", "p.txt"],
          "--output p.txt: must end in .yaml, .yml or .json"),
     Case("compile", "a choice that does not exist", ["--preset", "70b"],
-         "argument --preset: invalid choice: '70b' (choose from '31b-qlora', 'cpu-smoke', 'e2b', 'e4b')"),
+         "argument --preset: invalid choice: '70b' (choose from "
+         + ", ".join(repr(name) for name in sorted(pipeline_options.PRESETS)) + ")"),
 ]
 
 
