@@ -3,14 +3,20 @@
 One readable recipe:
   1. reload the base unquantised (bf16 on CUDA, fp32 on CPU): merging into a 4-bit model would
      round the merged weights to nf4 and lose most of what the adapter learned;
-  2. put the PEFT adapter on it and record reference logits of base + adapter (unmerged) on a
-     few eval samples, and the base's own logits (adapter disabled) to know the adapter's effect;
-  3. merge (``merge_and_unload``) and check the merged model's logits against the reference;
-  4. save the merged weights (bf16 by default, safetensors shards), the base's processor, chat
-     template and generation config, into a temporary folder;
-  5. reload that saved folder from disk, as a server would, and check its logits against the
-     reference; over ``--tolerance`` the step fails and the temporary folder is removed;
+  2. put the PEFT adapter on it; measure how much of s·B·A a bf16 export keeps, and pick the
+     export dtype (bf16, or fp32 under --min-delta-kept: --if-delta-lost); an fp32 export holds
+     the model in fp32 from here on;
+  3. record reference logits of base + adapter (unmerged), the base's own (the adapter's effect)
+     and the noise floor (the base with every adapted weight one export-dtype ulp off);
+  4. merge: each adapted weight becomes W + s·B·A computed in fp32 and rounded once to the
+     export dtype, checked layer by layer in weight space, then in logits against the floor;
+  5. save the merged weights (safetensors shards), the base's processor, chat template and
+     generation config, into a temporary folder; reload it from disk, as a server would, and
+     check it against the weights written and against base + adapter; a failed check removes it;
   6. write README.md (model card) and export_metadata.json (last), then move the folder into place.
+
+Why not PEFT's ``merge_and_unload``: on CUDA it adds s·B·A to the bf16 weight in bf16, and it
+cannot merge into fp32 without an fp32 base; the analysis is in docs/merge.md.
 
     gemma-pets merge-export --model-dir weights/ --adapter-dir adapter/ --dataset-dir data/ \\
         --metrics-path eval/metrics.json --output-dir export/
