@@ -25,8 +25,9 @@ import json
 import sys
 
 
-def build(variant: str, layers: int, rank: int, alpha: int, lr: float, steps: int, seed: int):
-    """fp32 model holding bf16 values (a bf16 checkpoint loaded on the CPU) + the adapter."""
+def build(variant: str, layers: int, rank: int, alpha: int, lr: float, steps: int, seed: int, fp32: bool = True):
+    """fp32 model holding bf16 values (a bf16 checkpoint loaded on the CPU; bf16 with
+    ``fp32=False``) + the adapter."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Gemma4ForConditionalGeneration
@@ -38,7 +39,8 @@ def build(variant: str, layers: int, rank: int, alpha: int, lr: float, steps: in
     config = random_model.variant_config(variant, processor.tokenizer, layers)
     config.audio_config = None  # never adapted nor run on images; saves memory here
     model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
-    model.float()
+    if fp32:
+        model.float()
     targets = modeling.lora_target_modules(model)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -49,12 +51,18 @@ def build(variant: str, layers: int, rank: int, alpha: int, lr: float, steps: in
     return peft_model.requires_grad_(False), processor
 
 
-def sample(processor):
+def sample(processor, side: int | None):
+    """One noise photo (500x375, or ``side`` px square) with the 37-class prompt and an answer."""
+    import numpy as np
+    from PIL import Image
+
     from bench.bench_gpu import random_photos
     from components import prompting
     from components.prepare_dataset import OXFORD_PET_CLASSES
 
-    batch = prompting.encode_training_batch(processor, random_photos(1, seed=0), ["pug"], list(OXFORD_PET_CLASSES))
+    images = random_photos(1, seed=0) if side is None else [
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))]
+    batch = prompting.encode_training_batch(processor, images, ["pug"], list(OXFORD_PET_CLASSES))
     batch.pop("labels")
     return [batch]
 
@@ -73,8 +81,9 @@ def measure(args) -> dict:
 
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
-    peft_model, processor = build(args.variant, args.layers, args.rank, args.alpha, args.lr, args.steps, args.seed)
-    batches = sample(processor)
+    peft_model, processor = build(args.variant, args.layers, args.rank, args.alpha, args.lr, args.steps, args.seed,
+                                  fp32=not args.weights_only)
+    batches = sample(processor, args.image_side)
     out = {"variant": args.variant, "layers": args.layers, "lr": args.lr, "steps": args.steps, "rank": args.rank,
            "alpha": args.alpha, "tokens": int(batches[0]["input_ids"].shape[1])}
     out["bf16_delta_kept"] = me.delta_kept(peft_model, torch.bfloat16)
@@ -87,6 +96,7 @@ def measure(args) -> dict:
         base32 = logits(peft_model, batches, cpu)
     out["adapter_effect_fp32"] = me.compare_logits(ref32, base32)
     out["step_noise_floor_fp32"] = me.noise_floor(peft_model, batches, cpu, torch.bfloat16)
+    print(json.dumps(out), flush=True)
     # bf16 compute, as on a GPU: the base weights are bf16 values already, so casting is exact.
     cast_base_(peft_model, torch.bfloat16)
     with peft_model.disable_adapter():
@@ -95,6 +105,7 @@ def measure(args) -> dict:
     ref16 = logits(peft_model, batches, cpu)
     out["unmerged_bf16_vs_ref_fp32"] = me.compare_logits(ref32, ref16)
     out["adapter_effect_bf16"] = me.compare_logits(ref16, base16)
+    print(json.dumps(out), flush=True)
     cast_base_(peft_model, torch.float32)
     out["weight_check"] = me.merge_lora_(peft_model, torch.bfloat16)
     merged = peft_model.unload()
@@ -118,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-side", type=int, default=None, help="square noise image (default: a 500x375 photo)")
     parser.add_argument("--weights-only", action="store_true", help="skip the logits (no forward passes)")
     parser.add_argument("--output", help="JSON file to write")
     args = parser.parse_args(argv)

@@ -15,8 +15,8 @@ One readable recipe:
      check it against the weights written and against base + adapter; a failed check removes it;
   6. write README.md (model card) and export_metadata.json (last), then move the folder into place.
 
-Why not PEFT's ``merge_and_unload``: on CUDA it adds s·B·A to the bf16 weight in bf16, and it
-cannot merge into fp32 without an fp32 base; the analysis is in docs/merge.md.
+Why not PEFT's ``merge_and_unload``: it rounds into the base's dtype (bf16 on CUDA, even for an
+fp32 export) and says nothing of what the rounding dropped; the analysis is in docs/merge.md.
 
     gemma-pets merge-export --model-dir weights/ --adapter-dir adapter/ --dataset-dir data/ \\
         --metrics-path eval/metrics.json --output-dir export/
