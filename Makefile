@@ -22,7 +22,7 @@ OUTPUT_PATH  ?= runs/cloud-run-finetune
 
 BENCH_DIR ?= runs/bench
 
-.PHONY: venv demo test test-gpu bench compile images image-resolve cloud-run-job cloud-run-execute clean
+.PHONY: venv demo test test-gpu bench rehearse compile images image-resolve cloud-run-job cloud-run-execute clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -50,6 +50,16 @@ bench: venv
 	mkdir -p $(BENCH_DIR)
 	$(PY) -m bench.bench_gpu --variant gemma-4-31b --output $(BENCH_DIR)/gemma-4-31b.json
 	$(PY) -m bench.bench_gpu --variant gemma-4-e4b --output $(BENCH_DIR)/gemma-4-e4b.json
+
+# The whole DAG under kfp.local on one CUDA GPU at real sizes (random-init checkpoints): E4B at
+# full depth, then the 31B widths at the most layers the disk holds; per-step table in each
+# run folder (rehearsal.md); how to read and extrapolate them: docs/rehearsal.md.
+REHEARSE_DIR ?= runs/rehearse
+REHEARSE_31B_LAYERS ?= auto
+rehearse: venv
+	$(PY) -m bench.rehearse --variant gemma-4-e4b --run-dir $(REHEARSE_DIR)/gemma-4-e4b
+	rm -rf $(REHEARSE_DIR)/gemma-4-e4b/kfp $(REHEARSE_DIR)/gemma-4-e4b/inputs
+	$(PY) -m bench.rehearse --variant gemma-4-31b --layers $(REHEARSE_31B_LAYERS) --run-dir $(REHEARSE_DIR)/gemma-4-31b
 
 compile: venv
 	$(PY) compile.py --preset $(PRESET) --output pipeline.yaml \

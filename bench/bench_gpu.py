@@ -381,6 +381,7 @@ def run(cfg: BenchConfig) -> dict:
     import torch
 
     from bench import real_size, recipe
+    from components import random_model
     from components import evaluate, finetune, modeling, prompting
     from components.prepare_dataset import OXFORD_PET_CLASSES
 
@@ -405,8 +406,8 @@ def run(cfg: BenchConfig) -> dict:
 
     built = time.perf_counter()
     if cfg.variant:
-        processor = real_size.bench_processor(cfg.variant)
-        config = real_size.variant_config(cfg.variant, processor.tokenizer)
+        processor = random_model.stand_in_processor(cfg.variant)
+        config = random_model.variant_config(cfg.variant, processor.tokenizer)
         model = real_size.build_model(config, device, "none" if cfg.bf16_base else quantization)
     else:
         processor = modeling.load_processor(cfg.model_dir)

@@ -65,6 +65,7 @@ def worker(cfg: ScalingConfig) -> dict:
     import torch.distributed as dist
 
     from bench import bench_gpu, real_size
+    from components import random_model
     from components import finetune, modeling, prompting
     from components.prepare_dataset import OXFORD_PET_CLASSES
 
@@ -79,8 +80,8 @@ def worker(cfg: ScalingConfig) -> dict:
     try:
         torch.manual_seed(cfg.seed)  # the same weights and LoRA init in every process
         if cfg.variant:
-            processor = real_size.bench_processor(cfg.variant)
-            model = real_size.build_model(real_size.variant_config(cfg.variant, processor.tokenizer), device,
+            processor = random_model.stand_in_processor(cfg.variant)
+            model = real_size.build_model(random_model.variant_config(cfg.variant, processor.tokenizer), device,
                                           quantization)
         else:
             processor = modeling.load_processor(cfg.model_dir)

@@ -43,13 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench import bench_gpu, real_size
+    from components import random_model
     from components import evaluate, finetune, prompting
     from components.prepare_dataset import OXFORD_PET_CLASSES
 
     device = torch.device("cuda", torch.cuda.current_device())
     names = list(OXFORD_PET_CLASSES)
-    processor = real_size.bench_processor(args.variant)
-    model = real_size.build_model(real_size.variant_config(args.variant, processor.tokenizer), device, "none")
+    processor = random_model.stand_in_processor(args.variant)
+    model = real_size.build_model(random_model.variant_config(args.variant, processor.tokenizer), device, "none")
     photos = bench_gpu.random_photos(args.batch_size, 0)
     b = args.batch_size
 

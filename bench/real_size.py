@@ -2,66 +2,22 @@
 
 Speed and memory do not depend on weight values, so a model built from a published config with
 the real transformers classes (``Gemma4ForConditionalGeneration``) and random weights runs
-exactly the kernels a downloaded checkpoint runs. ``gemma4_variants.json`` is a copy of the
-published configs (E2B, E4B, 31B, 26B-A4B) as keyword arguments of transformers' config classes.
+exactly the kernels a downloaded checkpoint runs. The configs and the stand-in processor are
+``components.random_model``'s (which writes such a model to disk); this module builds it in GPU
+memory.
 
 nf4 is made on the GPU, layer by layer, from the bf16 weights in memory, with the same
 bitsandbytes storage ``modeling.nf4_config`` asks ``from_pretrained`` for (nf4, double-quantised
 scales, bf16 compute and storage): no 62 GB checkpoint is written to disk for 31B.
 
 Inputs come from the project's own prompt code and the real ``Gemma4Processor``; only the
-tokenizer is the offline stand-in's BPE, with its vocabulary sized so the 37-name prompt is as
-long in tokens as with Gemma's own tokenizer: 510 tokens per 31B sample (266 soft tokens for a
-500x375 photo, prompt, answer; the recipe's measurement had 514).
+tokenizer is the offline stand-in's BPE (``random_model.STAND_IN_VOCAB``): 510 tokens per 31B
+sample (266 soft tokens for a 500x375 photo, prompt, answer; the recipe's measurement had 514).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-VARIANTS_FILE = Path(__file__).with_name("gemma4_variants.json")
-BENCH_VOCAB = 510  # BPE size that makes the prompt + one 500x375 image + answer ~510 tokens (31B: 510, E4B: 502)
 PHOTO_SIZE = (500, 375)  # (width, height) of a typical Oxford-IIIT Pet photo: 266 soft tokens
-
-
-def load_variants(path: Path = VARIANTS_FILE) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def variant_config(name: str, tokenizer, path: Path = VARIANTS_FILE):
-    """The Gemma4Config of a published variant, with the media token ids of ``tokenizer``."""
-    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
-
-    from components.tiny_model import media_token_ids
-
-    published = load_variants(path)
-    if name not in published["variants"]:
-        raise ValueError(f"--variant {name!r}: not in {path} (choose from {', '.join(published['variants'])})")
-    variant = published["variants"][name]
-    text = dict(variant["text"])
-    text["layer_types"] = text.pop("layer_types_unit") * text.pop("layer_types_repeat")
-    text_config = Gemma4TextConfig(
-        **text,
-        rope_parameters=published["rope_parameters"],
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    vision_config = Gemma4VisionConfig(**published["vision"][variant["vision"]])
-    audio_config = Gemma4AudioConfig() if variant["audio"] == "default" else None
-    return Gemma4Config(text_config=text_config, vision_config=vision_config, audio_config=audio_config,
-                        tie_word_embeddings=True, **media_token_ids(tokenizer))
-
-
-def bench_processor(variant: str, path: Path = VARIANTS_FILE):
-    """The real Gemma4Processor at the variant's soft-token budget, with the bench tokenizer."""
-    from components import tiny_model
-
-    published = load_variants(path)
-    soft_tokens = published["variants"][variant]["vision_soft_tokens_per_image"]
-    large = variant in ("gemma-4-31b", "gemma-4-26b-a4b")  # the empty-thought-channel template
-    return tiny_model.build_processor(tiny_model.build_tokenizer(BENCH_VOCAB), soft_tokens, large)
 
 
 def build_model(config, device, quantization: str = "none"):

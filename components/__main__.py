@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": "components.evaluate",
     "merge-export": "components.merge_export",
     "tiny-model": "components.tiny_model",
+    "random-model": "components.random_model",
     "synthetic-pets": "components.synthetic_pets",
 }
 

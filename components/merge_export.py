@@ -3,14 +3,20 @@
 One readable recipe:
   1. reload the base unquantised (bf16 on CUDA, fp32 on CPU): merging into a 4-bit model would
      round the merged weights to nf4 and lose most of what the adapter learned;
-  2. put the PEFT adapter on it and record reference logits of base + adapter (unmerged) on a
-     few eval samples, and the base's own logits (adapter disabled) to know the adapter's effect;
-  3. merge (``merge_and_unload``) and check the merged model's logits against the reference;
-  4. save the merged weights (bf16 by default, safetensors shards), the base's processor, chat
-     template and generation config, into a temporary folder;
-  5. reload that saved folder from disk, as a server would, and check its logits against the
-     reference; over ``--tolerance`` the step fails and the temporary folder is removed;
+  2. put the PEFT adapter on it; measure how much of s·B·A a bf16 export keeps, and pick the
+     export dtype (bf16, or fp32 under --min-delta-kept: --if-delta-lost); an fp32 export holds
+     the model in fp32 from here on;
+  3. record reference logits of base + adapter (unmerged), the base's own (the adapter's effect)
+     and the noise floor (the base with every adapted weight one export-dtype ulp off);
+  4. merge: each adapted weight becomes W + s·B·A computed in fp32 and rounded once to the
+     export dtype, checked layer by layer in weight space, then in logits against the floor;
+  5. save the merged weights (safetensors shards), the base's processor, chat template and
+     generation config, into a temporary folder; reload it from disk, as a server would, and
+     check it against the weights written and against base + adapter; a failed check removes it;
   6. write README.md (model card) and export_metadata.json (last), then move the folder into place.
+
+Why not PEFT's ``merge_and_unload``: it rounds into the base's dtype (bf16 on CUDA, even for an
+fp32 export) and says nothing of what the rounding dropped; the analysis is in docs/merge.md.
 
     gemma-pets merge-export --model-dir weights/ --adapter-dir adapter/ --dataset-dir data/ \\
         --metrics-path eval/metrics.json --output-dir export/
@@ -46,40 +52,29 @@ METRIC_KEYS = ("accuracy", "macro_f1", "unknown_rate")
 SAVE_DTYPES = ("bfloat16", "float32")
 NOISE_IMAGE_SIDE = 64  # px; verification images when no dataset is given (any size works)
 
-# Three logit checks, each against its own bound. Gemma 4 soft-caps logits to (-30, 30), so an
-# absolute bound on logits means the same thing for every model size. Numbers measured on the
-# tiny stand-in (tests/test_merge_export.py, adapter with ||s BA|| at 10-80% of ||W||, 1-4
-# eval samples); they are the floor of each comparison's noise, not a real model's level.
-#  1. merge math: the merged model in memory versus base + adapter (unmerged), both in the
-#     compute dtype. They differ only in the order of sums: W x + s B(A x) versus (W + s BA) x.
-#     fp32 (CPU): measured 5e-6 to 1.3e-5; bound 1e-3, while one wrongly merged layer (a test
-#     scales one MLP by 1.5) moves logits by ~1e-1 and an unmerged adapter by ~1.
-#     bf16 (CUDA): both sides round every matmul output and the merged weights to bf16 (8-bit
-#     mantissa); measured up to 1.17 on an H200 (tiny model). Bound TOLERANCE_BF16_COMPUTE.
-#  2. save/load fidelity: the export reloaded from disk versus the in-memory merged model holding
-#     the save dtype's values, i.e. the very weights written. Same weights, same kernels: measured
-#     exactly 0.0 on CPU (fp32) and on an H200 (bf16); any difference means a tensor was dropped,
-#     renamed or mangled on its way through the files. Bound 1e-6 (fp32 round-off at most).
-#  3. the headline, --tolerance: the export reloaded from disk versus base + adapter, i.e. what
-#     gets served versus what was evaluated.
-#     fp32 export, fp32 compute: as check 1, TOLERANCE_FP32.
-#     bf16 export, fp32 compute (CPU default): adds the rounding of W + s BA to bf16, up to half a
-#     bf16 ulp (2^-9 relative) per weight whatever the size of s BA; measured 0.049 to 0.062.
-#     That is the error of casting an fp32 model to bf16, which for billion-parameter LMs is
-#     reported at about 0.1-0.3 in max |logit| over ~10^8 logits (262k vocabulary x a few hundred
-#     positions). Bound TOLERANCE_BF16_EXPORT = 0.5.
-#     bf16 compute (CUDA): bf16 matmul noise on both sides on top of that, which grows with the
-#     size of the logits (bf16 spacing is 0.125 between 16 and 32). Measured on an H200 with the
-#     tiny model, whose logits reach the +-30 softcap: 0.76 to 1.17, against an adapter effect of
-#     13.3. Bound TOLERANCE_BF16_COMPUTE = 2.0, well below the several logits a fine-tuned
-#     adapter moves the answer tokens by. The adapter's own effect (base versus base + adapter)
-#     is recorded next to it, to show whether the check could tell them apart. Not yet measured
-#     on a real Gemma 4 checkpoint (no hub here): read the recorded diffs of the first real
-#     export and narrow these bounds from them.
-TOLERANCE_FP32 = 1e-3
-TOLERANCE_BF16_EXPORT = 0.5
-TOLERANCE_BF16_COMPUTE = 2.0
+# How the export is checked (measurements and the analysis behind them: docs/merge.md).
+#  1. weight space, every adapted layer, decisive: the merged weight must be W + s·B·A computed in
+#     fp32 and rounded once to the export dtype, i.e. within half a spacing of that dtype at the
+#     fp32 sum. A wrong scale, a transposed or a skipped layer misses it by the size of s·B·A.
+#  2. how much of s·B·A the export dtype keeps: 1 - ||round(W + s·B·A) - W - s·B·A|| / ||s·B·A||
+#     over all adapted layers. A short or low-lr fine-tune's s·B·A sits below half a bf16 ulp of W
+#     and rounds away (the E4B rehearsal: 3 steps at lr 5e-5); under --min-delta-kept the export
+#     follows --if-delta-lost.
+#  3. logits, judged against the measured noise floor, not an absolute bound: the floor is how far
+#     the base model's logits move when every adapted weight moves by one export-dtype ulp (random
+#     signs), in the compute dtype (so it holds that dtype's own compute noise). Rounding moves each
+#     weight by at most half an ulp, uniformly: RMS 0.29 ulp against the floor's 1 ulp, so a right
+#     merge stays within FLOOR_SHARE of the floor (tiny model: 0.2 of it) and a wrong model is far
+#     out. Never below FP32_LOGIT_NOISE, the fp32 compute-order noise (merged versus unmerged on
+#     the tiny model: 5e-6 to 1.3e-5).
+#  4. save/load: the export reloaded from disk versus the weights written: exactly 0.0 measured
+#     on CPU and an H200; bound SAVE_LOAD_TOLERANCE (fp32 round-off at most).
+FP32_LOGIT_NOISE = 1e-3
+FLOOR_SHARE = 0.5
 SAVE_LOAD_TOLERANCE = 1e-6
+DEFAULT_MIN_DELTA_KEPT = 0.5
+NUDGE_FLOOR = 2.0 ** -60  # far under any trained weight, far over one ulp of bf16 near it
+DELTA_LOST_ACTIONS = ("float32", "bfloat16", "fail")
 SHARD_SIZE_PATTERN = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$")
 
 
@@ -101,16 +96,20 @@ class MergeExportConfig:
         "help": "metrics.json of the evaluate step (accuracy, macro_f1, unknown_rate) for the model card"})
     tolerance: float | None = field(default=None, metadata={
         "help": "max allowed |logit difference| of the saved export versus base + adapter (unmerged); "
-                f"default {TOLERANCE_FP32} with an fp32 export and fp32 compute, {TOLERANCE_BF16_EXPORT} with a "
-                f"bf16 export and fp32 compute (CPU), {TOLERANCE_BF16_COMPUTE} with bf16 compute (CUDA)"})
-    merge_tolerance: float | None = field(default=None, metadata={
-        "help": "max allowed |logit difference| of the merged model in memory versus base + adapter, "
-                f"both in the compute dtype; default {TOLERANCE_FP32} in fp32 (CPU), {TOLERANCE_BF16_COMPUTE} in bf16 (CUDA)"})
+                f"default: {FLOOR_SHARE} x the measured noise floor (the base's logits moved by one "
+                f"export-dtype ulp on every adapted weight), at least {FP32_LOGIT_NOISE}"})
     verify_samples: int = field(default=4, metadata={"help": "eval samples whose logits are compared"})
     save_dtype: str = field(default="bfloat16", metadata={
-        "help": "dtype of the saved weights (bfloat16: what Gemma checkpoints ship; float32 on CUDA "
-                "holds the merged model in fp32 on the GPU while saving, twice its bf16 size)",
+        "help": "dtype of the saved weights (bfloat16: what Gemma checkpoints ship; float32 merges and "
+                "holds the model in fp32 while saving, twice its bf16 size in memory and on disk)",
         "choices": list(SAVE_DTYPES)})
+    min_delta_kept: float = field(default=DEFAULT_MIN_DELTA_KEPT, metadata={
+        "help": "share of the adapter's weight change (||s·B·A||) that bf16 must keep; under it "
+                "--if-delta-lost decides"})
+    if_delta_lost: str = field(default="float32", metadata={
+        "help": "when bf16 keeps less than --min-delta-kept of the adapter's weight change: float32 "
+                "(export fp32, which keeps it), bfloat16 (export bf16 anyway, with a warning) or fail",
+        "choices": list(DELTA_LOST_ACTIONS)})
     max_shard_size: str = field(default="5GB", metadata={
         "help": "largest safetensors shard, e.g. 5GB (a bigger single tensor gets a shard of its own)"})
     verify_saved: bool = field(default=True, metadata={
@@ -146,9 +145,12 @@ class MergeExportConfig:
             # The export replaces --output-dir whole; it must never be, or hold, an input.
             if output == inputs or output in inputs.parents:
                 raise ValueError(f"--output-dir {self.output_dir} would replace {flag} {value}; pick another folder")
-        for flag, value in (("--tolerance", self.tolerance), ("--merge-tolerance", self.merge_tolerance)):
-            if value is not None and not value >= 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
+        if self.tolerance is not None and not self.tolerance >= 0:
+            raise ValueError(f"--tolerance must be >= 0, got {self.tolerance}")
+        if not 0 <= self.min_delta_kept <= 1:
+            raise ValueError(f"--min-delta-kept must be between 0 and 1, got {self.min_delta_kept}")
+        if self.if_delta_lost not in DELTA_LOST_ACTIONS:
+            raise ValueError(f"--if-delta-lost must be one of {', '.join(DELTA_LOST_ACTIONS)}, got {self.if_delta_lost!r}")
         if self.verify_samples < 1:
             raise ValueError(f"--verify-samples must be at least 1, got {self.verify_samples}")
         if self.save_dtype not in SAVE_DTYPES:
@@ -241,15 +243,6 @@ def dataset_info(dataset_dir: str | None) -> dict | None:
         return None
     path = Path(dataset_dir) / DATASET_MANIFEST
     return {"dataset_dir": str(dataset_dir), "manifest_sha256": sha256_file(path)}
-
-
-def default_tolerances(compute_dtype, save_dtype) -> tuple[float, float]:
-    """(merge check bound, headline bound) for the dtypes involved; see the constants' comment."""
-    import torch
-
-    if compute_dtype == torch.bfloat16:
-        return TOLERANCE_BF16_COMPUTE, TOLERANCE_BF16_COMPUTE
-    return TOLERANCE_FP32, TOLERANCE_FP32 if save_dtype == torch.float32 else TOLERANCE_BF16_EXPORT
 
 
 # --- verification -----------------------------------------------------------------------------
@@ -347,9 +340,107 @@ def load_adapter_strict(base, adapter_dir: str):
     return model
 
 
-def merge_adapter(peft_model):
-    """The merged plain model (a seam the tests use to plant a wrong merge)."""
-    return peft_model.merge_and_unload()
+# --- the merge, in weight space ------------------------------------------------------------------
+
+
+def spacing(x, dtype):
+    """The spacing (ulp) of ``dtype`` values at |x|, in fp32: half of it is the largest error of
+    rounding x to ``dtype``."""
+    import torch
+
+    finfo = torch.finfo(dtype)
+    _, exponent = torch.frexp(x.float())
+    ulp = torch.ldexp(torch.full_like(x, finfo.eps, dtype=torch.float32), exponent - 1)
+    return ulp.clamp_min(finfo.smallest_normal * finfo.eps)  # subnormals and zero
+
+
+def adapted_layers(peft_model) -> list[tuple[str, Any, str]]:
+    """(name, LoRA layer, adapter name) of every active LoRA pair."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module, adapter) for name, module in peft_model.named_modules()
+            if isinstance(module, LoraLayer) for adapter in module.active_adapters if adapter in module.lora_A]
+
+
+def lora_delta(layer, adapter):
+    """s·B·A of one layer in fp32 (PEFT computes it in the adapter's dtype, bf16 on CUDA)."""
+    return (layer.lora_B[adapter].weight.detach().float() @ layer.lora_A[adapter].weight.detach().float()) * layer.scaling[adapter]
+
+
+def fold_delta(weight, delta, dtype):
+    """The merged weight: W + s·B·A in fp32, rounded once to ``dtype`` (a seam the tests use to
+    plant a wrong merge)."""
+    return (weight.float() + delta).to(dtype)
+
+
+def delta_kept(peft_model, dtype) -> dict:
+    """How much of the adapter's weight change survives rounding W + s·B·A to ``dtype``; changes nothing."""
+    delta_sq = lost_sq = 0.0
+    below = entries = 0
+    for _, layer, adapter in adapted_layers(peft_model):
+        weight = layer.get_base_layer().weight
+        delta = lora_delta(layer, adapter)
+        lost_sq += float((((weight.float() + delta).to(dtype).float() - weight.float()) - delta).square().sum())
+        delta_sq += float(delta.square().sum())
+        below += int((delta.abs() < spacing(weight, dtype) / 2).sum())
+        entries += delta.numel()
+    kept = 1.0 - (lost_sq / delta_sq) ** 0.5 if delta_sq > 0 else 1.0
+    return {"dtype": str(dtype).removeprefix("torch."), "kept": kept, "delta_norm": delta_sq ** 0.5,
+            "lost_norm": lost_sq ** 0.5, "below_half_ulp": below / max(entries, 1), "entries": entries}
+
+
+def merge_lora_(peft_model, dtype) -> dict:
+    """Fold every adapter pair into its weight (values of ``dtype``, held in the model's dtype) and
+    check each layer in weight space; returns the plain model and the check's numbers."""
+    worst, worst_layer, layers = 0.0, None, 0
+    for name, layer, adapter in adapted_layers(peft_model):
+        weight = layer.get_base_layer().weight
+        delta = lora_delta(layer, adapter)
+        merged = fold_delta(weight, delta, dtype)
+        exact = weight.float() + delta
+        if merged.shape != exact.shape:
+            raise ExportVerificationError(f"{name}: merged weight has shape {tuple(merged.shape)}, "
+                                          f"the layer {tuple(exact.shape)}; the export was not written")
+        # In units of half an ulp of the export dtype at the exact sum: <= 1 is one correct rounding.
+        ratio = float(((merged.float() - exact).detach().abs() / (spacing(exact, dtype) / 2)).max())
+        if not ratio <= worst:
+            worst, worst_layer = ratio, name
+        weight.data = merged.to(weight.dtype)
+        layers += 1
+    if not worst <= 1.0:  # written so that NaN fails too
+        raise ExportVerificationError(
+            f"weight check: {worst_layer} is {worst:.3g} half-ulps of {str(dtype).removeprefix('torch.')} "
+            "away from W + s·B·A (a correct merge is at most 1); the export was not written")
+    return {"layers": layers, "max_half_ulps": worst, "worst_layer": worst_layer}
+
+
+def nudge_adapted_weights_(peft_model, dtype, seed: int, direction: int) -> None:
+    """Move every adapted weight by one ulp of ``dtype`` in a seeded random direction; ``direction``
+    -1 undoes +1 exactly (integer steps on the bit pattern). Weights under NUDGE_FLOOR, zeros
+    among them, stay put: a step there could change sign, and the same mask must hold both ways."""
+    import torch
+
+    int_type = {2: torch.int16, 4: torch.int32}
+    for index, (_, layer, _) in enumerate(adapted_layers(peft_model)):
+        weight = layer.get_base_layer().weight.data
+        step = round(torch.finfo(dtype).eps / torch.finfo(weight.dtype).eps)  # one ulp of dtype, in the bit pattern
+        bits = weight.view(int_type[weight.element_size()])
+        generator = torch.Generator(weight.device).manual_seed(seed + index)
+        signs = torch.randint(0, 2, bits.shape, generator=generator, device=weight.device, dtype=bits.dtype) * 2 - 1
+        bits.add_(torch.where(weight.abs() >= NUDGE_FLOOR, signs * (step * direction), 0))
+
+
+def noise_floor(peft_model, batches, device, dtype) -> dict:
+    """The base's logits moved by one ``dtype`` ulp on every adapted weight, versus the base: the
+    most a correct rounding of the merged weights (half an ulp) should move them."""
+    with peft_model.disable_adapter():
+        base = compute_logits(peft_model, batches, device)
+        nudge_adapted_weights_(peft_model, dtype, seed=0, direction=1)
+        try:
+            nudged = compute_logits(peft_model, batches, device)
+        finally:
+            nudge_adapted_weights_(peft_model, dtype, seed=0, direction=-1)
+    return compare_logits(base, nudged)
 
 
 def save_weights(model, folder: Path, max_shard_size: str) -> None:
@@ -384,11 +475,11 @@ def release_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-def check_tolerance(what: str, comparison: dict, bound: float, bound_name: str) -> None:
+def check_tolerance(what: str, comparison: dict, bound: float, name: str) -> None:
     diff = comparison["max_abs_logit_diff"]
     if not diff <= bound:  # written so that NaN fails too
         raise ExportVerificationError(
-            f"{what}: max |logit difference| {diff:.3g} is over {bound_name} {bound:g} "
+            f"{what}: max |logit difference| {diff:.3g} is over {name} {bound:.3g} "
             f"(relative {comparison['max_rel_logit_diff']:.3g}, argmax agreement "
             f"{comparison['argmax_agreement']:.4f}); the export was not written")
 
@@ -484,11 +575,18 @@ def model_card(meta: dict) -> str:
         f"{_fmt(meta['tolerance'])} |",
         f"| max rel logit diff (to the largest reference logit) | {_fmt(meta['max_rel_logit_diff'])} | |",
         f"| argmax agreement | {_fmt(verify['argmax_agreement'])} | |",
-        f"| merge math: merged in memory vs base + adapter | {_fmt(verify['merge_max_abs_logit_diff'])} | "
-        f"{_fmt(verify['merge_tolerance'])} |",
+        f"| noise floor: base vs base with every adapted weight one {meta['dtype']} ulp off | "
+        f"{_fmt(verify['noise_floor_max_abs_logit_diff'])} | |",
+        f"| merged in memory vs base + adapter | {_fmt(verify['merge_max_abs_logit_diff'])} | "
+        f"{_fmt(meta['tolerance'])} |",
         f"| save/load: reloaded export vs weights written | {_fmt(verify['save_load_max_abs_logit_diff'])} | "
         f"{_fmt(verify['save_load_tolerance'])} |",
         f"| adapter effect: base vs base + adapter | {_fmt(verify['adapter_effect_max_abs_logit_diff'])} | |",
+        f"| adapter's logit effect kept by the export | {_fmt(verify['logit_effect_kept'])} | |",
+        f"| weight check: worst layer, in half-ulps of {meta['dtype']} | "
+        f"{_fmt(verify['weight_check']['max_half_ulps'])} | 1 |",
+        f"| bf16's share of the adapter's weight change | "
+        f"{_fmt(verify['bf16_delta_kept'] and verify['bf16_delta_kept']['kept'])} | |",
         "",
         f"Saved dtype: {meta['dtype']}.",
         "",
@@ -502,9 +600,106 @@ def model_card(meta: dict) -> str:
 # --- the step -----------------------------------------------------------------------------------
 
 
-def run(config: MergeExportConfig) -> dict:
+def export_dtype(config: MergeExportConfig, peft_model) -> tuple[Any, dict | None]:
+    """The dtype to export in, and bf16's share of the adapter's weight change when asked for bf16."""
     import torch
 
+    if config.save_dtype == "float32":
+        return torch.float32, None
+    kept = delta_kept(peft_model, torch.bfloat16)
+    print(f"bf16 keeps {kept['kept']:.1%} of the adapter's weight change ||s·B·A|| = {kept['delta_norm']:.3g} "
+          f"({kept['below_half_ulp']:.1%} of its entries are under half a bf16 ulp of W)")
+    if kept["kept"] >= config.min_delta_kept:
+        return torch.bfloat16, kept
+    message = (f"bf16 would keep {kept['kept']:.1%} of the adapter's weight change, under --min-delta-kept "
+               f"{config.min_delta_kept:g}")
+    if config.if_delta_lost == "fail":
+        raise ExportVerificationError(f"{message} (--if-delta-lost fail); the export was not written")
+    print(f"warning: {message}: exporting in {config.if_delta_lost} (--if-delta-lost)", file=sys.stderr)
+    return getattr(torch, config.if_delta_lost), kept
+
+
+def verify_merge(config: MergeExportConfig, peft_model, batches, device, dtype) -> tuple[Any, dict]:
+    """Reference logits, the noise floor and the merge with its weight check: (merged model, numbers)."""
+    reference = compute_logits(peft_model, batches, device)
+    with peft_model.disable_adapter():
+        effect = compare_logits(reference, compute_logits(peft_model, batches, device))
+    floor = noise_floor(peft_model, batches, device, dtype)
+    bound = config.tolerance if config.tolerance is not None else max(
+        FLOOR_SHARE * floor["max_abs_logit_diff"], FP32_LOGIT_NOISE)
+    weights = merge_lora_(peft_model, dtype)
+    merged = peft_model.unload()
+    merged_logits = compute_logits(merged, batches, device)
+    in_memory = compare_logits(reference, merged_logits)
+    print(f"merged in float32, rounded once to {str(dtype).removeprefix('torch.')} ({weights['layers']} layers, "
+          f"worst {weights['max_half_ulps']:.3g} half-ulps): max |logit diff| {in_memory['max_abs_logit_diff']:.3g} "
+          f"versus base + adapter; noise floor {floor['max_abs_logit_diff']:.3g}; adapter effect "
+          f"{effect['max_abs_logit_diff']:.3g}")
+    check_tolerance("merged model in memory versus base + adapter", in_memory, bound, bound_name(config))
+    if effect["max_abs_logit_diff"] <= bound:
+        print(f"warning: the adapter moves logits by at most {effect['max_abs_logit_diff']:.3g}, within the bound "
+              f"{bound:.3g}: only the weight check can tell the merged model from the base", file=sys.stderr)
+    numbers = {"reference": reference, "merged_logits": merged_logits, "effect": effect, "floor": floor,
+               "bound": bound, "weights": weights, "in_memory": in_memory}
+    return merged, numbers
+
+
+def bound_name(config: MergeExportConfig) -> str:
+    return "--tolerance" if config.tolerance is not None else "the noise floor"
+
+
+def logit_effect_kept(final: dict, effect: dict) -> float | None:
+    """1 - max |export - (base + adapter)| / max |base - (base + adapter)|."""
+    if effect["max_abs_logit_diff"] == 0:
+        return None
+    return 1.0 - final["max_abs_logit_diff"] / effect["max_abs_logit_diff"]
+
+
+def write_export(config: MergeExportConfig, merged, processor, tmp: Path, dtype, device, batches,
+                 numbers: dict) -> tuple[dict | None, dict, list[str]]:
+    """Save the merged weights and the base's processor files into ``tmp``; reload and check them.
+    Returns (save/load comparison, final comparison, copied files)."""
+    from components import modeling
+
+    cast_weights_(merged, dtype)  # exact: the merged values are already values of ``dtype``
+    merged.config.dtype = dtype  # config.json says what the shards hold
+    save_weights(merged, tmp, config.max_shard_size)
+    processor.save_pretrained(tmp)
+    copied = []
+    for name in COPIED_FROM_BASE:
+        if (Path(config.model_dir) / name).is_file():
+            shutil.copyfile(Path(config.model_dir) / name, tmp / name)
+            copied.append(name)
+    del merged
+    release_memory(device)
+    bound = numbers["bound"]
+    if not config.verify_saved:
+        final = numbers["in_memory"]
+        check_tolerance("merged model as saved versus base + adapter", final, bound, bound_name(config))
+        return None, final, copied
+    # Loaded in the wider of the compute and export dtypes, as the reference was computed.
+    exported = modeling.load_model(str(tmp), device, quantization="none", dtype=verification_dtype(device, dtype))
+    exported_logits = compute_logits(exported, batches, device)
+    del exported
+    release_memory(device)
+    save_load = compare_logits(numbers["merged_logits"], exported_logits)
+    check_tolerance("saved export reloaded from disk versus the weights written", save_load,
+                    SAVE_LOAD_TOLERANCE, "the save/load bound")
+    final = compare_logits(numbers["reference"], exported_logits)
+    check_tolerance("saved export reloaded from disk versus base + adapter", final, bound, bound_name(config))
+    return save_load, final, copied
+
+
+def verification_dtype(device, dtype):
+    """The compute dtype, widened to fp32 for an fp32 export (never narrowing what is checked)."""
+    import torch
+
+    from components import modeling
+
+    return torch.float32 if dtype == torch.float32 else modeling.compute_dtype(device)
+
+
+def run(config: MergeExportConfig) -> dict:
     from components import modeling, prompting
 
     # Cheap reads first, so bad input fails before any model is loaded.
@@ -512,72 +707,45 @@ def run(config: MergeExportConfig) -> dict:
     adapter, hyperparameters = adapter_info(config.adapter_dir)
     base_info = base_model_info(config.model_dir)
     data_info = dataset_info(config.dataset_dir)
-    device, _ = modeling.checked_device(config.device, "none")  # never 4-bit: see below
-    dtype = modeling.compute_dtype(device)
-    save_dtype = getattr(torch, config.save_dtype)
-    default_merge, default_export = default_tolerances(dtype, save_dtype)
-    merge_tolerance = default_merge if config.merge_tolerance is None else config.merge_tolerance
-    tolerance = default_export if config.tolerance is None else config.tolerance
+    device, _ = modeling.checked_device(config.device, "none")  # never 4-bit
 
     processor = modeling.load_processor(config.model_dir)
     batches, inputs_described = verification_inputs(processor, config.dataset_dir, config.verify_samples)
-
     # Never merge into a 4-bit model: the base is reloaded unquantised in the compute dtype.
     base = modeling.load_model(config.model_dir, device, quantization="none")
     peft_model = load_adapter_strict(base, config.adapter_dir)
-    reference = compute_logits(peft_model, batches, device)
-    with peft_model.disable_adapter():
-        adapter_effect = compare_logits(reference, compute_logits(peft_model, batches, device))
-    merged = merge_adapter(peft_model)
+    dtype, bf16_kept = export_dtype(config, peft_model)
+    compute = verification_dtype(device, dtype)
+    if compute != modeling.compute_dtype(device):
+        cast_weights_(peft_model, compute)  # an fp32 export merges, and is checked, in fp32
+    merged, numbers = verify_merge(config, peft_model, batches, device, dtype)
     del peft_model, base
-    merged_logits = compute_logits(merged, batches, device)
-    in_memory = compare_logits(reference, merged_logits)
-    print(f"merged in {str(dtype).removeprefix('torch.')}: max |logit diff| {in_memory['max_abs_logit_diff']:.3g} "
-          f"versus base + adapter (adapter effect {adapter_effect['max_abs_logit_diff']:.3g})")
-    check_tolerance("merged model in memory versus base + adapter", in_memory, merge_tolerance, "--merge-tolerance")
-
     with atomic_dir(config.output_dir) as tmp:
-        cast_weights_(merged, save_dtype)
-        merged.config.dtype = save_dtype  # config.json says what the shards hold
-        save_weights(merged, tmp, config.max_shard_size)
-        processor.save_pretrained(tmp)
-        copied = []
-        for name in COPIED_FROM_BASE:
-            if (Path(config.model_dir) / name).is_file():
-                shutil.copyfile(Path(config.model_dir) / name, tmp / name)
-                copied.append(name)
-        # The merged model holding exactly the weights written: back in the compute dtype, which
-        # is exact (bf16 -> fp32 widens; fp32 saved from a bf16 model narrows back to its values).
-        if save_dtype != dtype:
-            cast_weights_(merged, dtype)
-            saved_logits = compute_logits(merged, batches, device)
-        else:
-            saved_logits = merged_logits
-        as_saved = compare_logits(reference, saved_logits)
+        save_load, final, copied = write_export(config, merged, processor, tmp, dtype, device, batches, numbers)
         merged = None
-        release_memory(device)
-        if config.verify_saved:
-            exported = modeling.load_model(str(tmp), device, quantization="none")
-            exported_logits = compute_logits(exported, batches, device)
-            exported = None
-            release_memory(device)
-            save_load = compare_logits(saved_logits, exported_logits)
-            check_tolerance("saved export reloaded from disk versus the weights written", save_load,
-                            SAVE_LOAD_TOLERANCE, "the save/load bound")
-            final = compare_logits(reference, exported_logits)
-        else:
-            save_load, final = None, as_saved
-        check_tolerance(f"{'saved export reloaded from disk' if config.verify_saved else 'merged model as saved'} "
-                        "versus base + adapter", final, tolerance, "--tolerance")
-        if adapter_effect["max_abs_logit_diff"] <= tolerance:
-            print(f"warning: the adapter moves logits by at most {adapter_effect['max_abs_logit_diff']:.3g}, "
-                  f"within --tolerance {tolerance:g}: the check cannot tell the merged model from the base "
-                  "(an untrained adapter?)", file=sys.stderr)
         files = [
             {"path": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(tmp.iterdir())
             if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json"))
         ]
+        verification = {
+            "inputs": inputs_described,
+            "samples": len(batches),
+            "device": str(device),
+            "compute_dtype": str(compute).removeprefix("torch."),
+            "verified": "saved export reloaded from disk" if config.verify_saved else
+                        "in-memory merged model holding the saved values (--no-verify-saved)",
+            "tolerance_source": "--tolerance" if config.tolerance is not None else "noise floor",
+            "argmax_agreement": final["argmax_agreement"],
+            "noise_floor_max_abs_logit_diff": numbers["floor"]["max_abs_logit_diff"],
+            "merge_max_abs_logit_diff": numbers["in_memory"]["max_abs_logit_diff"],
+            "save_load_max_abs_logit_diff": save_load and save_load["max_abs_logit_diff"],
+            "save_load_tolerance": SAVE_LOAD_TOLERANCE,
+            "adapter_effect_max_abs_logit_diff": numbers["effect"]["max_abs_logit_diff"],
+            "logit_effect_kept": logit_effect_kept(final, numbers["effect"]),
+            "weight_check": numbers["weights"],
+            "bf16_delta_kept": bf16_kept,
+        }
         meta = {
             "base_model": base_info,
             "adapter": adapter,
@@ -586,23 +754,9 @@ def run(config: MergeExportConfig) -> dict:
             "metrics": metrics,
             "max_abs_logit_diff": final["max_abs_logit_diff"],
             "max_rel_logit_diff": final["max_rel_logit_diff"],
-            "tolerance": tolerance,
-            "dtype": config.save_dtype,
-            "verification": {
-                "inputs": inputs_described,
-                "samples": len(batches),
-                "device": str(device),
-                "compute_dtype": str(dtype).removeprefix("torch."),
-                "verified": "saved export reloaded from disk" if config.verify_saved else
-                            "in-memory merged model rounded to the save dtype (--no-verify-saved)",
-                "tolerance_source": "--tolerance" if config.tolerance is not None else "default for the dtypes",
-                "argmax_agreement": final["argmax_agreement"],
-                "merge_max_abs_logit_diff": in_memory["max_abs_logit_diff"],
-                "merge_tolerance": merge_tolerance,
-                "save_load_max_abs_logit_diff": save_load and save_load["max_abs_logit_diff"],
-                "save_load_tolerance": SAVE_LOAD_TOLERANCE,
-                "adapter_effect_max_abs_logit_diff": adapter_effect["max_abs_logit_diff"],
-            },
+            "tolerance": numbers["bound"],
+            "dtype": str(dtype).removeprefix("torch."),
+            "verification": verification,
             "weights": files,
             "copied_from_base": copied,
             "max_shard_size": config.max_shard_size,
@@ -612,8 +766,9 @@ def run(config: MergeExportConfig) -> dict:
         }
         write_bytes_atomic(tmp / MODEL_CARD, model_card(meta).encode())
         write_json_atomic(tmp / METADATA_FILE, meta)  # last: marks the export complete
-    print(f"wrote {config.output_dir}: {len(files)} weight file(s) in {config.save_dtype}, "
-          f"max |logit diff| {final['max_abs_logit_diff']:.3g} <= {tolerance:g}")
+    print(f"wrote {config.output_dir}: {len(files)} weight file(s) in {meta['dtype']}, max |logit diff| "
+          f"{final['max_abs_logit_diff']:.3g} <= {numbers['bound']:.3g}, adapter's logit effect kept "
+          f"{_fmt(verification['logit_effect_kept'])}")
     return meta
 
 

@@ -84,15 +84,16 @@ def load_processor(model_dir: str):
     return AutoProcessor.from_pretrained(model_dir)
 
 
-def load_model(model_dir: str, device: torch.device, quantization: str = "none"):
-    """The base model on ``device``: 4-bit nf4 (QLoRA) or unquantised in the compute dtype.
+def load_model(model_dir: str, device: torch.device, quantization: str = "none", dtype: torch.dtype | None = None):
+    """The base model on ``device``: 4-bit nf4 (QLoRA) or unquantised in the compute dtype
+    (``dtype`` overrides it: merge-export checks an fp32 export in fp32).
 
     Attention is transformers' default: sdpa for the language model and vision tower, eager for
     the E2B/E4B audio tower, which has no sdpa path (asking for sdpa everywhere fails there)."""
     from transformers import AutoModelForMultimodalLM
 
     check_model_dir(model_dir)
-    kwargs = dict(dtype=compute_dtype(device))
+    kwargs = dict(dtype=dtype or compute_dtype(device))
     if quantization == "nf4":
         kwargs["quantization_config"] = nf4_config()
         kwargs["device_map"] = {"": device.index or 0}

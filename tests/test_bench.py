@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench import bench_gpu, real_size, recipe
-from components import finetune, modeling
+from components import finetune, modeling, random_model
 
 PUBLISHED_BILLIONS = {"gemma-4-e2b": 5.10, "gemma-4-e4b": 7.94, "gemma-4-31b": 31.27, "gemma-4-26b-a4b": 25.81}
 
@@ -22,8 +22,8 @@ PUBLISHED_BILLIONS = {"gemma-4-e2b": 5.10, "gemma-4-e4b": 7.94, "gemma-4-31b": 3
 def test_variant_configs_build_the_published_sizes(variant):
     from transformers import Gemma4ForConditionalGeneration
 
-    processor = real_size.bench_processor(variant)
-    config = real_size.variant_config(variant, processor.tokenizer)
+    processor = random_model.stand_in_processor(variant)
+    config = random_model.variant_config(variant, processor.tokenizer)
     with torch.device("meta"):  # shapes only: no 62 GB of weights on this machine
         model = Gemma4ForConditionalGeneration(config)
     counts = real_size.parameter_counts(model)
@@ -35,16 +35,16 @@ def test_variant_configs_build_the_published_sizes(variant):
 
 
 def test_unknown_variant_is_named():
-    processor = real_size.bench_processor("gemma-4-e2b")
+    processor = random_model.stand_in_processor("gemma-4-e2b")
     with pytest.raises(ValueError, match="--variant 'gemma-4-7b'"):
-        real_size.variant_config("gemma-4-7b", processor.tokenizer)
+        random_model.variant_config("gemma-4-7b", processor.tokenizer)
 
 
 def test_bench_samples_are_shaped_like_the_real_task():
     from components import evaluate, prompting
     from components.prepare_dataset import OXFORD_PET_CLASSES
 
-    processor = real_size.bench_processor("gemma-4-31b")
+    processor = random_model.stand_in_processor("gemma-4-31b")
     photos = bench_gpu.random_photos(2, seed=0)
     batch = prompting.encode_training_batch(processor, photos, ["pug", "american_pit_bull_terrier"],
                                             list(OXFORD_PET_CLASSES))

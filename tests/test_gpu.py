@@ -7,6 +7,7 @@ LoRA, and merging into a bf16 reload of the base matches base + adapter.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -66,3 +67,54 @@ def test_qlora_nf4_trains_vision_and_language_layers(tiny_model_dir, small_pets_
         model_dir=str(export), dataset_dir=str(small_pets_dir), output_dir=str(tmp_path / "eval-merged"),
         mode="score", limit=16, quantization="none"))
     print("score accuracy: base+adapter (nf4)", tuned["accuracy"], "merged bf16", merged["accuracy"])
+
+
+def synthetic_adapter(model_dir, output, lr: float, steps: int, rank: int = 64) -> None:
+    """LoRA r=64 on every fine-tuned layer, lora_A at PEFT's init, lora_B as after ``steps`` AdamW
+    steps at ``lr`` (every entry +-lr*steps), saved as finetune saves it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = modeling.load_model(str(model_dir), torch.device("cuda"))
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=modeling.lora_target_modules(model)))
+    generator = torch.Generator("cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                signs = torch.randint(0, 2, param.shape, generator=generator, device=param.device) * 2 - 1
+                param.copy_(signs * (lr * steps))
+    peft_model.save_pretrained(output)
+    del model, peft_model
+    torch.cuda.empty_cache()
+
+
+def test_merge_export_at_31b_widths(tmp_path):
+    """Random-init 31B widths at 6 layers (4.7B parameters, 9.4 GB bf16 on disk): the recipe's
+    adapter after a real job's ~130 steps at lr 5e-5 merges into the bf16 reload, in fp32 rounded
+    once, within the noise floor; one after 3 steps (the rehearsal) is mostly under half a bf16
+    ulp and the step says so instead of shipping it in bf16. Disk: base + export, < 20 GB."""
+    from components import random_model
+
+    base = tmp_path / "base"
+    random_model.run(random_model.RandomModelConfig(variant="gemma-4-31b", layers=6, output_dir=str(base)))
+    trained = tmp_path / "adapter-130"
+    synthetic_adapter(base, trained, lr=5e-5, steps=130)
+    export = tmp_path / "export"
+    meta = merge_export.run(merge_export.MergeExportConfig(
+        model_dir=str(base), adapter_dir=str(trained), output_dir=str(export), verify_samples=2, device="cuda"))
+    verification = meta["verification"]
+    print("31B widths, 6 layers, 130 steps:", json.dumps({k: meta[k] for k in ("dtype", "max_abs_logit_diff", "tolerance")}),
+          json.dumps(verification))
+    assert meta["dtype"] == "bfloat16" and verification["compute_dtype"] == "bfloat16"
+    assert verification["weight_check"]["max_half_ulps"] <= 1
+    assert verification["bf16_delta_kept"]["kept"] >= merge_export.DEFAULT_MIN_DELTA_KEPT
+    assert meta["max_abs_logit_diff"] <= meta["tolerance"]
+    assert verification["save_load_max_abs_logit_diff"] <= merge_export.SAVE_LOAD_TOLERANCE
+    shutil.rmtree(export)
+    short = tmp_path / "adapter-3"
+    synthetic_adapter(base, short, lr=5e-5, steps=3)
+    with pytest.raises(merge_export.ExportVerificationError, match="bf16 would keep") as failure:
+        merge_export.run(merge_export.MergeExportConfig(
+            model_dir=str(base), adapter_dir=str(short), output_dir=str(export), verify_samples=2,
+            device="cuda", if_delta_lost="fail"))
+    print("31B widths, 6 layers, 3 steps:", failure.value)
+    assert not export.exists()
