@@ -67,15 +67,17 @@ def load_processor(model_dir: str):
     return AutoProcessor.from_pretrained(model_dir)
 
 
-def load_model(model_dir: str, device: torch.device, quantization: str = "none"):
-    """The base model on ``device``: 4-bit nf4 (QLoRA) or unquantised in the compute dtype.
+def load_model(model_dir: str, device: torch.device, quantization: str = "none",
+               dtype: torch.dtype | str | None = None):
+    """The base model on ``device``: 4-bit nf4 (QLoRA) or unquantised in ``dtype`` (default the
+    compute dtype; "auto": the dtype the folder was saved in).
 
     Attention is transformers' default: sdpa for the language model and vision tower, eager for
     the E2B/E4B audio tower, which has no sdpa path (asking for sdpa everywhere fails there)."""
     from transformers import AutoModelForMultimodalLM
 
     check_model_dir(model_dir)
-    kwargs = dict(dtype=compute_dtype(device))
+    kwargs = dict(dtype=dtype or compute_dtype(device))
     if quantization == "nf4":
         kwargs["quantization_config"] = nf4_config()
         kwargs["device_map"] = {"": device.index or 0}
@@ -151,11 +153,12 @@ def lora_target_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def load_with_adapter(model_dir: str, adapter_dir: str, device: torch.device, quantization: str = "none"):
+def load_with_adapter(model_dir: str, adapter_dir: str, device: torch.device, quantization: str = "none",
+                      dtype: torch.dtype | str | None = None):
     """Base + LoRA adapter (unmerged), for evaluating a fine-tuned adapter."""
     from peft import PeftModel
 
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter-dir {adapter_dir}: no adapter_config.json there")
-    base = load_model(model_dir, device, quantization)
+    base = load_model(model_dir, device, quantization, dtype)
     return PeftModel.from_pretrained(base, adapter_dir).eval()

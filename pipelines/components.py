@@ -66,7 +66,8 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, 
 
 
 def evaluate(weights: Input[Model], dataset: Input[Dataset], mode: str, batch_size: int,
-             limit: int, quantization: str, build: dict, evaluation: Output[Artifact],
+             limit: int, quantization: str, load_dtype: str, build: dict,
+             evaluation: Output[Artifact],
              metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
              adapter: Optional[Input[Model]] = None):
     from components import evaluate as step
@@ -76,18 +77,37 @@ def evaluate(weights: Input[Model], dataset: Input[Dataset], mode: str, batch_si
     step.run(step.EvaluateConfig(model_dir=weights.path, dataset_dir=dataset.path,
                                  output_dir=evaluation.path, adapter_dir=adapter_dir, mode=mode,
                                  batch_size=batch_size, limit=limit or None,
-                                 quantization=quantization))
+                                 quantization=quantization, load_dtype=load_dtype))
     runtime.publish_evaluation(evaluation.path, metrics, confusion)
     runtime.annotate([evaluation, metrics, confusion], runtime.lineage(
         build, model_dir=weights.path, dataset_dir=dataset.path, adapter_dir=adapter_dir))
 
 
 def compare_accuracy(baseline: Input[Artifact], tuned: Input[Artifact], margin: float,
-                     build: dict, report: Output[HTML]) -> bool:
+                     min_accuracy: float, build: dict, report: Output[HTML]) -> bool:
+    from components import gate as rule
     from pipelines import runtime
 
     tuned_lineage = {k: v for k, v in tuned.metadata.items() if k in runtime.LINEAGE_KEYS}
-    return runtime.gate(baseline.path, tuned.path, margin, report, build, tuned_lineage)
+    return runtime.gate({"baseline": baseline.path, "tuned": tuned.path},
+                        rule.Thresholds(margin=margin, min_accuracy=min_accuracy), report, build,
+                        tuned_lineage, "Gate before the merge: tuned vs baseline")
+
+
+def accept_export(baseline: Input[Artifact], tuned: Input[Artifact], merged: Input[Artifact],
+                  margin: float, min_accuracy: float, export_tolerance: float, build: dict,
+                  report: Output[HTML]) -> bool:
+    from components import gate as rule
+    from pipelines import runtime
+
+    merged_lineage = {k: v for k, v in merged.metadata.items() if k in runtime.LINEAGE_KEYS}
+    passed = runtime.gate(
+        {"baseline": baseline.path, "tuned": tuned.path, "merged": merged.path},
+        rule.Thresholds(margin=margin, min_accuracy=min_accuracy,
+                        export_tolerance=export_tolerance),
+        report, build, merged_lineage, "Gate after the merge: the export as served")
+    report.metadata["export_status"] = "accepted" if passed else "failed"
+    return passed
 
 
 def merge_export(weights: Input[Model], adapter: Input[Model], dataset: Input[Dataset],
@@ -110,7 +130,7 @@ def merge_export(weights: Input[Model], adapter: Input[Model], dataset: Input[Da
 
 
 STEP_FUNCTIONS = (stage_weights, prepare_dataset, finetune, evaluate, compare_accuracy,
-                  merge_export)
+                  merge_export, accept_export)
 
 
 def build_components(image: str) -> types.SimpleNamespace:

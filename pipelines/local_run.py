@@ -56,7 +56,6 @@ DEMO_PARAMETERS: dict[str, Any] = {
     "max_length": 512,  # tokens; the tiny model's prompts are ~100
     "save_every_steps": 40,
     "eval_batch_size": 16,
-    "margin": 0.0,
     # The demo computes in fp32 on CPU; an fp32 export is verified against it at the step's fp32
     # bound (1e-3). A bf16 export of the tiny model, whose trained logits reach the +-30 softcap,
     # measured max |logit diff| 0.62-0.82 against the step's 0.5 bf16-export bound.
@@ -81,8 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="images per synthetic class, half train half eval "
                              "(only without --dataset-source)")
     parser.add_argument("--margin", type=float, default=None,
-                        help="gate: tuned accuracy must beat baseline by at least this "
-                             f"(default {DEMO_PARAMETERS['margin']})")
+                        help="gate: tuned accuracy must beat baseline by more than 0 and at least "
+                             "this (default: the pipeline's); negative: accept a regression down "
+                             "to it (wiring smoke tests)")
     parser.add_argument("--parameters", default=None,
                         help="JSON/YAML file of pipeline parameter values")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -186,13 +186,21 @@ def _uri(records: dict[str, Any], task: str, output: str) -> str | None:
     return records.get(task, {}).get("outputs", {}).get(output, {}).get("uri")
 
 
-def summarize(records: dict[str, Any], arguments: dict[str, Any], build: dict[str, str],
-              run_dir: Path, kfp_run_dir: Path, wall_s: float, error: str | None) -> dict:
-    gate_record = records.get(dag.GATE, {})
-    report = gate_record.get("outputs", {}).get("report", {})
+def _gate(records: dict[str, Any], task: str) -> dict[str, Any]:
+    """A gate task's decision (its report's gate_* metadata) and its bool output; passed None:
+    the gate did not run."""
+    record = records.get(task, {})
+    report = record.get("outputs", {}).get("report", {})
     decision = {k.removeprefix("gate_"): v for k, v in report.get("metadata", {}).items()
                 if k.startswith("gate_")}
-    passed = gate_record.get("parameters", {}).get("Output")
+    return {"passed": record.get("parameters", {}).get("Output"),
+            "failed": decision.get("failed", []), "margin": decision.get("margin"),
+            "accuracy_delta": decision.get("accuracy_delta"), "report": report.get("uri")}
+
+
+def summarize(records: dict[str, Any], arguments: dict[str, Any], build: dict[str, str],
+              run_dir: Path, kfp_run_dir: Path, wall_s: float, error: str | None) -> dict:
+    gate, export_gate = _gate(records, dag.GATE), _gate(records, dag.ACCEPT_EXPORT)
     export_uri = _uri(records, dag.MERGE_EXPORT, "export")
     lineage_source = (records.get(dag.MERGE_EXPORT, {}).get("outputs", {}).get("export")
                       or records.get(dag.FINETUNE, {}).get("outputs", {}).get("adapter") or {})
@@ -208,10 +216,11 @@ def summarize(records: dict[str, Any], arguments: dict[str, Any], build: dict[st
         "baseline": _metrics(records, dag.EVALUATE_BASELINE),
         "tuned": _metrics(records, dag.EVALUATE_TUNED),
         "merged": _metrics(records, dag.EVALUATE_MERGED),
-        "gate": {"passed": passed, "margin": arguments.get("margin"),
-                 "accuracy_delta": decision.get("accuracy_delta"),
-                 "report": report.get("uri")},
-        "export": {"path": export_uri, "held_back": passed is False},
+        "gate": gate,
+        "export_gate": export_gate,
+        "export": {"path": export_uri,
+                   "held_back": gate["passed"] is False or export_gate["passed"] is False,
+                   "accepted": export_gate["passed"] is True},
         "artifacts": {"weights": _uri(records, dag.STAGE_WEIGHTS, "weights"),
                       "dataset": _uri(records, dag.PREPARE_DATASET, "dataset"),
                       "adapter": _uri(records, dag.FINETUNE, "adapter")},
@@ -229,13 +238,17 @@ def format_table(summary: dict[str, Any]) -> str:
             continue
         lines.append(f"{row:10}{m['accuracy']:>10.3f}{m['macro_f1']:>10.3f}"
                      f"{m['unknown_rate']:>10.3f}{m['num_examples']:>10}")
-    gate = summary["gate"]
+    gate, export_gate = summary["gate"], summary["export_gate"]
     if gate["passed"] is None:
         lines.append("gate: not reached")
     else:
-        delta = gate["accuracy_delta"]
-        verdict = "passed" if gate["passed"] else "held the export back"
-        lines.append(f"gate: {verdict} (tuned - baseline = {delta:+.3f}, margin {gate['margin']:+.3f})")
+        verdict = "passed" if gate["passed"] else f"held the export back ({', '.join(gate['failed'])})"
+        lines.append(f"gate: {verdict} (tuned - baseline = {gate['accuracy_delta']:+.3f}, "
+                     f"margin {gate['margin']:+.3f})")
+    if export_gate["passed"] is not None:
+        verdict = ("accepted" if export_gate["passed"]
+                   else f"failed ({', '.join(export_gate['failed'])}), not handed on")
+        lines.append(f"export as served: {verdict}")
     lines.append(f"export: {summary['export']['path'] or 'none'}")
     return "\n".join(lines)
 

@@ -1,5 +1,5 @@
 """The DAG: stage weights -> prepare dataset -> {baseline eval, fine-tune} -> tuned eval -> gate ->
-merge/export -> eval of the export.
+merge/export -> eval of the export as served -> gate on the export.
 
 ``build_pipeline(options)`` returns the @dsl.pipeline function for one set of compile-time options
 (image, resource preset, build identity); runtime parameters are the pipeline function's
@@ -15,6 +15,7 @@ from typing import Callable
 
 from kfp import dsl
 
+from components import gate as rule
 from pipelines.components import build_components
 from pipelines.options import PIPELINE_NAME, CompileOptions, Resources
 
@@ -27,11 +28,15 @@ EVALUATE_TUNED = "evaluate-tuned"
 GATE = "compare-accuracy"
 MERGE_EXPORT = "merge-export"
 EVALUATE_MERGED = "evaluate-merged"
-GATED_TASKS = (MERGE_EXPORT, EVALUATE_MERGED)
+ACCEPT_EXPORT = "accept-export"
+GATED_TASKS = (MERGE_EXPORT, EVALUATE_MERGED, ACCEPT_EXPORT)
 GATE_CONDITION_NAME = "tuned-beats-baseline"
+# The export as served: unquantised, in the dtype merge-export saved it (bf16 or fp32), whatever
+# the pipeline's `quantization` (nf4 on CUDA is how the adapter is trained, not how it is served).
+SERVED_EVAL = {"quantization": "none", "load_dtype": "saved"}
 
 GPU_TASKS = (EVALUATE_BASELINE, FINETUNE, EVALUATE_TUNED, MERGE_EXPORT, EVALUATE_MERGED)
-CPU_TASKS = (STAGE_WEIGHTS, PREPARE_DATASET, GATE)
+CPU_TASKS = (STAGE_WEIGHTS, PREPARE_DATASET, GATE, ACCEPT_EXPORT)
 
 
 def _apply(task: dsl.PipelineTask, resources: Resources) -> dsl.PipelineTask:
@@ -85,7 +90,9 @@ def build_pipeline(options: CompileOptions) -> Callable:
         eval_mode: str = "generate",
         eval_batch_size: int = 0,
         eval_limit: int = 0,
-        margin: float = 0.0,
+        margin: float = rule.DEFAULT_MARGIN,
+        min_accuracy: float = rule.DEFAULT_MIN_ACCURACY,
+        export_tolerance: float = rule.DEFAULT_EXPORT_TOLERANCE,
         merge_tolerance: float = 0.0,
         merge_save_dtype: str = "bfloat16",
     ):
@@ -98,8 +105,9 @@ def build_pipeline(options: CompileOptions) -> Callable:
                                            num_classes=num_classes, seed=seed, build=build),
                        PREPARE_DATASET).outputs["dataset"]
         eval_args = dict(dataset=dataset, mode=eval_mode, batch_size=eval_batch_size,
-                         limit=eval_limit, quantization=quantization, build=build)
-        baseline = task(ops.evaluate(weights=weights, **eval_args), EVALUATE_BASELINE)
+                         limit=eval_limit, build=build)
+        as_trained = dict(quantization=quantization, load_dtype="compute")
+        baseline = task(ops.evaluate(weights=weights, **eval_args, **as_trained), EVALUATE_BASELINE)
         tuning = task(ops.finetune(
             weights=weights, dataset=dataset, quantization=quantization, lora_r=lora_r,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, learning_rate=learning_rate,
@@ -114,16 +122,23 @@ def build_pipeline(options: CompileOptions) -> Callable:
         tuning.set_retry(num_retries=options.fine_tune_retries, backoff_duration="60s",
                          backoff_factor=2.0, backoff_max_duration="3600s")
         adapter = tuning.outputs["adapter"]
-        tuned = task(ops.evaluate(weights=weights, adapter=adapter, **eval_args), EVALUATE_TUNED)
+        tuned = task(ops.evaluate(weights=weights, adapter=adapter, **eval_args, **as_trained),
+                     EVALUATE_TUNED)
         gate = task(ops.compare_accuracy(baseline=baseline.outputs["evaluation"],
                                          tuned=tuned.outputs["evaluation"], margin=margin,
-                                         build=build), GATE)
+                                         min_accuracy=min_accuracy, build=build), GATE)
         with dsl.If(gate.outputs["Output"] == True, name=GATE_CONDITION_NAME):  # noqa: E712 (KFP DSL)
             export = task(ops.merge_export(weights=weights, adapter=adapter, dataset=dataset,
                                            tuned_evaluation=tuned.outputs["evaluation"],
                                            tolerance=merge_tolerance,
                                            save_dtype=merge_save_dtype, build=build),
                           MERGE_EXPORT).outputs["export"]
-            task(ops.evaluate(weights=export, **eval_args), EVALUATE_MERGED)
+            merged = task(ops.evaluate(weights=export, **eval_args, **SERVED_EVAL), EVALUATE_MERGED)
+            # the export is handed on (registered) only if it, as served, passes the rule again
+            task(ops.accept_export(baseline=baseline.outputs["evaluation"],
+                                   tuned=tuned.outputs["evaluation"],
+                                   merged=merged.outputs["evaluation"], margin=margin,
+                                   min_accuracy=min_accuracy, export_tolerance=export_tolerance,
+                                   build=build), ACCEPT_EXPORT)
 
     return gemma_pets_pipeline

@@ -64,7 +64,7 @@ def test_dag_tasks_and_dependencies(compiled):
     tasks = all_tasks(spec)
     assert set(tasks) == {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.EVALUATE_BASELINE,
                           dag.FINETUNE, dag.EVALUATE_TUNED, dag.GATE, dag.GATE_CONDITION_NAME,
-                          dag.MERGE_EXPORT, dag.EVALUATE_MERGED}
+                          dag.MERGE_EXPORT, dag.EVALUATE_MERGED, dag.ACCEPT_EXPORT}
     key_to_name = {key: t.task_info.name for key, t in spec.root.dag.tasks.items()}
 
     def upstream(name: str) -> set[str]:
@@ -85,6 +85,32 @@ def test_dag_tasks_and_dependencies(compiled):
     merge_key = next(k for k, t in condition_dag.tasks.items()
                      if t.task_info.name == dag.MERGE_EXPORT)
     assert list(inner[dag.EVALUATE_MERGED].dependent_tasks) == [merge_key]
+    # the export is accepted (handed on) only after its own evaluation, against the tuned one
+    assert tasks[dag.ACCEPT_EXPORT][0] == condition_owner
+    merged_key = next(k for k, t in condition_dag.tasks.items()
+                      if t.task_info.name == dag.EVALUATE_MERGED)
+    assert merged_key in inner[dag.ACCEPT_EXPORT].dependent_tasks
+
+
+def constant_inputs(task) -> dict[str, object]:
+    return {name: json_format.MessageToDict(value.runtime_value.constant)
+            for name, value in task.inputs.parameters.items()
+            if value.HasField("runtime_value")}
+
+
+def test_merged_export_is_evaluated_as_served(compiled):
+    """evaluate-merged loads the export unquantised in its saved dtype, whatever `quantization`
+    says; the baseline and tuned evaluations follow `quantization` (as trained)."""
+    spec, _ = load_spec(compiled)
+    tasks = all_tasks(spec)
+    merged = tasks[dag.EVALUATE_MERGED][1]
+    assert constant_inputs(merged) == {**constant_inputs(merged), "quantization": "none",
+                                       "load_dtype": "saved"}
+    for name in (dag.EVALUATE_BASELINE, dag.EVALUATE_TUNED):
+        task = tasks[name][1]
+        assert constant_inputs(task)["load_dtype"] == "compute", name
+        assert (task.inputs.parameters["quantization"].component_input_parameter
+                == "quantization"), name
 
 
 def test_gate_condition_compares_gate_output(compiled):
@@ -96,9 +122,11 @@ def test_gate_condition_compares_gate_output(compiled):
     gate_component = spec.components[tasks[dag.GATE][1].component_ref.name]
     assert (gate_component.output_definitions.parameters["Output"].parameter_type
             == pipeline_spec_pb2.ParameterType.BOOLEAN)
-    margin = spec.root.input_definitions.parameters["margin"]
-    assert margin.parameter_type == pipeline_spec_pb2.ParameterType.NUMBER_DOUBLE
-    assert margin.default_value.number_value == 0.0
+    params = spec.root.input_definitions.parameters
+    # the gate needs a strict improvement: the defaults are above zero
+    for name in ("margin", "min_accuracy", "export_tolerance"):
+        assert params[name].parameter_type == pipeline_spec_pb2.ParameterType.NUMBER_DOUBLE
+        assert params[name].default_value.number_value > 0, name
 
 
 def test_accelerators_resources_caching_retry(compiled):

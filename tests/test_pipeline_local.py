@@ -1,7 +1,7 @@
 """The whole DAG under kfp.local, as `make demo` runs it, on a tiny model and a small synthetic set.
 
-Two runs (a few minutes each on 2 CPU cores): one whose gate passes (margin -1: any result
-passes, so the export path always runs) and one whose gate holds the export back (margin 1.0:
+Two runs (a few minutes each on 2 CPU cores): one whose gate passes (margin -1 and no accuracy
+floor: any result passes, so the export path always runs) and one whose gate holds the export back (margin 1.0:
 tuned can never beat baseline by a whole accuracy point). Both run as a subprocess of
 `python -m pipelines.local_run` with a planted HF_TOKEN, which must appear in no output and no
 file. The exports are fp32 (the demo's setting), verified by merge-export at its fp32 bound.
@@ -56,14 +56,14 @@ def inputs(tmp_path_factory) -> tuple[str, str]:
 @pytest.mark.slow
 def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_pipeline(run_dir, inputs, "--margin", "-1")
+    result = run_pipeline(run_dir, inputs, "--margin", "-1", "--param", "min_accuracy=0")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "succeeded"
     assert set(summary["tasks"].values()) == {"SUCCEEDED"}
     assert set(summary["tasks"]) == {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.EVALUATE_BASELINE,
                                      dag.FINETUNE, dag.EVALUATE_TUNED, dag.GATE, dag.MERGE_EXPORT,
-                                     dag.EVALUATE_MERGED}
+                                     dag.EVALUATE_MERGED, dag.ACCEPT_EXPORT}
     records = read_json(run_dir / "tasks.json")
     for row in ("baseline", "tuned", "merged"):
         metrics = summary[row]
@@ -89,6 +89,13 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
     assert names[:3] == tuned_file["class_names"] and len(matrix["rows"]) == len(names)
     report = Path(records[dag.GATE]["outputs"]["report"]["uri"]).read_text()
     assert all(name in report for name in tuned_file["class_names"]) and "PASSED" in report
+    # the export was evaluated as served (fp32 export, unquantised) and accepted against tuned
+    merged_file = read_json(Path(summary["merged"]["evaluation_dir"]) / "metrics.json")
+    assert (merged_file["quantization"], merged_file["dtype"]) == ("none", "float32")
+    assert merged_file["config"]["load_dtype"] == "saved"
+    assert summary["export_gate"]["passed"] is True and summary["export"]["accepted"] is True
+    served = Path(records[dag.ACCEPT_EXPORT]["outputs"]["report"]["uri"]).read_text()
+    assert "tuned (as trained)" in served and "merged (as served)" in served
 
     # lineage on every artifact, equal to the files it names
     weights_manifest = read_json(Path(summary["artifacts"]["weights"]) / "weights_manifest.json")
