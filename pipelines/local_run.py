@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from components.files import write_json_atomic
+from components.files import read_json, write_json_atomic
 from components.tiny_model import CPU_DEMO_FINETUNE  # a dict; the module imports no torch
 from pipelines import options as pipeline_options
 from pipelines import pipeline as dag
@@ -61,6 +62,8 @@ DEMO_PARAMETERS: dict[str, Any] = {
     # measured max |logit diff| 0.62-0.82 against the step's 0.5 bf16-export bound.
     "merge_save_dtype": "float32",
 }
+CACHE_DIR = "kfp-cache"
+REGISTRY_DIR = "registry"
 RECORDS_FILE = "tasks.json"
 SUMMARY_FILE = "summary.json"
 METRIC_KEYS = ("accuracy", "macro_f1", "unknown_rate", "num_examples")
@@ -87,6 +90,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="JSON/YAML file of pipeline parameter values")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="one pipeline parameter (YAML scalar); overrides the demo defaults")
+    parser.add_argument("--registry", default=None,
+                        help=f"model registry: a folder (default RUN_DIR/{REGISTRY_DIR}: later "
+                             "runs in RUN_DIR find its champion), projects/P/locations/L/models/ID "
+                             "for Vertex AI Model Registry, or '' for none")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="run every task (default: kfp.local's task cache in RUN_DIR/"
+                             f"{CACHE_DIR}, keyed like Vertex's on the component and its inputs)")
     parser.add_argument("--fine-tune-retries", type=int, default=0,
                         help="retries of the fine-tune task (kfp.local honours them, with the "
                              "compiled 60 s doubling backoff); default 0")
@@ -100,24 +110,31 @@ def _python_module(*args: str) -> None:
 
 def demo_inputs(run_dir: Path, num_classes: int, images_per_class: int) -> tuple[str, str]:
     """Build (or reuse) the tiny model and the synthetic set; folders are written atomically by
-    their steps, so an existing folder is complete."""
+    their steps, so an existing folder is complete. The synthetic set keeps one folder: asking for
+    more images per class rewrites it in place (new files appear), as new images would land in a
+    bucket prefix a scheduled run reads."""
     inputs = run_dir / "inputs"
     model = inputs / "tiny-gemma4"
     if not (model / "tiny_model.json").is_file():
         print(f"building the tiny stand-in model in {model}", flush=True)
         _python_module("tiny-model", "--output-dir", str(model))
-    pets = inputs / f"synthetic-pets-c{num_classes}-n{images_per_class}-{DEMO_IMAGE_SIZE}px"
-    if not (pets / "annotations").is_dir():
-        print(f"generating {num_classes} synthetic pet classes in {pets}", flush=True)
+    pets, recipe_file = inputs / "synthetic-pets", inputs / "synthetic-pets.json"
+    recipe = {"num_classes": num_classes, "images_per_class": images_per_class,
+              "image_size": DEMO_IMAGE_SIZE}
+    if not recipe_file.is_file() or read_json(recipe_file) != recipe:
+        print(f"generating {num_classes} synthetic pet classes x {images_per_class} images in "
+              f"{pets}", flush=True)
         _python_module("synthetic-pets", "--output-dir", str(pets), "--num-classes",
                        str(num_classes), "--images-per-class", str(images_per_class),
-                       "--image-size", str(DEMO_IMAGE_SIZE))
+                       "--image-size", str(DEMO_IMAGE_SIZE), "--overwrite")
+        write_json_atomic(recipe_file, recipe)
     return str(model.resolve()), str(pets.resolve())
 
 
 def arguments_for(args: argparse.Namespace, spec: dict[str, Any], weights: str,
                   dataset: str) -> dict[str, Any]:
-    values = dict(DEMO_PARAMETERS)
+    values = {**DEMO_PARAMETERS, "registry": str(Path(args.run_dir).resolve() / REGISTRY_DIR)
+              if args.registry is None else args.registry}
     values.update(load_parameters(args.parameters, args.param))
     if args.margin is not None:
         values["margin"] = args.margin
@@ -145,8 +162,35 @@ def task_layout(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return layout
 
 
-def collect_records(spec: dict[str, Any], kfp_run_dir: Path) -> dict[str, dict[str, Any]]:
-    """What each task produced, read back from kfp.local's executor_output.json files.
+class CacheHits(logging.Filter):
+    """Task key -> cache key prefix of the tasks kfp.local served from its cache this run.
+
+    kfp.local (2.17.3, orchestrator/task_executor.py) logs "Task T cache hit (key=K...)" on the
+    root logger and writes no task folder; a filter on the root logger sees the record even
+    though kfp.local swaps the root logger's handlers while it runs."""
+
+    PATTERN = re.compile(r"Task '?([\w.-]+)'? cache hit \(key=([0-9a-f]+)")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: dict[str, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if match := self.PATTERN.search(re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())):
+            self.hits[match.group(1)] = match.group(2)
+        return True
+
+
+def _cached_outputs(cache_root: Path, key_prefix: str) -> dict[str, Any]:
+    """The outputs a cache entry recorded: {name: artifact dict or parameter value}."""
+    (entry,) = cache_root.glob(f"{key_prefix}*.json")
+    return json.loads(entry.read_text())
+
+
+def collect_records(spec: dict[str, Any], kfp_run_dir: Path, cache_hits: dict[str, str] | None = None,
+                    cache_root: Path | None = None) -> dict[str, dict[str, Any]]:
+    """What each task produced, read back from kfp.local's executor_output.json files, or for a
+    task served from the cache (state CACHED), from the cache entry it was served from.
 
     kfp.local puts a task's folder at <run>/<component name without "comp-">. No folder: the task
     did not run (the gate held it back, or an upstream task failed). A folder without executor
@@ -154,6 +198,15 @@ def collect_records(spec: dict[str, Any], kfp_run_dir: Path) -> dict[str, dict[s
     """
     records = {}
     for name, info in task_layout(spec).items():
+        if info["task"] in (cache_hits or {}):
+            produced = _cached_outputs(cache_root, cache_hits[info["task"]])
+            records[name] = {"task": info["task"], "state": "CACHED", "outputs": {
+                k: {"uri": v["uri"], "metadata": v.get("metadata", {}),
+                    "schema_title": v.get("schema_title", "")}
+                for k, v in produced.items() if isinstance(v, dict) and "uri" in v},
+                "parameters": {k: v for k, v in produced.items()
+                               if not (isinstance(v, dict) and "uri" in v)}}
+            continue
         task_root = kfp_run_dir / info["component"].removeprefix("comp-")
         output_file = task_root / "executor_output.json"
         record: dict[str, Any] = {"task": info["task"],
@@ -178,6 +231,8 @@ def _metrics(records: dict[str, Any], task: str) -> dict[str, Any] | None:
     if not evaluation:
         return None
     metrics_file = Path(evaluation["uri"]) / "metrics.json"
+    if not metrics_file.is_file():  # evaluate-champion without a champion
+        return None
     values = json.loads(metrics_file.read_text())
     return {**{k: values.get(k) for k in METRIC_KEYS}, "evaluation_dir": evaluation["uri"]}
 
@@ -225,14 +280,29 @@ def summarize(records: dict[str, Any], arguments: dict[str, Any], build: dict[st
                       "dataset": _uri(records, dag.PREPARE_DATASET, "dataset"),
                       "adapter": _uri(records, dag.FINETUNE, "adapter")},
         "lineage": lineage_source.get("metadata", {}),
+        "champion": _champion(records),
         "tasks": {name: r["state"] for name, r in records.items()},
+        "cached": [name for name, r in records.items() if r["state"] == "CACHED"],
     }
+
+
+def _champion(records: dict[str, Any]) -> dict[str, Any]:
+    """The champion before this run (re-evaluated here), and whether this run replaced it."""
+    before = records.get(dag.EVALUATE_CHAMPION, {}).get("outputs", {}).get("evaluation", {})
+    registration = records.get(dag.REGISTER, {}).get("outputs", {}).get("registration", {})
+    registered = registration.get("metadata", {})
+    return {"before": (before.get("metadata", {}).get("champion_version") or None),
+            "metrics": _metrics(records, dag.EVALUATE_CHAMPION),
+            "changed": bool(registered.get("registered")),
+            "after": registered.get("version") if registered.get("registered") else None,
+            "registration": registered or None}
 
 
 def format_table(summary: dict[str, Any]) -> str:
     lines = [f"{'':10}{'accuracy':>10}{'macro_f1':>10}{'unknown':>10}{'examples':>10}"]
-    for row in ("baseline", "tuned", "merged"):
-        m = summary.get(row)
+    rows = {"baseline": summary.get("baseline"), "tuned": summary.get("tuned"),
+            "merged": summary.get("merged"), "champion": summary["champion"]["metrics"]}
+    for row, m in rows.items():
         if m is None:
             lines.append(f"{row:10}{'-':>10}{'-':>10}{'-':>10}{'-':>10}")
             continue
@@ -250,6 +320,16 @@ def format_table(summary: dict[str, Any]) -> str:
                    else f"failed ({', '.join(export_gate['failed'])}), not handed on")
         lines.append(f"export as served: {verdict}")
     lines.append(f"export: {summary['export']['path'] or 'none'}")
+    champion = summary["champion"]
+    if champion["changed"]:
+        lines.append(f"champion: changed, {champion['before'] or 'none'} -> version "
+                     f"{champion['after']} ({summary['merged']['accuracy']:.3f})")
+    elif champion["registration"]:  # accepted, but no registry to put it in
+        lines.append(f"champion: unchanged ({champion['registration'].get('reason')})")
+    else:
+        lines.append(f"champion: unchanged ({champion['before'] or 'none'}; the challenger was "
+                     "held back)")
+    lines.append(f"cached: {', '.join(summary['cached']) or 'none'}")
     return "\n".join(lines)
 
 
@@ -295,17 +375,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kfp_root = run_dir / "kfp"
     kfp_root.mkdir(exist_ok=True)
     before = set(kfp_root.iterdir())
+    cache_root = run_dir / CACHE_DIR
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root),
-               raise_on_error=True)
-    started, error = time.monotonic(), None
+               raise_on_error=True, enable_caching=not args.no_cache, cache_root=str(cache_root))
+    started, error, hits = time.monotonic(), None, CacheHits()
+    logging.getLogger().addFilter(hits)
     try:
         pipeline_func(**arguments)
     except RuntimeError as err:  # kfp.local: "Pipeline ... finished with status FAILURE ..."
         error = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # drop kfp.local's terminal colours
+    finally:
+        logging.getLogger().removeFilter(hits)
     wall_s = time.monotonic() - started
     created = sorted(p for p in set(kfp_root.iterdir()) - before if p.is_dir())
     kfp_run_dir = created[-1] if created else None
-    records = collect_records(spec, kfp_run_dir) if kfp_run_dir else {}
+    records = collect_records(spec, kfp_run_dir, hits.hits, cache_root) if kfp_run_dir else {}
     write_json_atomic(run_dir / RECORDS_FILE, records)
     summary = summarize(records, arguments, options.build, run_dir, kfp_run_dir, wall_s, error)
     write_json_atomic(run_dir / SUMMARY_FILE, summary)

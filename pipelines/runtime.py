@@ -26,6 +26,8 @@ DATASET_MANIFEST = "manifest.json"
 TRAIN_METRICS = "train_metrics.json"
 EXPORT_METADATA = "export_metadata.json"
 EVAL_METRICS = "metrics.json"
+NO_CHAMPION = "no_champion.json"  # evaluate-champion's output when the registry has no champion
+REGISTRATION = "registration.json"
 
 UNKNOWN_CLASS = "Unknown"  # the extra predicted column of generate-mode confusion matrices
 LINEAGE_KEYS = ("base_model_id", "base_model_revision", "weights_manifest_sha256",
@@ -178,6 +180,36 @@ def _eval_setting(metrics: Mapping[str, Any]) -> str:
     return " ".join(str(metrics[k]) for k in ("quantization", "dtype") if metrics.get(k))
 
 
+def confusion_svg(metrics: Mapping[str, Any], title: str) -> str:
+    """The evaluation's confusion matrix as an SVG heatmap (generate mode: an Unknown column)."""
+    from pipelines import charts
+
+    names = list(metrics["class_names"])
+    matrix = metrics["confusion_matrix"]
+    extra = [UNKNOWN_CLASS] if matrix and len(matrix[0]) == len(names) + 1 else []
+    return charts.heatmap(names, matrix, title, predicted_names=names + extra)
+
+
+def publish_training_curve(adapter_dir: str, curve_artifact: Any, series_artifact: Any) -> dict:
+    """The fine-tune's logged steps (train_metrics.json ``log``: loss per answer token and the
+    learning rate every --log-every-steps steps) as a JSON series and an HTML page with the
+    curves drawn, which the Vertex UI renders."""
+    from pipelines import charts
+
+    log = _require(Path(adapter_dir) / TRAIN_METRICS, "adapter").get("log") or []
+    series = {"step": [int(e["step"]) for e in log], "loss": [float(e["loss"]) for e in log],
+              "learning_rate": [float(e["lr"]) for e in log]}
+    write_bytes_atomic(series_artifact.path, json.dumps(series, indent=1).encode())
+    charts_html = "<p>no step was logged</p>" if not log else (
+        charts.line_chart(series["step"], series["loss"], "training loss (per answer token)", "loss")
+        + "<br>" + charts.line_chart(series["step"], series["learning_rate"], "learning rate", "lr"))
+    write_bytes_atomic(curve_artifact.path, (
+        '<!doctype html><html><head><meta charset="utf-8"><title>Training curve</title></head>'
+        f'<body style="font-family:sans-serif"><h2>Fine-tune: {len(log)} logged steps</h2>'
+        f"{charts_html}</body></html>\n").encode())
+    return series
+
+
 def render_report(evaluations: Mapping[str, Mapping[str, Any]], decision: Mapping[str, Any],
                   lineage_record: Mapping[str, Any], title: str) -> str:
     """An HTML page: the evaluated models side by side, overall and per class, every check of the
@@ -200,6 +232,8 @@ def render_report(evaluations: Mapping[str, Mapping[str, Any]], decision: Mappin
     lineage_rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v, sort_keys=True))}</td></tr>"
         for k, v in sorted(lineage_record.items()))
+    challenger = "merged" if "merged" in evaluations else "tuned"
+    picture = confusion_svg(evaluations[challenger], f"Confusion matrix, {REPORT_COLUMNS[challenger]}")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse;margin:1em 0}}
@@ -207,6 +241,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head><b
 <h2>{html.escape(title)}: {html.escape(verdict)}</h2>
 <table><tr><th>check</th><th></th><th>numbers</th></tr>{checks}</table>
 <table><tr><th></th>{head}</tr>{''.join(rows)}</table>
+{picture}
 <h3>Per-class F1</h3>
 <table><tr><th>class</th>{head}</tr>{''.join(per_class)}</table>
 <h3>Lineage</h3><table>{lineage_rows}</table>
@@ -220,7 +255,8 @@ def gate(evaluation_dirs: Mapping[str, str | None], thresholds: Any, report_arti
     [, champion]]; None: absent), write the HTML report and put the decision on its metadata."""
     from components import gate as rule
 
-    evaluations = {role: load_metrics(path) for role, path in evaluation_dirs.items() if path}
+    evaluations = {role: load_metrics(path) for role, path in evaluation_dirs.items()
+                   if path and not (Path(path) / NO_CHAMPION).is_file()}
     accuracy = {role: float(m["accuracy"]) for role, m in evaluations.items()}
     decision = rule.decide(accuracy["baseline"], accuracy["tuned"], thresholds,
                            merged=accuracy.get("merged"), champion=accuracy.get("champion"))
@@ -232,6 +268,51 @@ def gate(evaluation_dirs: Mapping[str, str | None], thresholds: Any, report_arti
     report_artifact.metadata.update(
         {f"gate_{k}": v for k, v in decision.items() if k != "checks" and v is not None})
     return bool(decision["passed"])
+
+
+def export_status(decision: Mapping[str, Any]) -> str:
+    """accepted; failed (the export does not score like the model that was evaluated: a broken
+    merge or export); held_back (it does, but does not beat the base or the champion)."""
+    if decision["passed"]:
+        return "accepted"
+    return "failed" if "export_matches_tuned" in decision["failed"] else "held_back"
+
+
+def readable_path(uri: str) -> str:
+    """A registry's artifact URI as a path a task can read (gs:// through Vertex's FUSE mount)."""
+    from components import gcs
+
+    return gcs.fuse_path(uri) if gcs.is_gcs(uri) else uri
+
+
+def record_no_champion(evaluation_dir: str, registry: str) -> None:
+    reason = "no registry configured" if not registry else f"{registry} has no champion yet"
+    write_bytes_atomic(Path(evaluation_dir) / NO_CHAMPION,
+                       json.dumps({"champion": None, "reason": reason}).encode())
+
+
+def register(registry_name: str, serving_image: str, export: Any, merged_dir: str,
+             record: Mapping[str, Any], registration: Any) -> dict[str, Any]:
+    """Upload the accepted export as the registry's new champion (components.registry); write
+    what happened to the registration artifact (its file and metadata)."""
+    from components import registry as reg
+
+    registry = reg.open_registry(registry_name, serving_image)
+    if registry is None:
+        outcome = {"registered": False, "reason": "no registry configured (parameter registry)"}
+    else:
+        metrics = {k: float(v) for k, v in load_metrics(merged_dir).items()
+                   if k in ("accuracy", "macro_f1", "unknown_rate", "top5_accuracy") and v is not None}
+        # Vertex serves from the export's gs:// URI; a folder registry copies the local folder
+        source = export.uri if export.uri.startswith("gs://") else export.path
+        version = registry.upload(source, reg.lineage_labels(record), metrics)
+        outcome = {"registered": True, "registry": registry_name, "version": version.version_id,
+                   "aliases": list(version.aliases), "artifact_uri": version.artifact_uri,
+                   "labels": version.labels, "metrics": version.metrics}
+    write_bytes_atomic(Path(registration.path) / REGISTRATION,
+                       json.dumps(outcome, indent=2, sort_keys=True).encode())
+    registration.metadata.update(outcome)
+    return outcome
 
 
 def load_hf_token(secret_name: str, endpoint: str = SECRET_MANAGER_URL,

@@ -61,9 +61,10 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "succeeded"
     assert set(summary["tasks"].values()) == {"SUCCEEDED"}
-    assert set(summary["tasks"]) == {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.EVALUATE_BASELINE,
-                                     dag.FINETUNE, dag.EVALUATE_TUNED, dag.GATE, dag.MERGE_EXPORT,
-                                     dag.EVALUATE_MERGED, dag.ACCEPT_EXPORT}
+    assert set(summary["tasks"]) == {
+        dag.RESOLVE_SOURCES, dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.EVALUATE_BASELINE,
+        dag.FINETUNE, dag.EVALUATE_TUNED, dag.GATE, dag.MERGE_EXPORT, dag.EVALUATE_MERGED,
+        dag.ACCEPT_EXPORT, dag.RESOLVE_CHAMPION, dag.EVALUATE_CHAMPION, dag.REGISTER}
     records = read_json(run_dir / "tasks.json")
     for row in ("baseline", "tuned", "merged"):
         metrics = summary[row]
@@ -114,7 +115,36 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
 
     table = result.stdout[result.stdout.rindex("accuracy"):]
     assert "baseline" in table and "tuned" in table and "merged" in table and "gate: passed" in table
+    # the loss curve: the logged steps as a JSON series and an HTML page with the curve drawn
+    finetune = records[dag.FINETUNE]["outputs"]
+    series = read_json(finetune["loss_series"]["uri"])
+    logged = read_json(Path(summary["artifacts"]["adapter"]) / "train_metrics.json")["log"]
+    assert series["step"] == [e["step"] for e in logged] and len(series["loss"]) == len(logged)
+    assert "<polyline" in Path(finetune["curve"]["uri"]).read_text()
+    assert "<svg" in served and "Confusion matrix" in served
+
+    # the accepted export became the champion of the run folder's registry
+    registry = read_json(run_dir / "registry" / "registry.json")
+    assert registry["aliases"] == {"champion": "1"}
+    assert registry["versions"][0]["metrics"]["accuracy"] == summary["merged"]["accuracy"]
+    assert registry["versions"][0]["labels"]["git_commit"] == summary["build"]["git_commit"].replace("+", "-")
+    assert summary["champion"]["changed"] is True and summary["champion"]["before"] is None
+    assert summary["cached"] == []  # a fresh run folder: nothing in its task cache
     assert_token_never_written(run_dir, result)
+
+    # the same sources again: ingest and training come from the cache, the sources were
+    # resolved anew, and the champion was evaluated on this run's shards
+    again = run_pipeline(run_dir, inputs, "--margin", "-1", "--param", "min_accuracy=0")
+    assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-2000:]
+    second = read_json(run_dir / "summary.json")
+    assert {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.FINETUNE} <= set(second["cached"])
+    for name in (dag.RESOLVE_SOURCES, dag.RESOLVE_CHAMPION, dag.EVALUATE_CHAMPION):
+        assert second["tasks"][name] == "SUCCEEDED", name
+    assert second["artifacts"]["dataset"] == summary["artifacts"]["dataset"]
+    assert second["champion"]["before"] == "1"
+    # the champion is the first run's export: on the same shards it scores what it scored then
+    assert second["champion"]["metrics"]["accuracy"] == summary["merged"]["accuracy"]
+    assert "cached: " in again.stdout and dag.PREPARE_DATASET in again.stdout
 
 
 @pytest.mark.slow
