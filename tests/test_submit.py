@@ -108,8 +108,12 @@ def test_submit_sends_spec_parameters_labels_and_service_account(template, gcs, 
                                                    if "dag" in c]
                for t in dag["tasks"].values()]
     assert caching and not any(caching)
-    assert all(t["cachingOptions"]["enableCache"] for t in compiled["root"]["dag"]["tasks"].values()
-               if "cachingOptions" in t)
+    # compiled: on for every task but the uncached ones (an empty cachingOptions: off)
+    compiled_caching = {t["taskInfo"]["name"]: t.get("cachingOptions", {}).get("enableCache", False)
+                        for t in compiled["root"]["dag"]["tasks"].values() if "componentRef" in t
+                        and "dag" not in compiled["components"][t["componentRef"]["name"]]}
+    assert {n for n, on in compiled_caching.items() if not on} == {"resolve-sources",
+                                                                   "resolve-champion"}
 
     # the exact compiled bytes are archived in the pipeline root, content-addressed
     assert printed["pipeline_job"] == f"projects/{PROJECT}/locations/{REGION}/pipelineJobs/pets-run-1"
