@@ -83,8 +83,9 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, 
         if isinstance(result.get(key), (int, float)):
             train_metrics.log_metric(key, float(result[key]))
     runtime.publish_training_curve(adapter.path, curve, loss_series)
-    runtime.annotate([adapter, train_metrics], runtime.lineage(
+    runtime.annotate([adapter, train_metrics, curve, loss_series], runtime.lineage(
         build, model_dir=weights.path, dataset_dir=dataset.path, adapter_dir=adapter.path))
+    runtime.write_metadata_file([train_metrics])
 
 
 def evaluate(weights: Input[Model], dataset: Input[Dataset], mode: str, batch_size: int,
@@ -103,6 +104,7 @@ def evaluate(weights: Input[Model], dataset: Input[Dataset], mode: str, batch_si
     runtime.publish_evaluation(evaluation.path, metrics, confusion)
     runtime.annotate([evaluation, metrics, confusion], runtime.lineage(
         build, model_dir=weights.path, dataset_dir=dataset.path, adapter_dir=adapter_dir))
+    runtime.write_metadata_file([metrics, confusion])
 
 
 def compare_accuracy(baseline: Input[Artifact], tuned: Input[Artifact], margin: float,
@@ -151,6 +153,7 @@ def evaluate_champion(registry: str, champion_uri: str, champion_version: str,
     from components import evaluate as step
     from pipelines import runtime
 
+    runtime.annotate([evaluation], runtime.lineage(build, dataset_dir=dataset.path))
     if not champion_uri:
         runtime.record_no_champion(evaluation.path, registry)
         evaluation.metadata["champion_version"] = ""
@@ -160,7 +163,8 @@ def evaluate_champion(registry: str, champion_uri: str, champion_version: str,
                                  dataset_dir=dataset.path, output_dir=evaluation.path, mode=mode,
                                  batch_size=batch_size, limit=limit or None,
                                  quantization=quantization, load_dtype=load_dtype))
-    runtime.annotate([evaluation], runtime.lineage(build, dataset_dir=dataset.path))
+    runtime.annotate([evaluation], runtime.lineage(build, model_dir=runtime.readable_path(
+        champion_uri), dataset_dir=dataset.path))
     evaluation.metadata.update(champion_uri=champion_uri, champion_version=champion_version)
 
 
@@ -171,6 +175,8 @@ def register(registry: str, serving_image: str, run_name: str, export: Input[Mod
 
     record = {**weights.metadata, **dataset.metadata, **export.metadata, "pipeline_run": run_name}
     runtime.register(registry, serving_image, export, merged.path, record, registration)
+    runtime.annotate([registration], runtime.lineage(build, model_dir=export.path,
+                                                     dataset_dir=dataset.path))
 
 
 def merge_export(weights: Input[Model], adapter: Input[Model], dataset: Input[Dataset],

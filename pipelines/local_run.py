@@ -379,13 +379,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root),
                raise_on_error=True, enable_caching=not args.no_cache, cache_root=str(cache_root))
     started, error, hits = time.monotonic(), None, CacheHits()
-    logging.getLogger().addFilter(hits)
+    root_logger = logging.getLogger()
+    # kfp.local logs cache hits at INFO outside its own logging context: without INFO on the
+    # root logger the record is never made (no handler prints it; the filter only reads it)
+    level = root_logger.level
+    root_logger.setLevel(logging.INFO)
+    root_logger.addFilter(hits)
     try:
         pipeline_func(**arguments)
     except RuntimeError as err:  # kfp.local: "Pipeline ... finished with status FAILURE ..."
         error = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # drop kfp.local's terminal colours
     finally:
-        logging.getLogger().removeFilter(hits)
+        root_logger.removeFilter(hits)
+        root_logger.setLevel(level)
     wall_s = time.monotonic() - started
     created = sorted(p for p in set(kfp_root.iterdir()) - before if p.is_dir())
     kfp_run_dir = created[-1] if created else None

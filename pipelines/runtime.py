@@ -152,6 +152,15 @@ def square_confusion(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[i
                        f"{len(names)} classes (expected {len(names)} or {len(names) + 1})")
 
 
+def write_metadata_file(artifacts: list[Any]) -> None:
+    """Write each metrics artifact's metadata as a file at its path too. KFP keeps logged metrics
+    in metadata only, and kfp.local's task cache (2.17.3, cache.py) treats an entry whose
+    artifact has no file as a miss, so a task with a Metrics output would never be served from
+    it. On Vertex the file is a harmless copy next to the metadata."""
+    for artifact in artifacts:
+        write_bytes_atomic(artifact.path, json.dumps(artifact.metadata, sort_keys=True).encode())
+
+
 def publish_evaluation(evaluation_dir: str, metrics_artifact: Any,
                        confusion_artifact: Any) -> dict[str, Any]:
     """Log the evaluation's scalars and confusion matrix on the KFP artifacts Vertex renders."""
