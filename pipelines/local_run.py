@@ -249,6 +249,7 @@ def _gate(records: dict[str, Any], task: str) -> dict[str, Any]:
     decision = {k.removeprefix("gate_"): v for k, v in report.get("metadata", {}).items()
                 if k.startswith("gate_")}
     return {"passed": record.get("parameters", {}).get("Output"),
+            "status": report.get("metadata", {}).get("export_status"),
             "failed": decision.get("failed", []), "margin": decision.get("margin"),
             "accuracy_delta": decision.get("accuracy_delta"), "report": report.get("uri")}
 
@@ -316,8 +317,9 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"gate: {verdict} (tuned - baseline = {gate['accuracy_delta']:+.3f}, "
                      f"margin {gate['margin']:+.3f})")
     if export_gate["passed"] is not None:
-        verdict = ("accepted" if export_gate["passed"]
-                   else f"failed ({', '.join(export_gate['failed'])}), not handed on")
+        verdict = ("accepted" if export_gate["passed"] else
+                   f"{export_gate['status'].replace('_', ' ')} ({', '.join(export_gate['failed'])}),"
+                   " not handed on")
         lines.append(f"export as served: {verdict}")
     lines.append(f"export: {summary['export']['path'] or 'none'}")
     champion = summary["champion"]
