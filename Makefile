@@ -22,7 +22,7 @@ OUTPUT_PATH  ?= runs/cloud-run-finetune
 
 BENCH_DIR ?= runs/bench
 
-.PHONY: venv demo test test-gpu bench rehearse compile images image-resolve cloud-run-job cloud-run-execute clean
+.PHONY: venv demo demo-retrain test test-gpu bench rehearse compile images image-resolve cloud-run-job cloud-run-execute clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -36,6 +36,13 @@ $(STAMP): pyproject.toml
 # The whole DAG under kfp.local on the offline stand-ins (tiny Gemma 4 + synthetic pets).
 demo: venv
 	$(PY) -m pipelines.local_run --run-dir $(RUN_DIR)
+
+# Retraining as a schedule runs it, after `make demo`, in the same RUN_DIR (its task cache and
+# folder registry): the same sources again (ingest from the cache, the champion re-evaluated
+# and compared), then a quarter more images in the synthetic source (re-prepared, retrained).
+demo-retrain: venv
+	$(PY) -m pipelines.local_run --run-dir $(RUN_DIR)
+	$(PY) -m pipelines.local_run --run-dir $(RUN_DIR) --images-per-class 50
 
 test: venv
 	$(PY) -m pytest tests -q

@@ -19,6 +19,7 @@ COMMANDS = {
     "finetune": "components.finetune",
     "evaluate": "components.evaluate",
     "merge-export": "components.merge_export",
+    "resolve-source": "components.sources",
     "tiny-model": "components.tiny_model",
     "random-model": "components.random_model",
     "synthetic-pets": "components.synthetic_pets",

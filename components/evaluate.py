@@ -86,6 +86,13 @@ class EvaluateConfig:
         metadata={"help": "nf4 (4-bit, CUDA only), none, or auto: nf4 on CUDA, none on CPU (as fine-tuning)",
                   "choices": ["auto", "nf4", "none"]},
     )
+    load_dtype: str = field(
+        default="compute",
+        metadata={"help": "compute: bf16 on CUDA, fp32 on CPU (as fine-tuning); saved: the dtype the folder "
+                          "was saved in, no autocast (a merged export as vLLM/Transformers serve it; "
+                          "needs --quantization none)",
+                  "choices": ["compute", "saved"]},
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     seed: int = field(default=0, metadata={"help": "torch seed (decoding is greedy; this pins anything else)"})
 
@@ -96,6 +103,10 @@ class EvaluateConfig:
             raise ValueError(f"--score-reduction must be sum or mean, got {self.score_reduction!r}")
         if self.quantization not in ("auto", "nf4", "none"):
             raise ValueError(f"--quantization must be auto, nf4 or none, got {self.quantization!r}")
+        if self.load_dtype not in ("compute", "saved"):
+            raise ValueError(f"--load-dtype must be compute or saved, got {self.load_dtype!r}")
+        if self.load_dtype == "saved" and self.quantization != "none":
+            raise ValueError("--load-dtype saved evaluates the folder as saved: it needs --quantization none")
         if self.batch_size < 0:
             raise ValueError(f"--batch-size must be positive (or 0 for the GPU's default), got {self.batch_size}")
         if self.score_chunk_size <= 0:
@@ -479,14 +490,17 @@ def run(config: EvaluateConfig) -> dict:
     torch.manual_seed(config.seed)
     device = modeling.pick_device(config.device)
     quantization = modeling.resolve_quantization(config.quantization, device)
-    dtype = modeling.compute_dtype(device)
+    # "auto": from_pretrained keeps the checkpoint's saved dtype (config.json's dtype)
+    dtype = "auto" if config.load_dtype == "saved" else modeling.compute_dtype(device)
     processor = modeling.load_processor(config.model_dir)
     candidates = answer_token_ids(processor, class_names, check_prefix=config.mode == "score")
     if config.adapter_dir is not None:
-        model = modeling.load_with_adapter(config.model_dir, config.adapter_dir, device, quantization)
+        model = modeling.load_with_adapter(config.model_dir, config.adapter_dir, device, quantization, dtype)
     else:
-        model = modeling.load_model(config.model_dir, device, quantization)
+        model = modeling.load_model(config.model_dir, device, quantization, dtype)
     model.eval()
+    if config.load_dtype == "saved":
+        dtype = model.dtype  # the saved dtype from_pretrained resolved
 
     tokenizer = processor.tokenizer
     mapper = AnswerMapper(class_names)
@@ -508,7 +522,8 @@ def run(config: EvaluateConfig) -> dict:
     chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     # bf16 autocast on CUDA: an adapter's fp32 LoRA weights then run on the bf16 tensor cores
     # like the base, as in training. The next batch is preprocessed on a CPU thread meanwhile.
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    autocast = device.type == "cuda" and config.load_dtype == "compute"
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for chunk, batch in prompting.prefetched(encode, chunks):
             batch = _to_device(batch, device, dtype)
             if scorer is not None:
@@ -549,6 +564,7 @@ def run(config: EvaluateConfig) -> dict:
         "dataset_manifest_sha256": sha256_file(Path(config.dataset_dir) / "manifest.json"),
         "device": str(device),
         "quantization": quantization,
+        "dtype": str(dtype).removeprefix("torch."),
         "config": dataclasses.asdict(config),
     })
 

@@ -84,9 +84,10 @@ def load_processor(model_dir: str):
     return AutoProcessor.from_pretrained(model_dir)
 
 
-def load_model(model_dir: str, device: torch.device, quantization: str = "none", dtype: torch.dtype | None = None):
-    """The base model on ``device``: 4-bit nf4 (QLoRA) or unquantised in the compute dtype
-    (``dtype`` overrides it: merge-export checks an fp32 export in fp32).
+def load_model(model_dir: str, device: torch.device, quantization: str = "none",
+               dtype: torch.dtype | str | None = None):
+    """The base model on ``device``: 4-bit nf4 (QLoRA) or unquantised in ``dtype`` (default the
+    compute dtype; "auto": the dtype the folder was saved in).
 
     Attention is transformers' default: sdpa for the language model and vision tower, eager for
     the E2B/E4B audio tower, which has no sdpa path (asking for sdpa everywhere fails there)."""
@@ -169,11 +170,12 @@ def lora_target_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def load_with_adapter(model_dir: str, adapter_dir: str, device: torch.device, quantization: str = "none"):
+def load_with_adapter(model_dir: str, adapter_dir: str, device: torch.device, quantization: str = "none",
+                      dtype: torch.dtype | str | None = None):
     """Base + LoRA adapter (unmerged), for evaluating a fine-tuned adapter."""
     from peft import PeftModel
 
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter-dir {adapter_dir}: no adapter_config.json there")
-    base = load_model(model_dir, device, quantization)
+    base = load_model(model_dir, device, quantization, dtype)
     return PeftModel.from_pretrained(base, adapter_dir).eval()

@@ -13,24 +13,43 @@ A 0 / "" parameter means "unset" (the step's None); see pipelines/pipeline.py fo
 """
 
 import types
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 
-def stage_weights(source: str, revision: str, hf_token_secret: str, build: dict,
-                  weights: Output[Model]):
+def resolve_sources(weights_source: str, weights_revision: str, dataset_source: str,
+                    dataset_revision: str, hf_token_secret: str, build: dict,
+                    ) -> NamedTuple("Sources", weights_revision=str, weights_fingerprint=str,
+                                    dataset_revision=str, dataset_fingerprint=str):
+    from components import sources
+    from pipelines import runtime
+
+    runtime.load_hf_token(hf_token_secret)  # gated hub repos need it to be resolved
+    weights = sources.run(sources.ResolveSourceConfig(source=weights_source, kind="model",
+                                                      revision=weights_revision))
+    dataset = sources.run(sources.ResolveSourceConfig(source=dataset_source, kind="dataset",
+                                                      revision=dataset_revision))
+    print(f"weights {weights}\ndataset {dataset}")
+    # a hub source is staged at the sha resolved here, so the fingerprint names what is staged
+    return (weights["resolved_revision"] or weights_revision, weights["fingerprint"],
+            dataset["resolved_revision"] or dataset_revision, dataset["fingerprint"])
+
+
+def stage_weights(source: str, revision: str, source_fingerprint: str, hf_token_secret: str,
+                  build: dict, weights: Output[Model]):
     from components import stage_weights as step
     from pipelines import runtime
 
     runtime.load_hf_token(hf_token_secret)  # Vertex: Secret Manager -> this task's env only
     step.run(step.StageWeightsConfig(source=source, destination=weights.path, revision=revision))
     runtime.annotate([weights], runtime.lineage(build, model_dir=weights.path))
+    weights.metadata["weights_source_fingerprint"] = source_fingerprint
 
 
-def prepare_dataset(source: str, source_format: str, revision: str, train_size: int,
-                    eval_size: int, num_classes: int, seed: int, build: dict,
+def prepare_dataset(source: str, source_format: str, revision: str, source_fingerprint: str,
+                    train_size: int, eval_size: int, num_classes: int, seed: int, build: dict,
                     dataset: Output[Dataset]):
     from components import prepare_dataset as step
     from pipelines import runtime
@@ -41,6 +60,7 @@ def prepare_dataset(source: str, source_format: str, revision: str, train_size: 
                                        eval_size=eval_size or None,
                                        num_classes=num_classes or None, seed=seed))
     runtime.annotate([dataset], runtime.lineage(build, dataset_dir=dataset.path))
+    dataset.metadata["dataset_source_fingerprint"] = source_fingerprint
 
 
 def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, lora_r: int,
@@ -48,7 +68,7 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, 
              max_steps: int, warmup_ratio: float, batch_size: int, micro_batch_size: int,
              memory_preset: str, num_processes: int, max_length: int, seed: int,
              save_every_steps: int, checkpoint_dir: str, build: dict, adapter: Output[Model],
-             train_metrics: Output[Metrics]):
+             train_metrics: Output[Metrics], curve: Output[HTML], loss_series: Output[Artifact]):
     from components import finetune as step
     from pipelines import runtime
 
@@ -62,12 +82,15 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, 
     for key in ("final_loss", "steps", "samples_per_s", "peak_memory_mb"):
         if isinstance(result.get(key), (int, float)):
             train_metrics.log_metric(key, float(result[key]))
-    runtime.annotate([adapter, train_metrics], runtime.lineage(
+    runtime.publish_training_curve(adapter.path, curve, loss_series)
+    runtime.annotate([adapter, train_metrics, curve, loss_series], runtime.lineage(
         build, model_dir=weights.path, dataset_dir=dataset.path, adapter_dir=adapter.path))
+    runtime.write_metadata_file([train_metrics])
 
 
 def evaluate(weights: Input[Model], dataset: Input[Dataset], mode: str, batch_size: int,
-             limit: int, quantization: str, build: dict, evaluation: Output[Artifact],
+             limit: int, quantization: str, load_dtype: str, build: dict,
+             evaluation: Output[Artifact],
              metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
              adapter: Optional[Input[Model]] = None):
     from components import evaluate as step
@@ -77,18 +100,83 @@ def evaluate(weights: Input[Model], dataset: Input[Dataset], mode: str, batch_si
     step.run(step.EvaluateConfig(model_dir=weights.path, dataset_dir=dataset.path,
                                  output_dir=evaluation.path, adapter_dir=adapter_dir, mode=mode,
                                  batch_size=batch_size, limit=limit or None,
-                                 quantization=quantization))
+                                 quantization=quantization, load_dtype=load_dtype))
     runtime.publish_evaluation(evaluation.path, metrics, confusion)
     runtime.annotate([evaluation, metrics, confusion], runtime.lineage(
         build, model_dir=weights.path, dataset_dir=dataset.path, adapter_dir=adapter_dir))
+    runtime.write_metadata_file([metrics, confusion])
 
 
 def compare_accuracy(baseline: Input[Artifact], tuned: Input[Artifact], margin: float,
-                     build: dict, report: Output[HTML]) -> bool:
+                     min_accuracy: float, build: dict, report: Output[HTML]) -> bool:
+    from components import gate as rule
     from pipelines import runtime
 
     tuned_lineage = {k: v for k, v in tuned.metadata.items() if k in runtime.LINEAGE_KEYS}
-    return runtime.gate(baseline.path, tuned.path, margin, report, build, tuned_lineage)
+    return runtime.gate({"baseline": baseline.path, "tuned": tuned.path},
+                        rule.Thresholds(margin=margin, min_accuracy=min_accuracy), report, build,
+                        tuned_lineage, "Gate before the merge: tuned vs baseline")
+
+
+def accept_export(baseline: Input[Artifact], tuned: Input[Artifact], merged: Input[Artifact],
+                  champion: Input[Artifact], margin: float, min_accuracy: float,
+                  export_tolerance: float, build: dict, report: Output[HTML]) -> bool:
+    from components import gate as rule
+    from pipelines import runtime
+
+    merged_lineage = {k: v for k, v in merged.metadata.items() if k in runtime.LINEAGE_KEYS}
+    passed = runtime.gate(
+        {"baseline": baseline.path, "tuned": tuned.path, "merged": merged.path,
+         "champion": champion.path},
+        rule.Thresholds(margin=margin, min_accuracy=min_accuracy,
+                        export_tolerance=export_tolerance),
+        report, build, merged_lineage, "Gate after the merge: the export as served")
+    report.metadata["export_status"] = runtime.export_status(
+        {"passed": passed, "failed": report.metadata.get("gate_failed", [])})
+    report.metadata["champion_version"] = champion.metadata.get("champion_version", "")
+    return passed
+
+
+def resolve_champion(registry: str, build: dict) -> NamedTuple("Champion", uri=str, version=str):
+    from components import registry as reg
+
+    found = reg.open_registry(registry)
+    champion = found.champion() if found is not None else None
+    print(f"champion in {registry or '(no registry)'}: {champion}")
+    return (champion.artifact_uri, champion.version_id) if champion else ("", "")
+
+
+def evaluate_champion(registry: str, champion_uri: str, champion_version: str,
+                      dataset: Input[Dataset], mode: str, batch_size: int, limit: int,
+                      quantization: str, load_dtype: str, build: dict,
+                      evaluation: Output[Artifact]):
+    from components import evaluate as step
+    from pipelines import runtime
+
+    runtime.annotate([evaluation], runtime.lineage(build, dataset_dir=dataset.path))
+    if not champion_uri:
+        runtime.record_no_champion(evaluation.path, registry)
+        evaluation.metadata["champion_version"] = ""
+        return
+    # the champion as served, on this run's held-out shards: past numbers do not count
+    step.run(step.EvaluateConfig(model_dir=runtime.readable_path(champion_uri),
+                                 dataset_dir=dataset.path, output_dir=evaluation.path, mode=mode,
+                                 batch_size=batch_size, limit=limit or None,
+                                 quantization=quantization, load_dtype=load_dtype))
+    runtime.annotate([evaluation], runtime.lineage(build, model_dir=runtime.readable_path(
+        champion_uri), dataset_dir=dataset.path))
+    evaluation.metadata.update(champion_uri=champion_uri, champion_version=champion_version)
+
+
+def register(registry: str, serving_image: str, run_name: str, export: Input[Model],
+             merged: Input[Artifact], weights: Input[Model], dataset: Input[Dataset],
+             build: dict, registration: Output[Artifact]):
+    from pipelines import runtime
+
+    record = {**weights.metadata, **dataset.metadata, **export.metadata, "pipeline_run": run_name}
+    runtime.register(registry, serving_image, export, merged.path, record, registration)
+    runtime.annotate([registration], runtime.lineage(build, model_dir=export.path,
+                                                     dataset_dir=dataset.path))
 
 
 def merge_export(weights: Input[Model], adapter: Input[Model], dataset: Input[Dataset],
@@ -110,8 +198,8 @@ def merge_export(weights: Input[Model], adapter: Input[Model], dataset: Input[Da
         export.metadata["max_abs_logit_diff"] = float(result["max_abs_logit_diff"])
 
 
-STEP_FUNCTIONS = (stage_weights, prepare_dataset, finetune, evaluate, compare_accuracy,
-                  merge_export)
+STEP_FUNCTIONS = (resolve_sources, stage_weights, prepare_dataset, finetune, evaluate, compare_accuracy,
+                  merge_export, accept_export, resolve_champion, evaluate_champion, register)
 
 
 def build_components(image: str) -> types.SimpleNamespace:

@@ -109,6 +109,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _decision(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A gate's decision from its report's gate_* metadata; None if the gate did not run."""
+    if not report:
+        return None
+    return {k.removeprefix("gate_"): v for k, v in report["metadata"].items()
+            if k.startswith("gate_")}
+
+
 def chain(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The lineage of the run's final model, cross-checked; raises LineageError on a mismatch."""
     weights = _output(records, dag.STAGE_WEIGHTS, "weights")
@@ -134,14 +142,14 @@ def chain(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
         found = _output(records, task, "metrics")
         metrics[label] = ({k: found["metadata"].get(k) for k in METRIC_KEYS}
                           if found else None)
-    report = _output(records, dag.GATE, "report")
-    gate = ({k.removeprefix("gate_"): v for k, v in report["metadata"].items()
-             if k.startswith("gate_")} if report else None)
+    gate, export_gate = (_decision(_output(records, task, "report"))
+                         for task in (dag.GATE, dag.ACCEPT_EXPORT))
     commits = sorted({r["metadata"].get("git_commit") for r in (model, weights, dataset)
                       if r["metadata"].get("git_commit")})
     return _plain({
         "model": {"kind": kind, "uri": model["uri"],
-                  "held_back_by_gate": bool(gate) and gate.get("passed") is False},
+                  "held_back_by_gate": any(g and g.get("passed") is False
+                                           for g in (gate, export_gate))},
         "weights": {"id": w_meta.get("base_model_id"), "revision": w_meta.get("base_model_revision"),
                     "manifest_sha256": w_meta.get("weights_manifest_sha256"),
                     "uri": weights["uri"]},
@@ -152,6 +160,7 @@ def chain(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "hyperparameters": meta.get("hyperparameters") or {},
         "metrics": metrics,
         "gate": gate,
+        "export_gate": export_gate,
         "code": {"project_version": meta.get("project_version"),
                  "git_commit": meta.get("git_commit"), "image": meta.get("image"),
                  "commits_seen": commits},
@@ -181,6 +190,12 @@ def format_chain(lineage: dict[str, Any]) -> str:
         lines.append(f"gate           {'passed' if gate.get('passed') else 'held back'}: "
                      f"tuned - baseline = {gate.get('accuracy_delta', 0):+.4f}, "
                      f"margin {gate.get('margin', 0):+.4f}")
+    export_gate = lineage.get("export_gate")
+    if export_gate:
+        lines.append(f"export gate    {'accepted' if export_gate.get('passed') else 'failed'}: "
+                     f"merged {export_gate.get('merged_accuracy', 0):.4f} vs tuned "
+                     f"{export_gate.get('tuned_accuracy', 0):.4f}, tolerance "
+                     f"{export_gate.get('export_tolerance', 0):.4f}")
     lines.append(f"code           gemma-pets {code['project_version']} @ {code['git_commit']}")
     lines.append(f"image          {code['image']}")
     if len(code["commits_seen"]) > 1:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from typing import Any
 import yaml
 
 from components.cli import entrypoint, hub_id
-from components.files import is_complete, write_json_atomic
+from components.files import is_complete, read_json, write_json_atomic
 from components.tiny_model import CPU_DEMO_FINETUNE  # a dict; the module imports no torch
 from pipelines import options as pipeline_options
 from pipelines import pipeline as dag
@@ -58,12 +59,13 @@ DEMO_PARAMETERS: dict[str, Any] = {
     "max_length": 512,  # tokens; the tiny model's prompts are ~100
     "save_every_steps": 40,
     "eval_batch_size": 16,
-    "margin": 0.0,
     # The demo computes in fp32 on CPU; an fp32 export is verified against it at the step's fp32
     # bound (1e-3). A bf16 export of the tiny model, whose trained logits reach the +-30 softcap,
     # measured max |logit diff| 0.62-0.82 against the step's 0.5 bf16-export bound.
     "merge_save_dtype": "float32",
 }
+CACHE_DIR = "kfp-cache"
+REGISTRY_DIR = "registry"
 RECORDS_FILE = "tasks.json"
 SUMMARY_FILE = "summary.json"
 METRIC_KEYS = ("accuracy", "macro_f1", "unknown_rate", "num_examples")
@@ -83,12 +85,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="images per synthetic class, half train half eval "
                              "(only without --dataset-source)")
     parser.add_argument("--margin", type=float, default=None,
-                        help="gate: tuned accuracy must beat baseline by at least this "
-                             f"(default {DEMO_PARAMETERS['margin']})")
+                        help="gate: tuned accuracy must beat baseline by more than 0 and at least "
+                             "this (default: the pipeline's); negative: accept a regression down "
+                             "to it (wiring smoke tests)")
     parser.add_argument("--parameters", default=None,
                         help="JSON/YAML file of pipeline parameter values")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="one pipeline parameter (YAML scalar); overrides the demo defaults")
+    parser.add_argument("--registry", default=None,
+                        help=f"model registry: a folder (default RUN_DIR/{REGISTRY_DIR}: later "
+                             "runs in RUN_DIR find its champion), projects/P/locations/L/models/ID "
+                             "for Vertex AI Model Registry, or '' for none")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="run every task (default: kfp.local's task cache in RUN_DIR/"
+                             f"{CACHE_DIR}, keyed like Vertex's on the component and its inputs)")
     parser.add_argument("--fine-tune-retries", type=int, default=0,
                         help="retries of the fine-tune task (kfp.local honours them, with the "
                              "compiled 60 s doubling backoff); default 0")
@@ -102,24 +112,31 @@ def _python_module(*args: str) -> None:
 
 def demo_inputs(run_dir: Path, num_classes: int, images_per_class: int) -> tuple[str, str]:
     """Build (or reuse) the tiny model and the synthetic set; their steps mark a folder complete
-    last (files.atomic_dir), so one without the mark was cut off and is rebuilt."""
+    last (files.atomic_dir), so one without the mark was cut off and is rebuilt. The synthetic
+    set keeps one folder: asking for more images per class rewrites it in place (new files
+    appear), as new images would land in a bucket prefix a scheduled run reads."""
     inputs = run_dir / "inputs"
     model = inputs / "tiny-gemma4"
     if not is_complete(model):
         print(f"building the tiny stand-in model in {model}", flush=True)
         _python_module("tiny-model", "--output-dir", str(model))
-    pets = inputs / f"synthetic-pets-c{num_classes}-n{images_per_class}-{DEMO_IMAGE_SIZE}px"
-    if not is_complete(pets):
-        print(f"generating {num_classes} synthetic pet classes in {pets}", flush=True)
+    pets, recipe_file = inputs / "synthetic-pets", inputs / "synthetic-pets.json"
+    recipe = {"num_classes": num_classes, "images_per_class": images_per_class,
+              "image_size": DEMO_IMAGE_SIZE}
+    if not (is_complete(pets) and recipe_file.is_file() and read_json(recipe_file) == recipe):
+        print(f"generating {num_classes} synthetic pet classes x {images_per_class} images in "
+              f"{pets}", flush=True)
         _python_module("synthetic-pets", "--output-dir", str(pets), "--num-classes",
                        str(num_classes), "--images-per-class", str(images_per_class),
                        "--image-size", str(DEMO_IMAGE_SIZE), "--overwrite")
+        write_json_atomic(recipe_file, recipe)
     return str(model.resolve()), str(pets.resolve())
 
 
 def arguments_for(args: argparse.Namespace, spec: dict[str, Any], weights: str,
                   dataset: str) -> dict[str, Any]:
-    values = dict(DEMO_PARAMETERS)
+    values = {**DEMO_PARAMETERS, "registry": str(Path(args.run_dir).resolve() / REGISTRY_DIR)
+              if args.registry is None else args.registry}
     values.update(load_parameters(args.parameters, args.param))
     if args.margin is not None:
         values["margin"] = args.margin
@@ -147,8 +164,35 @@ def task_layout(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return layout
 
 
-def collect_records(spec: dict[str, Any], kfp_run_dir: Path) -> dict[str, dict[str, Any]]:
-    """What each task produced, read back from kfp.local's executor_output.json files.
+class CacheHits(logging.Filter):
+    """Task key -> cache key prefix of the tasks kfp.local served from its cache this run.
+
+    kfp.local (2.17.3, orchestrator/task_executor.py) logs "Task T cache hit (key=K...)" on the
+    root logger and writes no task folder; a filter on the root logger sees the record even
+    though kfp.local swaps the root logger's handlers while it runs."""
+
+    PATTERN = re.compile(r"Task '?([\w.-]+)'? cache hit \(key=([0-9a-f]+)")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: dict[str, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if match := self.PATTERN.search(re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())):
+            self.hits[match.group(1)] = match.group(2)
+        return True
+
+
+def _cached_outputs(cache_root: Path, key_prefix: str) -> dict[str, Any]:
+    """The outputs a cache entry recorded: {name: artifact dict or parameter value}."""
+    (entry,) = cache_root.glob(f"{key_prefix}*.json")
+    return json.loads(entry.read_text())
+
+
+def collect_records(spec: dict[str, Any], kfp_run_dir: Path, cache_hits: dict[str, str] | None = None,
+                    cache_root: Path | None = None) -> dict[str, dict[str, Any]]:
+    """What each task produced, read back from kfp.local's executor_output.json files, or for a
+    task served from the cache (state CACHED), from the cache entry it was served from.
 
     kfp.local puts a task's folder at <run>/<component name without "comp-">. No folder: the task
     did not run (the gate held it back, or an upstream task failed). A folder without executor
@@ -156,6 +200,15 @@ def collect_records(spec: dict[str, Any], kfp_run_dir: Path) -> dict[str, dict[s
     """
     records = {}
     for name, info in task_layout(spec).items():
+        if info["task"] in (cache_hits or {}):
+            produced = _cached_outputs(cache_root, cache_hits[info["task"]])
+            records[name] = {"task": info["task"], "state": "CACHED", "outputs": {
+                k: {"uri": v["uri"], "metadata": v.get("metadata", {}),
+                    "schema_title": v.get("schema_title", "")}
+                for k, v in produced.items() if isinstance(v, dict) and "uri" in v},
+                "parameters": {k: v for k, v in produced.items()
+                               if not (isinstance(v, dict) and "uri" in v)}}
+            continue
         task_root = kfp_run_dir / info["component"].removeprefix("comp-")
         output_file = task_root / "executor_output.json"
         record: dict[str, Any] = {"task": info["task"],
@@ -180,6 +233,8 @@ def _metrics(records: dict[str, Any], task: str) -> dict[str, Any] | None:
     if not evaluation:
         return None
     metrics_file = Path(evaluation["uri"]) / "metrics.json"
+    if not metrics_file.is_file():  # evaluate-champion without a champion
+        return None
     values = json.loads(metrics_file.read_text())
     return {**{k: values.get(k) for k in METRIC_KEYS}, "evaluation_dir": evaluation["uri"]}
 
@@ -188,13 +243,22 @@ def _uri(records: dict[str, Any], task: str, output: str) -> str | None:
     return records.get(task, {}).get("outputs", {}).get(output, {}).get("uri")
 
 
-def summarize(records: dict[str, Any], arguments: dict[str, Any], build: dict[str, str],
-              run_dir: Path, kfp_run_dir: Path, wall_s: float, error: str | None) -> dict:
-    gate_record = records.get(dag.GATE, {})
-    report = gate_record.get("outputs", {}).get("report", {})
+def _gate(records: dict[str, Any], task: str) -> dict[str, Any]:
+    """A gate task's decision (its report's gate_* metadata) and its bool output; passed None:
+    the gate did not run."""
+    record = records.get(task, {})
+    report = record.get("outputs", {}).get("report", {})
     decision = {k.removeprefix("gate_"): v for k, v in report.get("metadata", {}).items()
                 if k.startswith("gate_")}
-    passed = gate_record.get("parameters", {}).get("Output")
+    return {"passed": record.get("parameters", {}).get("Output"),
+            "status": report.get("metadata", {}).get("export_status"),
+            "failed": decision.get("failed", []), "margin": decision.get("margin"),
+            "accuracy_delta": decision.get("accuracy_delta"), "report": report.get("uri")}
+
+
+def summarize(records: dict[str, Any], arguments: dict[str, Any], build: dict[str, str],
+              run_dir: Path, kfp_run_dir: Path, wall_s: float, error: str | None) -> dict:
+    gate, export_gate = _gate(records, dag.GATE), _gate(records, dag.ACCEPT_EXPORT)
     export_uri = _uri(records, dag.MERGE_EXPORT, "export")
     lineage_source = (records.get(dag.MERGE_EXPORT, {}).get("outputs", {}).get("export")
                       or records.get(dag.FINETUNE, {}).get("outputs", {}).get("adapter") or {})
@@ -210,35 +274,66 @@ def summarize(records: dict[str, Any], arguments: dict[str, Any], build: dict[st
         "baseline": _metrics(records, dag.EVALUATE_BASELINE),
         "tuned": _metrics(records, dag.EVALUATE_TUNED),
         "merged": _metrics(records, dag.EVALUATE_MERGED),
-        "gate": {"passed": passed, "margin": arguments.get("margin"),
-                 "accuracy_delta": decision.get("accuracy_delta"),
-                 "report": report.get("uri")},
-        "export": {"path": export_uri, "held_back": passed is False},
+        "gate": gate,
+        "export_gate": export_gate,
+        "export": {"path": export_uri,
+                   "held_back": gate["passed"] is False or export_gate["passed"] is False,
+                   "accepted": export_gate["passed"] is True},
         "artifacts": {"weights": _uri(records, dag.STAGE_WEIGHTS, "weights"),
                       "dataset": _uri(records, dag.PREPARE_DATASET, "dataset"),
                       "adapter": _uri(records, dag.FINETUNE, "adapter")},
         "lineage": lineage_source.get("metadata", {}),
+        "champion": _champion(records),
         "tasks": {name: r["state"] for name, r in records.items()},
+        "cached": [name for name, r in records.items() if r["state"] == "CACHED"],
     }
+
+
+def _champion(records: dict[str, Any]) -> dict[str, Any]:
+    """The champion before this run (re-evaluated here), and whether this run replaced it."""
+    before = records.get(dag.EVALUATE_CHAMPION, {}).get("outputs", {}).get("evaluation", {})
+    registration = records.get(dag.REGISTER, {}).get("outputs", {}).get("registration", {})
+    registered = registration.get("metadata", {})
+    return {"before": (before.get("metadata", {}).get("champion_version") or None),
+            "metrics": _metrics(records, dag.EVALUATE_CHAMPION),
+            "changed": bool(registered.get("registered")),
+            "after": registered.get("version") if registered.get("registered") else None,
+            "registration": registered or None}
 
 
 def format_table(summary: dict[str, Any]) -> str:
     lines = [f"{'':10}{'accuracy':>10}{'macro_f1':>10}{'unknown':>10}{'examples':>10}"]
-    for row in ("baseline", "tuned", "merged"):
-        m = summary.get(row)
+    rows = {"baseline": summary.get("baseline"), "tuned": summary.get("tuned"),
+            "merged": summary.get("merged"), "champion": summary["champion"]["metrics"]}
+    for row, m in rows.items():
         if m is None:
             lines.append(f"{row:10}{'-':>10}{'-':>10}{'-':>10}{'-':>10}")
             continue
         lines.append(f"{row:10}{m['accuracy']:>10.3f}{m['macro_f1']:>10.3f}"
                      f"{m['unknown_rate']:>10.3f}{m['num_examples']:>10}")
-    gate = summary["gate"]
+    gate, export_gate = summary["gate"], summary["export_gate"]
     if gate["passed"] is None:
         lines.append("gate: not reached")
     else:
-        delta = gate["accuracy_delta"]
-        verdict = "passed" if gate["passed"] else "held the export back"
-        lines.append(f"gate: {verdict} (tuned - baseline = {delta:+.3f}, margin {gate['margin']:+.3f})")
+        verdict = "passed" if gate["passed"] else f"held the export back ({', '.join(gate['failed'])})"
+        lines.append(f"gate: {verdict} (tuned - baseline = {gate['accuracy_delta']:+.3f}, "
+                     f"margin {gate['margin']:+.3f})")
+    if export_gate["passed"] is not None:
+        verdict = ("accepted" if export_gate["passed"] else
+                   f"{export_gate['status'].replace('_', ' ')} ({', '.join(export_gate['failed'])}),"
+                   " not handed on")
+        lines.append(f"export as served: {verdict}")
     lines.append(f"export: {summary['export']['path'] or 'none'}")
+    champion = summary["champion"]
+    if champion["changed"]:
+        lines.append(f"champion: changed, {champion['before'] or 'none'} -> version "
+                     f"{champion['after']} ({summary['merged']['accuracy']:.3f})")
+    elif champion["registration"]:  # accepted, but no registry to put it in
+        lines.append(f"champion: unchanged ({champion['registration'].get('reason')})")
+    else:
+        lines.append(f"champion: unchanged ({champion['before'] or 'none'}; the challenger was "
+                     "held back)")
+    lines.append(f"cached: {', '.join(summary['cached']) or 'none'}")
     return "\n".join(lines)
 
 
@@ -285,19 +380,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kfp_root = run_dir / "kfp"
     kfp_root.mkdir(exist_ok=True)
     before = set(kfp_root.iterdir())
+    cache_root = run_dir / CACHE_DIR
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root),
-               raise_on_error=True)
-    started, error = time.monotonic(), None
+               raise_on_error=True, enable_caching=not args.no_cache, cache_root=str(cache_root))
+    started, error, hits = time.monotonic(), None, CacheHits()
+    root_logger = logging.getLogger()
+    # kfp.local logs cache hits at INFO outside its own logging context: without INFO on the
+    # root logger the record is never made (no handler prints it; the filter only reads it)
+    level = root_logger.level
+    root_logger.setLevel(logging.INFO)
+    root_logger.addFilter(hits)
     try:
         pipeline_func(**arguments)
     except RuntimeError as err:  # kfp.local: "Pipeline ... finished with status FAILURE ..."
         error = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # drop kfp.local's terminal colours
+    finally:
+        root_logger.removeFilter(hits)
+        root_logger.setLevel(level)
     wall_s = time.monotonic() - started
     # the run's folder; kfp_root/checkpoints (finetune's, keyed by the run) is not one
     created = sorted(p for p in set(kfp_root.iterdir()) - before
                      if p.is_dir() and p.name.startswith(pipeline_options.PIPELINE_NAME))
     kfp_run_dir = created[-1] if created else None
-    records = collect_records(spec, kfp_run_dir) if kfp_run_dir else {}
+    records = collect_records(spec, kfp_run_dir, hits.hits, cache_root) if kfp_run_dir else {}
     write_json_atomic(run_dir / RECORDS_FILE, records)
     summary = summarize(records, arguments, options.build, run_dir, kfp_run_dir, wall_s, error)
     write_json_atomic(run_dir / SUMMARY_FILE, summary)

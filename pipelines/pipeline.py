@@ -1,5 +1,5 @@
 """The DAG: stage weights -> prepare dataset -> {baseline eval, fine-tune} -> tuned eval -> gate ->
-merge/export -> eval of the export.
+merge/export -> eval of the export as served -> gate on the export.
 
 ``build_pipeline(options)`` returns the @dsl.pipeline function for one set of compile-time options
 (image, resource preset, build identity); runtime parameters are the pipeline function's
@@ -15,10 +15,13 @@ from typing import Callable
 
 from kfp import dsl
 
+from components import gate as rule
+from components import registry as reg
 from pipelines.components import build_components
 from pipelines.options import PIPELINE_NAME, CompileOptions, Resources
 
 # Display names of the tasks (what the Vertex UI shows, and what local_run/lineage look up).
+RESOLVE_SOURCES = "resolve-sources"
 STAGE_WEIGHTS = "stage-weights"
 PREPARE_DATASET = "prepare-dataset"
 EVALUATE_BASELINE = "evaluate-baseline"
@@ -27,11 +30,25 @@ EVALUATE_TUNED = "evaluate-tuned"
 GATE = "compare-accuracy"
 MERGE_EXPORT = "merge-export"
 EVALUATE_MERGED = "evaluate-merged"
-GATED_TASKS = (MERGE_EXPORT, EVALUATE_MERGED)
+ACCEPT_EXPORT = "accept-export"
+RESOLVE_CHAMPION = "resolve-champion"
+EVALUATE_CHAMPION = "evaluate-champion"
+REGISTER = "register"
+GATED_TASKS = (MERGE_EXPORT, EVALUATE_MERGED, ACCEPT_EXPORT, REGISTER)
 GATE_CONDITION_NAME = "tuned-beats-baseline"
+ACCEPT_CONDITION_NAME = "export-accepted"
+# The export as served: unquantised, in the dtype merge-export saved it (bf16 or fp32), whatever
+# the pipeline's `quantization` (nf4 on CUDA is how the adapter is trained, not how it is served).
+SERVED_EVAL = {"quantization": "none", "load_dtype": "saved"}
 
-GPU_TASKS = (EVALUATE_BASELINE, FINETUNE, EVALUATE_TUNED, MERGE_EXPORT, EVALUATE_MERGED)
-CPU_TASKS = (STAGE_WEIGHTS, PREPARE_DATASET, GATE)
+GPU_TASKS = (EVALUATE_BASELINE, FINETUNE, EVALUATE_TUNED, MERGE_EXPORT, EVALUATE_MERGED,
+             EVALUATE_CHAMPION)
+# Never cached: each run must see what the sources and the registry hold now, and a registration
+# is an action, not a result to reuse.
+UNCACHED_TASKS = (RESOLVE_SOURCES, RESOLVE_CHAMPION, REGISTER)
+INGEST_TASKS = (STAGE_WEIGHTS, PREPARE_DATASET)
+CPU_TASKS = (RESOLVE_SOURCES, STAGE_WEIGHTS, PREPARE_DATASET, GATE, ACCEPT_EXPORT,
+             RESOLVE_CHAMPION, REGISTER)
 
 
 def _apply(task: dsl.PipelineTask, resources: Resources) -> dsl.PipelineTask:
@@ -50,7 +67,7 @@ def build_pipeline(options: CompileOptions) -> Callable:
     def task(op_task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
         resources = options.finetune_task if name == FINETUNE else preset.gpu_task if name in GPU_TASKS else preset.cpu_task
         _apply(op_task, resources)
-        return op_task.set_display_name(name).set_caching_options(True)
+        return op_task.set_display_name(name).set_caching_options(name not in UNCACHED_TASKS)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -85,21 +102,44 @@ def build_pipeline(options: CompileOptions) -> Callable:
         eval_mode: str = "generate",
         eval_batch_size: int = 0,
         eval_limit: int = 0,
-        margin: float = 0.0,
+        margin: float = rule.DEFAULT_MARGIN,
+        min_accuracy: float = rule.DEFAULT_MIN_ACCURACY,
+        export_tolerance: float = rule.DEFAULT_EXPORT_TOLERANCE,
         merge_tolerance: float = 0.0,
         merge_save_dtype: str = "bfloat16",
+        registry: str = "",
+        serving_image: str = reg.DEFAULT_SERVING_IMAGE,
     ):
-        weights = task(ops.stage_weights(source=weights_source, revision=weights_revision,
+        # Uncached and cheap: what the sources are right now (hub sha, listing fingerprint). The
+        # ingest steps take it as an input, so they re-run exactly when their source changed.
+        now = task(ops.resolve_sources(weights_source=weights_source,
+                                       weights_revision=weights_revision,
+                                       dataset_source=dataset_source,
+                                       dataset_revision=dataset_revision,
+                                       hf_token_secret=hf_token_secret, build=build),
+                   RESOLVE_SOURCES).outputs
+        weights = task(ops.stage_weights(source=weights_source, revision=now["weights_revision"],
+                                         source_fingerprint=now["weights_fingerprint"],
                                          hf_token_secret=hf_token_secret, build=build),
                        STAGE_WEIGHTS).outputs["weights"]
         dataset = task(ops.prepare_dataset(source=dataset_source, source_format=dataset_format,
-                                           revision=dataset_revision,
+                                           revision=now["dataset_revision"],
+                                           source_fingerprint=now["dataset_fingerprint"],
                                            train_size=train_size, eval_size=eval_size,
                                            num_classes=num_classes, seed=seed, build=build),
                        PREPARE_DATASET).outputs["dataset"]
         eval_args = dict(dataset=dataset, mode=eval_mode, batch_size=eval_batch_size,
-                         limit=eval_limit, quantization=quantization, build=build)
-        baseline = task(ops.evaluate(weights=weights, **eval_args), EVALUATE_BASELINE)
+                         limit=eval_limit, build=build)
+        as_trained = dict(quantization=quantization, load_dtype="compute")
+        baseline = task(ops.evaluate(weights=weights, **eval_args, **as_trained), EVALUATE_BASELINE)
+        # The champion, re-evaluated as served on this run's held-out shards (cached only while
+        # both the champion and the shards are the same).
+        champion = task(ops.resolve_champion(registry=registry, build=build), RESOLVE_CHAMPION)
+        champion_eval = task(ops.evaluate_champion(
+            registry=registry, champion_uri=champion.outputs["uri"],
+            champion_version=champion.outputs["version"], dataset=dataset, mode=eval_mode,
+            batch_size=eval_batch_size, limit=eval_limit, build=build, **SERVED_EVAL),
+            EVALUATE_CHAMPION)
         tuning = task(ops.finetune(
             weights=weights, dataset=dataset, quantization=quantization, lora_r=lora_r,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, learning_rate=learning_rate,
@@ -116,16 +156,29 @@ def build_pipeline(options: CompileOptions) -> Callable:
         tuning.set_retry(num_retries=options.fine_tune_retries, backoff_duration="60s",
                          backoff_factor=2.0, backoff_max_duration="3600s")
         adapter = tuning.outputs["adapter"]
-        tuned = task(ops.evaluate(weights=weights, adapter=adapter, **eval_args), EVALUATE_TUNED)
+        tuned = task(ops.evaluate(weights=weights, adapter=adapter, **eval_args, **as_trained),
+                     EVALUATE_TUNED)
         gate = task(ops.compare_accuracy(baseline=baseline.outputs["evaluation"],
                                          tuned=tuned.outputs["evaluation"], margin=margin,
-                                         build=build), GATE)
+                                         min_accuracy=min_accuracy, build=build), GATE)
         with dsl.If(gate.outputs["Output"] == True, name=GATE_CONDITION_NAME):  # noqa: E712 (KFP DSL)
             export = task(ops.merge_export(weights=weights, adapter=adapter, dataset=dataset,
                                            tuned_evaluation=tuned.outputs["evaluation"],
                                            tolerance=merge_tolerance,
                                            save_dtype=merge_save_dtype, build=build),
                           MERGE_EXPORT).outputs["export"]
-            task(ops.evaluate(weights=export, **eval_args), EVALUATE_MERGED)
+            merged = task(ops.evaluate(weights=export, **eval_args, **SERVED_EVAL), EVALUATE_MERGED)
+            # the export is handed on (registered) only if it, as served, passes the rule again,
+            # now also against the champion
+            accept = task(ops.accept_export(
+                baseline=baseline.outputs["evaluation"], tuned=tuned.outputs["evaluation"],
+                merged=merged.outputs["evaluation"], champion=champion_eval.outputs["evaluation"],
+                margin=margin, min_accuracy=min_accuracy, export_tolerance=export_tolerance,
+                build=build), ACCEPT_EXPORT)
+            with dsl.If(accept.outputs["Output"] == True, name=ACCEPT_CONDITION_NAME):  # noqa: E712
+                task(ops.register(registry=registry, serving_image=serving_image,
+                                  run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, export=export,
+                                  merged=merged.outputs["evaluation"], weights=weights,
+                                  dataset=dataset, build=build), REGISTER)
 
     return gemma_pets_pipeline

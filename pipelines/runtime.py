@@ -26,6 +26,8 @@ DATASET_MANIFEST = "manifest.json"
 TRAIN_METRICS = "train_metrics.json"
 EXPORT_METADATA = "export_metadata.json"
 EVAL_METRICS = "metrics.json"
+NO_CHAMPION = "no_champion.json"  # evaluate-champion's output when the registry has no champion
+REGISTRATION = "registration.json"
 
 UNKNOWN_CLASS = "Unknown"  # the extra predicted column of generate-mode confusion matrices
 LINEAGE_KEYS = ("base_model_id", "base_model_revision", "weights_manifest_sha256",
@@ -150,6 +152,15 @@ def square_confusion(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[i
                        f"{len(names)} classes (expected {len(names)} or {len(names) + 1})")
 
 
+def write_metadata_file(artifacts: list[Any]) -> None:
+    """Write each metrics artifact's metadata as a file at its path too. KFP keeps logged metrics
+    in metadata only, and kfp.local's task cache (2.17.3, cache.py) treats an entry whose
+    artifact has no file as a miss, so a task with a Metrics output would never be served from
+    it. On Vertex the file is a harmless copy next to the metadata."""
+    for artifact in artifacts:
+        write_bytes_atomic(artifact.path, json.dumps(artifact.metadata, sort_keys=True).encode())
+
+
 def publish_evaluation(evaluation_dir: str, metrics_artifact: Any,
                        confusion_artifact: Any) -> dict[str, Any]:
     """Log the evaluation's scalars and confusion matrix on the KFP artifacts Vertex renders."""
@@ -164,71 +175,153 @@ def publish_evaluation(evaluation_dir: str, metrics_artifact: Any,
     return metrics
 
 
-def decide(baseline: Mapping[str, Any], tuned: Mapping[str, Any], margin: float) -> dict[str, Any]:
-    """Export only when tuned accuracy beats the baseline by at least ``margin`` (a fraction)."""
-    delta = float(tuned["accuracy"]) - float(baseline["accuracy"])
-    # 1e-12: a delta equal to the margin up to float rounding counts as reaching it
-    passed = delta + 1e-12 >= margin
-    return {"passed": passed, "margin": float(margin), "accuracy_delta": delta,
-            "baseline_accuracy": float(baseline["accuracy"]),
-            "tuned_accuracy": float(tuned["accuracy"])}
+# Columns of the gate reports: role -> heading (how each model was evaluated).
+REPORT_COLUMNS = {"baseline": "baseline (untuned)", "tuned": "tuned (as trained)",
+                  "merged": "merged (as served)", "champion": "champion (as served)"}
 
 
 def _fmt(value: Any) -> str:
     return "" if value is None else f"{float(value):.3f}"
 
 
-def render_report(baseline: Mapping[str, Any], tuned: Mapping[str, Any],
-                  decision: Mapping[str, Any], lineage_record: Mapping[str, Any]) -> str:
-    """An HTML page: overall and per-class baseline vs tuned, the gate decision, the lineage."""
-    rows = []
-    for key in ("accuracy", "macro_f1", "unknown_rate"):
-        b, t = baseline.get(key), tuned.get(key)
-        rows.append(f"<tr><th>{key}</th><td>{_fmt(b)}</td><td>{_fmt(t)}</td>"
-                    f"<td>{_fmt(None if b is None or t is None else t - b)}</td></tr>")
+def _eval_setting(metrics: Mapping[str, Any]) -> str:
+    """How a model was evaluated: quantisation and dtype, as the evaluate step recorded them."""
+    return " ".join(str(metrics[k]) for k in ("quantization", "dtype") if metrics.get(k))
+
+
+def confusion_svg(metrics: Mapping[str, Any], title: str) -> str:
+    """The evaluation's confusion matrix as an SVG heatmap (generate mode: an Unknown column)."""
+    from pipelines import charts
+
+    names = list(metrics["class_names"])
+    matrix = metrics["confusion_matrix"]
+    extra = [UNKNOWN_CLASS] if matrix and len(matrix[0]) == len(names) + 1 else []
+    return charts.heatmap(names, matrix, title, predicted_names=names + extra)
+
+
+def publish_training_curve(adapter_dir: str, curve_artifact: Any, series_artifact: Any) -> dict:
+    """The fine-tune's logged steps (train_metrics.json ``log``: loss per answer token and the
+    learning rate every --log-every-steps steps) as a JSON series and an HTML page with the
+    curves drawn, which the Vertex UI renders."""
+    from pipelines import charts
+
+    log = _require(Path(adapter_dir) / TRAIN_METRICS, "adapter").get("log") or []
+    series = {"step": [int(e["step"]) for e in log], "loss": [float(e["loss"]) for e in log],
+              "learning_rate": [float(e["lr"]) for e in log]}
+    write_bytes_atomic(series_artifact.path, json.dumps(series, indent=1).encode())
+    charts_html = "<p>no step was logged</p>" if not log else (
+        charts.line_chart(series["step"], series["loss"], "training loss (per answer token)", "loss")
+        + "<br>" + charts.line_chart(series["step"], series["learning_rate"], "learning rate", "lr"))
+    write_bytes_atomic(curve_artifact.path, (
+        '<!doctype html><html><head><meta charset="utf-8"><title>Training curve</title></head>'
+        f'<body style="font-family:sans-serif"><h2>Fine-tune: {len(log)} logged steps</h2>'
+        f"{charts_html}</body></html>\n").encode())
+    return series
+
+
+def render_report(evaluations: Mapping[str, Mapping[str, Any]], decision: Mapping[str, Any],
+                  lineage_record: Mapping[str, Any], title: str) -> str:
+    """An HTML page: the evaluated models side by side, overall and per class, every check of the
+    decision with its numbers, the lineage."""
+    roles = [r for r in REPORT_COLUMNS if r in evaluations]
+    head = "".join(f"<th>{REPORT_COLUMNS[r]}</th>" for r in roles)
+    rows = [f"<tr><th>evaluated as</th>{''.join(f'<td>{html.escape(_eval_setting(evaluations[r]))}</td>' for r in roles)}</tr>"]
+    for key in ("accuracy", "macro_f1", "unknown_rate", "num_examples"):
+        rows.append(f"<tr><th>{key}</th>"
+                    + "".join(f"<td>{_fmt(evaluations[r].get(key))}</td>" for r in roles) + "</tr>")
     per_class = []
-    b_classes, t_classes = baseline.get("per_class", {}), tuned.get("per_class", {})
-    for name in tuned.get("class_names", []):
-        b, t = b_classes.get(name, {}), t_classes.get(name, {})
-        delta = (None if b.get("f1") is None or t.get("f1") is None else t["f1"] - b["f1"])
-        per_class.append(
-            f"<tr><th>{html.escape(str(name))}</th><td>{t.get('support', b.get('support', ''))}</td>"
-            f"<td>{_fmt(b.get('recall'))}</td><td>{_fmt(t.get('recall'))}</td>"
-            f"<td>{_fmt(b.get('f1'))}</td><td>{_fmt(t.get('f1'))}</td><td>{_fmt(delta)}</td></tr>")
-    verdict = "PASSED: export runs" if decision["passed"] else "HELD BACK: no export"
+    names = next((list(evaluations[r].get("class_names", [])) for r in reversed(roles)), [])
+    for name in names:
+        cells = "".join(f"<td>{_fmt(evaluations[r].get('per_class', {}).get(name, {}).get('f1'))}</td>"
+                        for r in roles)
+        per_class.append(f"<tr><th>{html.escape(str(name))}</th>{cells}</tr>")
+    checks = "".join(f"<tr><th>{html.escape(c['check'])}</th><td>{'pass' if c['passed'] else 'FAIL'}</td>"
+                     f"<td>{html.escape(c['detail'])}</td></tr>" for c in decision["checks"])
+    verdict = "PASSED" if decision["passed"] else "HELD BACK (" + ", ".join(decision["failed"]) + ")"
     lineage_rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v, sort_keys=True))}</td></tr>"
         for k, v in sorted(lineage_record.items()))
+    challenger = "merged" if "merged" in evaluations else "tuned"
+    picture = confusion_svg(evaluations[challenger], f"Confusion matrix, {REPORT_COLUMNS[challenger]}")
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Baseline vs tuned</title>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}</style></head><body>
-<h2>Gate: {verdict}</h2>
-<p>tuned accuracy {decision['tuned_accuracy']:.4f} - baseline {decision['baseline_accuracy']:.4f}
-= {decision['accuracy_delta']:+.4f}; required margin {decision['margin']:+.4f}</p>
-<table><tr><th></th><th>baseline</th><th>tuned</th><th>delta</th></tr>{''.join(rows)}</table>
-<h3>Per class</h3>
-<table><tr><th>class</th><th>support</th><th>recall base</th><th>recall tuned</th>
-<th>F1 base</th><th>F1 tuned</th><th>F1 delta</th></tr>{''.join(per_class)}</table>
+<h2>{html.escape(title)}: {html.escape(verdict)}</h2>
+<table><tr><th>check</th><th></th><th>numbers</th></tr>{checks}</table>
+<table><tr><th></th>{head}</tr>{''.join(rows)}</table>
+{picture}
+<h3>Per-class F1</h3>
+<table><tr><th>class</th>{head}</tr>{''.join(per_class)}</table>
 <h3>Lineage</h3><table>{lineage_rows}</table>
 </body></html>
 """
 
 
-def gate(baseline_dir: str, tuned_dir: str, margin: float, report_artifact: Any,
-         build: Mapping[str, str], tuned_lineage: Mapping[str, Any]) -> bool:
-    """Decide, write the HTML report and put the decision on the report's metadata."""
-    if not -1.0 <= margin <= 1.0:
-        raise ValueError(f"margin {margin}: an accuracy difference, must lie in [-1, 1]")
-    baseline, tuned = load_metrics(baseline_dir), load_metrics(tuned_dir)
-    decision = decide(baseline, tuned, margin)
-    record = {**tuned_lineage, **{k: str(build.get(k, "")) for k in ("project_version",
-                                                                     "git_commit", "image")}}
+def gate(evaluation_dirs: Mapping[str, str | None], thresholds: Any, report_artifact: Any,
+         build: Mapping[str, str], lineage_record: Mapping[str, Any], title: str) -> bool:
+    """Decide (components.gate.decide) on the evaluations given by role (baseline, tuned[, merged
+    [, champion]]; None: absent), write the HTML report and put the decision on its metadata."""
+    from components import gate as rule
+
+    evaluations = {role: load_metrics(path) for role, path in evaluation_dirs.items()
+                   if path and not (Path(path) / NO_CHAMPION).is_file()}
+    accuracy = {role: float(m["accuracy"]) for role, m in evaluations.items()}
+    decision = rule.decide(accuracy["baseline"], accuracy["tuned"], thresholds,
+                           merged=accuracy.get("merged"), champion=accuracy.get("champion"))
+    record = {**lineage_record, **{k: str(build.get(k, "")) for k in ("project_version",
+                                                                      "git_commit", "image")}}
     write_bytes_atomic(report_artifact.path,
-                       render_report(baseline, tuned, decision, record).encode())
+                       render_report(evaluations, decision, record, title).encode())
     report_artifact.metadata.update(record)
-    report_artifact.metadata.update({f"gate_{k}": v for k, v in decision.items()})
+    report_artifact.metadata.update(
+        {f"gate_{k}": v for k, v in decision.items() if k != "checks" and v is not None})
     return bool(decision["passed"])
+
+
+def export_status(decision: Mapping[str, Any]) -> str:
+    """accepted; failed (the export does not score like the model that was evaluated: a broken
+    merge or export); held_back (it does, but does not beat the base or the champion)."""
+    if decision["passed"]:
+        return "accepted"
+    return "failed" if "export_matches_tuned" in decision["failed"] else "held_back"
+
+
+def readable_path(uri: str) -> str:
+    """A registry's artifact URI as a path a task can read (gs:// through Vertex's FUSE mount)."""
+    from components import gcs
+
+    return gcs.fuse_path(uri) if gcs.is_gcs(uri) else uri
+
+
+def record_no_champion(evaluation_dir: str, registry: str) -> None:
+    reason = "no registry configured" if not registry else f"{registry} has no champion yet"
+    write_bytes_atomic(Path(evaluation_dir) / NO_CHAMPION,
+                       json.dumps({"champion": None, "reason": reason}).encode())
+
+
+def register(registry_name: str, serving_image: str, export: Any, merged_dir: str,
+             record: Mapping[str, Any], registration: Any) -> dict[str, Any]:
+    """Upload the accepted export as the registry's new champion (components.registry); write
+    what happened to the registration artifact (its file and metadata)."""
+    from components import registry as reg
+
+    registry = reg.open_registry(registry_name, serving_image)
+    if registry is None:
+        outcome = {"registered": False, "reason": "no registry configured (parameter registry)"}
+    else:
+        metrics = {k: float(v) for k, v in load_metrics(merged_dir).items()
+                   if k in ("accuracy", "macro_f1", "unknown_rate", "top5_accuracy") and v is not None}
+        # Vertex serves from the export's gs:// URI; a folder registry copies the local folder
+        source = export.uri if export.uri.startswith("gs://") else export.path
+        version = registry.upload(source, reg.lineage_labels(record), metrics)
+        outcome = {"registered": True, "registry": registry_name, "version": version.version_id,
+                   "aliases": list(version.aliases), "artifact_uri": version.artifact_uri,
+                   "labels": version.labels, "metrics": version.metrics}
+    write_bytes_atomic(Path(registration.path) / REGISTRATION,
+                       json.dumps(outcome, indent=2, sort_keys=True).encode())
+    registration.metadata.update(outcome)
+    return outcome
 
 
 def load_hf_token(secret_name: str, endpoint: str = SECRET_MANAGER_URL,

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from components import gate as rule
 from components.cli import entrypoint
 
 # Parameter types of the PipelineSpec (pipeline_spec_pb2.ParameterType names).
@@ -126,8 +127,10 @@ def check_parameters(values: dict[str, Any], spec: dict[str, Any]) -> dict[str, 
         raise SubmitError(f"required parameters missing: {', '.join(sorted(missing))} "
                           "(--parameters FILE or --param NAME=VALUE)")
     # Optional parameters left out stay unset; an explicit null is dropped so the spec's
-    # default (None) applies instead of being sent as a value.
-    return {k: v for k, v in values.items() if v is not None}
+    # default (None) applies instead of being sent as a value. A whole number given for a
+    # NUMBER_DOUBLE (`min_accuracy=0`) becomes a float: kfp.local refuses an int there.
+    return {k: float(v) if declared[k].get("parameterType") == "NUMBER_DOUBLE" else v
+            for k, v in values.items() if v is not None}
 
 
 def parse_labels(items: list[str], build: dict[str, str]) -> dict[str, str]:
@@ -215,9 +218,11 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                           f"{build['image']}; recompile with --image (or $GEMMA_PETS_IMAGE) "
                           "naming your project's Artifact Registry image")
     values = check_parameters(load_parameters(args.parameters, args.param), spec)
-    if not -1.0 <= float(values.get("margin", 0.0)) <= 1.0:  # else the gate task fails at run time
-        raise SubmitError(f"parameter 'margin'={values['margin']}: an accuracy difference, "
-                          "must lie in [-1, 1]")
+    try:  # else the gate task fails at run time, after hours of GPU time
+        rule.Thresholds(**{k: values[k] for k in ("margin", "min_accuracy", "export_tolerance")
+                           if k in values})
+    except ValueError as err:
+        raise SubmitError(f"parameter {err}") from None
     labels = parse_labels(args.label, build)
     schedule = None
     if args.schedule_cron is not None:

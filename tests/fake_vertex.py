@@ -10,6 +10,11 @@ of the v1 API, so the SDK neither hangs nor retries:
 * ``POST /v1/projects/P/locations/L/schedules`` -> the Schedule, state ACTIVE;
 * ``GET  /v1/projects/P/locations/L/schedules/ID``;
 * ``GET  /v1/projects/P/secrets/S/versions/V:access`` -> a stored secret's payload;
+* ``POST /v1/projects/P/locations/L/models:upload`` -> a done long-running operation whose
+  response names the model and its new version: a new model (``modelId``) or a new version of
+  ``parentModel``; ``model.versionAliases`` move to the new version (aliases are unique per model);
+* ``GET  /v1/projects/P/locations/L/models/ID[@VERSION|@ALIAS]`` -> that version (no suffix: the
+  one holding the alias ``default``);
 * anything else -> 404 in Google's error shape.
 
 Every request is recorded (method, path, query, JSON body) so tests assert on what went over
@@ -31,6 +36,8 @@ _JOBS = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+)/pipelineJobs$")
 _JOB = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/pipelineJobs/[^/:]+)$")
 _SCHEDULES = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+)/schedules$")
 _SCHEDULE = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/schedules/[^/:]+)$")
+_UPLOAD = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+)/models:upload$")
+_MODEL = re.compile(r"^/v1/(projects/[^/]+/locations/[^/]+/models/[^/@:]+)(?:@([^/:]+))?$")
 _SECRET = re.compile(r"^/v1/(projects/[^/]+/secrets/[^/]+/versions/[^/:]+):access$")
 
 CREATE_TIME = "2026-01-01T00:00:00Z"  # fixed: the fake's answers are deterministic
@@ -51,6 +58,7 @@ class FakeVertex:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.schedules: dict[str, dict[str, Any]] = {}
         self.secrets: dict[str, bytes] = {}
+        self.models: dict[str, list[dict[str, Any]]] = {}  # model name -> versions, oldest first
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
@@ -110,6 +118,11 @@ class FakeVertex:
             if method == "GET" and (m := _SCHEDULE.match(path)):
                 schedule = self.schedules.get(m.group(1))
                 return (200, schedule) if schedule else (404, _error(404, "not found"))
+            if method == "POST" and (m := _UPLOAD.match(path)):
+                return self._upload(m.group(1), body)
+            if method == "GET" and (m := _MODEL.match(path)):
+                version = self._model_version(m.group(1), m.group(2) or "default")
+                return (200, version) if version else (404, _error(404, f"{path} not found"))
             if method == "GET" and (m := _SECRET.match(path)):
                 name = m.group(1)
                 if name not in self.secrets:  # what an account without accessor role gets
@@ -118,6 +131,30 @@ class FakeVertex:
                 data = base64.b64encode(self.secrets[name]).decode()
                 return 200, {"name": name, "payload": {"data": data}}
         return 404, _error(404, f"{method} {path} is not faked")
+
+    def _upload(self, location: str, body: dict[str, Any]) -> tuple[int, Any]:
+        parent = body.get("parentModel")
+        name = parent or f"{location}/models/{body.get('modelId') or len(self.models) + 1}"
+        if parent and parent not in self.models:
+            return 404, _error(404, f"parent model {parent} not found")
+        if not parent and name in self.models:
+            return 409, _error(409, f"{name} already exists", "ALREADY_EXISTS")
+        versions = self.models.setdefault(name, [])
+        aliases = list(body["model"].get("versionAliases", []))
+        for older in versions:
+            older["versionAliases"] = [a for a in older["versionAliases"] if a not in aliases]
+        version_id = str(len(versions) + 1)
+        versions.append({**body["model"], "name": name, "versionId": version_id,
+                         "versionAliases": aliases, "createTime": CREATE_TIME,
+                         "versionCreateTime": CREATE_TIME, "updateTime": CREATE_TIME})
+        return 200, {"name": f"{location}/operations/upload-{len(self.requests)}", "done": True,
+                     "response": {"@type": "type.googleapis.com/google.cloud.aiplatform.v1."
+                                           "UploadModelResponse",
+                                  "model": name, "modelVersionId": version_id}}
+
+    def _model_version(self, name: str, version: str) -> dict[str, Any] | None:
+        return next((v for v in self.models.get(name, [])
+                     if version == v["versionId"] or version in v["versionAliases"]), None)
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         fake = self
@@ -128,6 +165,7 @@ class FakeVertex:
 
             def _serve(self) -> None:
                 url = urllib.parse.urlsplit(self.path)
+                url = url._replace(path=urllib.parse.unquote(url.path))  # models/ID%40champion
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 body = json.loads(raw) if raw else None

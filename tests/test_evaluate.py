@@ -568,3 +568,20 @@ def test_default_batch_size_comes_from_the_gpus_memory(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, t=total: SimpleNamespace(total_memory=t))
         assert evaluate.default_batch_size(torch.device("cuda", 0)) == expected, gib
     assert evaluate.default_batch_size(torch.device("cpu")) == 8
+
+
+def test_saved_dtype_evaluates_an_export_as_saved(tiny_model_dir, dataset_dir, tmp_path):
+    """--load-dtype saved loads a bf16 export in bf16 (as vLLM/Transformers serve it), not in the
+    compute dtype (fp32 on CPU); it refuses a quantised load."""
+    from transformers import AutoModelForMultimodalLM, AutoProcessor
+
+    export = tmp_path / "bf16-export"
+    AutoModelForMultimodalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(export)
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(export)
+    common = dict(model_dir=str(export), dataset_dir=dataset_dir, batch_size=4, limit=4, quantization="none")
+    saved = evaluate.run(EvaluateConfig(output_dir=str(tmp_path / "saved"), load_dtype="saved", **common))
+    computed = evaluate.run(EvaluateConfig(output_dir=str(tmp_path / "computed"), **common))
+    assert (saved["dtype"], computed["dtype"]) == ("bfloat16", "float32")
+    with pytest.raises(ValueError, match="needs --quantization none"):
+        EvaluateConfig(output_dir=str(tmp_path / "x"), load_dtype="saved",
+                       **{**common, "quantization": "auto"})

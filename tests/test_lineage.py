@@ -37,7 +37,8 @@ def run_dir(tmp_path_factory) -> Path:
     run = root / "run"
     result = subprocess.run(
         [sys.executable, "-m", "pipelines.local_run", "--run-dir", str(run), "--margin", "-1",
-         "--weights-source", weights, "--dataset-source", dataset, "--param", "max_steps=1",
+         "--param", "min_accuracy=0", "--weights-source", weights, "--dataset-source", dataset,
+         "--param", "max_steps=1",
          "--param", "epochs=1", "--param", "micro_batch_size=2", "--param", "lora_r=4",
          "--param", "eval_batch_size=8"],
         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
@@ -68,6 +69,8 @@ def test_local_run_chain_names_the_exact_inputs_code_and_metrics(run_dir, capsys
     for row in ("baseline", "tuned", "merged"):
         assert chained["metrics"][row]["accuracy"] == pytest.approx(summary[row]["accuracy"])
     assert chained["gate"]["passed"] is True and chained["gate"]["margin"] == -1
+    assert chained["export_gate"]["passed"] is True
+    assert chained["export_gate"]["merged_accuracy"] == pytest.approx(summary["merged"]["accuracy"])
     assert chained["code"]["git_commit"] == summary["build"]["git_commit"]
     assert is_commit_of_this_checkout(chained["code"]["git_commit"])
     assert chained["code"]["project_version"] == summary["build"]["project_version"]

@@ -62,14 +62,23 @@ def compiled(tmp_path_factory) -> Path:
 def test_dag_tasks_and_dependencies(compiled):
     spec, _ = load_spec(compiled)
     tasks = all_tasks(spec)
-    assert set(tasks) == {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.EVALUATE_BASELINE,
+    assert set(tasks) == {dag.RESOLVE_SOURCES, dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.EVALUATE_BASELINE,
                           dag.FINETUNE, dag.EVALUATE_TUNED, dag.GATE, dag.GATE_CONDITION_NAME,
-                          dag.MERGE_EXPORT, dag.EVALUATE_MERGED}
+                          dag.MERGE_EXPORT, dag.EVALUATE_MERGED, dag.ACCEPT_EXPORT,
+                          dag.RESOLVE_CHAMPION, dag.EVALUATE_CHAMPION, dag.ACCEPT_CONDITION_NAME,
+                          dag.REGISTER}
     key_to_name = {key: t.task_info.name for key, t in spec.root.dag.tasks.items()}
 
     def upstream(name: str) -> set[str]:
         return {key_to_name[k] for k in tasks[name][1].dependent_tasks}
 
+    # the ingest steps wait for what the sources are now, and take it as an input
+    for name in dag.INGEST_TASKS:
+        assert upstream(name) == {dag.RESOLVE_SOURCES}, name
+        source_input = tasks[name][1].inputs.parameters["source_fingerprint"]
+        assert source_input.task_output_parameter.producer_task == "resolve-sources"
+    assert (tasks[dag.STAGE_WEIGHTS][1].inputs.parameters["revision"]
+            .task_output_parameter.output_parameter_key) == "weights_revision"
     assert upstream(dag.FINETUNE) == {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET}
     assert upstream(dag.EVALUATE_BASELINE) == {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET}
     # baseline evaluation and fine-tuning run side by side: neither waits for the other
@@ -85,6 +94,44 @@ def test_dag_tasks_and_dependencies(compiled):
     merge_key = next(k for k, t in condition_dag.tasks.items()
                      if t.task_info.name == dag.MERGE_EXPORT)
     assert list(inner[dag.EVALUATE_MERGED].dependent_tasks) == [merge_key]
+    # the export is accepted (handed on) only after its own evaluation, against the tuned one
+    assert tasks[dag.ACCEPT_EXPORT][0] == condition_owner
+    merged_key = next(k for k, t in condition_dag.tasks.items()
+                      if t.task_info.name == dag.EVALUATE_MERGED)
+    assert merged_key in inner[dag.ACCEPT_EXPORT].dependent_tasks
+    # the champion is evaluated in this run, on this run's dataset, and the export gate reads it
+    assert upstream(dag.EVALUATE_CHAMPION) == {dag.RESOLVE_CHAMPION, dag.PREPARE_DATASET}
+    champion_input = inner[dag.ACCEPT_EXPORT].inputs.artifacts["champion"]
+    assert champion_input.component_input_artifact.startswith("pipelinechannel--evaluate-champion")
+    # registration only inside the export gate's own condition
+    accept_owner = tasks[dag.ACCEPT_CONDITION_NAME][1].component_ref.name
+    assert tasks[dag.ACCEPT_CONDITION_NAME][0] == condition_owner
+    assert tasks[dag.REGISTER][0] == accept_owner
+    accept_key = next(k for k, t in condition_dag.tasks.items()
+                      if t.task_info.name == dag.ACCEPT_EXPORT)
+    assert tasks[dag.ACCEPT_CONDITION_NAME][1].trigger_policy.condition == (
+        f"inputs.parameter_values['pipelinechannel--{accept_key}-Output'] == true")
+
+
+def constant_inputs(task) -> dict[str, object]:
+    return {name: json_format.MessageToDict(value.runtime_value.constant)
+            for name, value in task.inputs.parameters.items()
+            if value.HasField("runtime_value")}
+
+
+def test_merged_export_is_evaluated_as_served(compiled):
+    """evaluate-merged loads the export unquantised in its saved dtype, whatever `quantization`
+    says; the baseline and tuned evaluations follow `quantization` (as trained)."""
+    spec, _ = load_spec(compiled)
+    tasks = all_tasks(spec)
+    for name in (dag.EVALUATE_MERGED, dag.EVALUATE_CHAMPION):  # both are exports, as served
+        served = constant_inputs(tasks[name][1])
+        assert (served["quantization"], served["load_dtype"]) == ("none", "saved"), name
+    for name in (dag.EVALUATE_BASELINE, dag.EVALUATE_TUNED):
+        task = tasks[name][1]
+        assert constant_inputs(task)["load_dtype"] == "compute", name
+        assert (task.inputs.parameters["quantization"].component_input_parameter
+                == "quantization"), name
 
 
 def test_gate_condition_compares_gate_output(compiled):
@@ -96,18 +143,22 @@ def test_gate_condition_compares_gate_output(compiled):
     gate_component = spec.components[tasks[dag.GATE][1].component_ref.name]
     assert (gate_component.output_definitions.parameters["Output"].parameter_type
             == pipeline_spec_pb2.ParameterType.BOOLEAN)
-    margin = spec.root.input_definitions.parameters["margin"]
-    assert margin.parameter_type == pipeline_spec_pb2.ParameterType.NUMBER_DOUBLE
-    assert margin.default_value.number_value == 0.0
+    params = spec.root.input_definitions.parameters
+    # the gate needs a strict improvement: the defaults are above zero
+    for name in ("margin", "min_accuracy", "export_tolerance"):
+        assert params[name].parameter_type == pipeline_spec_pb2.ParameterType.NUMBER_DOUBLE
+        assert params[name].default_value.number_value > 0, name
 
 
 def test_accelerators_resources_caching_retry(compiled):
     spec, deployment = load_spec(compiled)
+    assert set(dag.UNCACHED_TASKS) == {dag.RESOLVE_SOURCES, dag.RESOLVE_CHAMPION, dag.REGISTER}
     preset = pipeline_options.PRESETS["31b-qlora"]
     for name, (_, task) in all_tasks(spec).items():
-        if name == dag.GATE_CONDITION_NAME:
+        if name in (dag.GATE_CONDITION_NAME, dag.ACCEPT_CONDITION_NAME):
             continue
-        assert task.caching_options.enable_cache, name
+        # only the tasks that read what is true now are uncached
+        assert task.caching_options.enable_cache is (name not in dag.UNCACHED_TASKS), name
         resources = executor_of(spec, deployment, task).container.resources
         want = preset.gpu_task if name in dag.GPU_TASKS else preset.cpu_task
         assert resources.resource_cpu_limit == want.cpu_limit, name
@@ -185,7 +236,7 @@ def test_every_gpu_preset_fits_what_its_machine_leaves_a_task():
 def test_tasks_run_the_image_without_installing_anything(compiled):
     spec, deployment = load_spec(compiled)
     for name, (_, task) in all_tasks(spec).items():
-        if name == dag.GATE_CONDITION_NAME:
+        if name in (dag.GATE_CONDITION_NAME, dag.ACCEPT_CONDITION_NAME):
             continue
         container = executor_of(spec, deployment, task).container
         assert container.image == IMAGE, name
@@ -199,7 +250,7 @@ def test_tasks_run_the_image_without_installing_anything(compiled):
 def test_build_identity_is_a_constant_input_of_every_task(compiled):
     spec, _ = load_spec(compiled)
     for name, (_, task) in all_tasks(spec).items():
-        if name == dag.GATE_CONDITION_NAME:
+        if name in (dag.GATE_CONDITION_NAME, dag.ACCEPT_CONDITION_NAME):
             continue
         build = json_format.MessageToDict(task.inputs.parameters["build"].runtime_value.constant)
         assert build["image"] == IMAGE, name
@@ -215,6 +266,8 @@ def test_runtime_parameters(compiled):
     assert not params["dataset_source"].HasField("default_value")
     assert params["train_size"].is_optional and params["eval_limit"].is_optional
     assert params["hf_token_secret"].default_value.string_value == ""
+    assert params["registry"].default_value.string_value == ""  # no registry unless named
+    assert "pytorch-vllm-serve" in params["serving_image"].default_value.string_value
     assert not any("token" in p and p != "hf_token_secret" for p in params)
 
 

@@ -1,7 +1,7 @@
 """The whole DAG under kfp.local, as `make demo` runs it, on a tiny model and a small synthetic set.
 
-Two runs (a few minutes each on 2 CPU cores): one whose gate passes (margin -1: any result
-passes, so the export path always runs) and one whose gate holds the export back (margin 1.0:
+Two runs (a few minutes each on 2 CPU cores): one whose gate passes (margin -1 and no accuracy
+floor: any result passes, so the export path always runs) and one whose gate holds the export back (margin 1.0:
 tuned can never beat baseline by a whole accuracy point). Both run as a subprocess of
 `python -m pipelines.local_run` with a planted HF_TOKEN, which must appear in no output and no
 file. The exports are fp32 (the demo's setting), verified by merge-export at its fp32 bound.
@@ -57,14 +57,15 @@ def inputs(tmp_path_factory) -> tuple[str, str]:
 @pytest.mark.slow
 def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_pipeline(run_dir, inputs, "--margin", "-1")
+    result = run_pipeline(run_dir, inputs, "--margin", "-1", "--param", "min_accuracy=0")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "succeeded"
     assert set(summary["tasks"].values()) == {"SUCCEEDED"}
-    assert set(summary["tasks"]) == {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.EVALUATE_BASELINE,
-                                     dag.FINETUNE, dag.EVALUATE_TUNED, dag.GATE, dag.MERGE_EXPORT,
-                                     dag.EVALUATE_MERGED}
+    assert set(summary["tasks"]) == {
+        dag.RESOLVE_SOURCES, dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.EVALUATE_BASELINE,
+        dag.FINETUNE, dag.EVALUATE_TUNED, dag.GATE, dag.MERGE_EXPORT, dag.EVALUATE_MERGED,
+        dag.ACCEPT_EXPORT, dag.RESOLVE_CHAMPION, dag.EVALUATE_CHAMPION, dag.REGISTER}
     records = read_json(run_dir / "tasks.json")
     for row in ("baseline", "tuned", "merged"):
         metrics = summary[row]
@@ -97,6 +98,13 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
     assert names[:3] == tuned_file["class_names"] and len(matrix["rows"]) == len(names)
     report = Path(records[dag.GATE]["outputs"]["report"]["uri"]).read_text()
     assert all(name in report for name in tuned_file["class_names"]) and "PASSED" in report
+    # the export was evaluated as served (fp32 export, unquantised) and accepted against tuned
+    merged_file = read_json(Path(summary["merged"]["evaluation_dir"]) / "metrics.json")
+    assert (merged_file["quantization"], merged_file["dtype"]) == ("none", "float32")
+    assert merged_file["config"]["load_dtype"] == "saved"
+    assert summary["export_gate"]["passed"] is True and summary["export"]["accepted"] is True
+    served = Path(records[dag.ACCEPT_EXPORT]["outputs"]["report"]["uri"]).read_text()
+    assert "tuned (as trained)" in served and "merged (as served)" in served
 
     # lineage on every artifact, equal to the files it names
     weights_manifest = read_json(Path(summary["artifacts"]["weights"]) / "weights_manifest.json")
@@ -107,7 +115,7 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
             meta = artifact["metadata"]
             assert meta["git_commit"] == summary["build"]["git_commit"], (name, output)
             assert meta["image"] == "local-python-venv", (name, output)
-            if name != dag.PREPARE_DATASET:
+            if name not in (dag.PREPARE_DATASET, dag.EVALUATE_CHAMPION):  # no champion yet
                 assert meta["weights_manifest_sha256"] == weights_manifest["manifest_sha256"]
             if name != dag.STAGE_WEIGHTS:
                 assert meta["dataset_manifest_sha256"] == dataset_sha, (name, output)
@@ -115,7 +123,36 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
 
     table = result.stdout[result.stdout.rindex("accuracy"):]
     assert "baseline" in table and "tuned" in table and "merged" in table and "gate: passed" in table
+    # the loss curve: the logged steps as a JSON series and an HTML page with the curve drawn
+    finetune = records[dag.FINETUNE]["outputs"]
+    series = read_json(finetune["loss_series"]["uri"])
+    logged = read_json(Path(summary["artifacts"]["adapter"]) / "train_metrics.json")["log"]
+    assert series["step"] == [e["step"] for e in logged] and len(series["loss"]) == len(logged)
+    assert "<polyline" in Path(finetune["curve"]["uri"]).read_text()
+    assert "<svg" in served and "Confusion matrix" in served
+
+    # the accepted export became the champion of the run folder's registry
+    registry = read_json(run_dir / "registry" / "registry.json")
+    assert registry["aliases"] == {"champion": "1"}
+    assert registry["versions"][0]["metrics"]["accuracy"] == summary["merged"]["accuracy"]
+    assert registry["versions"][0]["labels"]["git_commit"] == summary["build"]["git_commit"].replace("+", "-")
+    assert summary["champion"]["changed"] is True and summary["champion"]["before"] is None
+    assert summary["cached"] == []  # a fresh run folder: nothing in its task cache
     assert_token_never_written(run_dir, result)
+
+    # the same sources again: ingest and training come from the cache, the sources were
+    # resolved anew, and the champion was evaluated on this run's shards
+    again = run_pipeline(run_dir, inputs, "--margin", "-1", "--param", "min_accuracy=0")
+    assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-2000:]
+    second = read_json(run_dir / "summary.json")
+    assert {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.FINETUNE} <= set(second["cached"])
+    for name in (dag.RESOLVE_SOURCES, dag.RESOLVE_CHAMPION, dag.EVALUATE_CHAMPION):
+        assert second["tasks"][name] == "SUCCEEDED", name
+    assert second["artifacts"]["dataset"] == summary["artifacts"]["dataset"]
+    assert second["champion"]["before"] == "1"
+    # the champion is the first run's export: on the same shards it scores what it scored then
+    assert second["champion"]["metrics"]["accuracy"] == summary["merged"]["accuracy"]
+    assert "cached: " in again.stdout and dag.PREPARE_DATASET in again.stdout
 
 
 @pytest.mark.slow

@@ -109,8 +109,12 @@ def test_submit_sends_spec_parameters_labels_and_service_account(template, gcs, 
                                                    if "dag" in c]
                for t in dag["tasks"].values()]
     assert caching and not any(caching)
-    assert all(t["cachingOptions"]["enableCache"] for t in compiled["root"]["dag"]["tasks"].values()
-               if "cachingOptions" in t)
+    # compiled: on for every task but the uncached ones (an empty cachingOptions: off)
+    compiled_caching = {t["taskInfo"]["name"]: t.get("cachingOptions", {}).get("enableCache", False)
+                        for t in compiled["root"]["dag"]["tasks"].values() if "componentRef" in t
+                        and "dag" not in compiled["components"][t["componentRef"]["name"]]}
+    assert {n for n, on in compiled_caching.items() if not on} == {"resolve-sources",
+                                                                   "resolve-champion"}
 
     # the exact compiled bytes are archived in the pipeline root, content-addressed
     assert printed["pipeline_job"] == f"projects/{PROJECT}/locations/{REGION}/pipelineJobs/pets-run-1"
@@ -157,7 +161,8 @@ def test_schedule_sends_cron_window_and_concurrency(template, gcs, fake, tmp_pat
     (["--param", "no_such=1"], "parameter 'no_such' is not in the pipeline"),
     (["--param", "lora_r=sixteen"], "parameter 'lora_r'='sixteen': expected NUMBER_INTEGER"),
     (["--param", "weights_source=hf_abcdefghijklmnop"], "looks like a Hugging Face token"),
-    (["--param", "margin=5"], "parameter 'margin'=5: an accuracy difference"),
+    (["--param", "margin=5"], "parameter margin 5.0: an accuracy difference"),
+    (["--param", "min_accuracy=-0.1"], "parameter min_accuracy -0.1: an accuracy"),
     (["--schedule-cron", "every monday"], "--schedule-cron 'every monday'"),
     (["--schedule-cron", "0 3 * * 1", "--start-time", "2026-03-01T00:00:00Z",
       "--end-time", "2026-02-01T00:00:00Z"], "is not after --start-time"),
