@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from components.cli import parse_config
+from components.cli import UserError, entrypoint, parse_config
 from components.files import write_json_atomic
 
 PEAK_BF16_FLOPS = 790e12  # dense bf16 matmul rate measured on an H200 of this workplace (FLOP/s)
@@ -582,12 +582,13 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(BenchConfig, argv)
     try:
         run(cfg)
-    except ValueError as err:  # bad input found before any model is built: one line, non-zero exit
-        raise SystemExit(f"error: {err}") from err
+    except ValueError as err:  # bad input found before any model is built: one line, exit 2
+        raise UserError(str(err)) from err
     return 0
 
 

@@ -31,6 +31,8 @@ def test_local_registry_round_trip(tmp_path):
     again = reg.LocalRegistry(tmp_path / "registry")
     assert again.champion() == first
     assert json.loads((tmp_path / "registry/versions/1/model/config.json").read_text()) == {"text": "one"}
+    # Same filesystem: the version holds hard links to the export's files, not copies.
+    assert (tmp_path / "registry/versions/1/model/config.json").samefile(tmp_path / "run1/config.json")
     second = again.upload(str(make_export(tmp_path / "run2", "two")), LABELS, {"accuracy": 0.95})
     assert again.champion() == second and second.version_id == "2"
     versions = again.versions()

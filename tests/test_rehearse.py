@@ -18,9 +18,11 @@ def test_tiny_rehearsal_measures_every_step(tmp_path):
     result = json.loads((run_dir / "rehearsal.json").read_text())
     assert code == 0 and result["status"] == "succeeded"
     steps = {row["step"]: row for row in result["steps"]}
-    assert len(steps) == 8 and all(row["state"] == "SUCCEEDED" for row in steps.values())
+    assert {"stage-weights", "prepare-dataset", "finetune", "evaluate-baseline", "evaluate-tuned", "merge-export",
+            "evaluate-merged", "register"} <= set(steps)
+    assert all(row["state"] == "SUCCEEDED" for row in steps.values())
     # The gate was forced open: the export and its evaluation ran whatever the accuracies.
-    assert result["parameters"]["margin"] == rehearse.GATE_OPEN_MARGIN and result["metrics"]["merged"]
+    assert all(result["parameters"][k] == v for k, v in rehearse.GATE_OPEN.items()) and result["metrics"]["merged"]
     for row in steps.values():
         assert row["wall_s"] > 0 and row["peak_rss_gb"] > 0.05, row  # a Python with torch or kfp loaded
         assert row["peak_gpu_gb"] == 0.0
@@ -30,7 +32,7 @@ def test_tiny_rehearsal_measures_every_step(tmp_path):
     assert export["write_calls_gb"] >= export["artifacts_gb"]["export"] > 0.0005  # the 0.9 MB tiny model
     assert finetune["artifacts_gb"]["adapter"] > 0
     table = (run_dir / "rehearsal.md").read_text()
-    assert table.count("| SUCCEEDED |") == 8 and "peak GPU GB" in table
+    assert table.count("| SUCCEEDED |") == len(steps) and "peak GPU GB" in table
 
 
 def test_disk_plan_takes_whole_units_that_fit():
