@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from components.cli import parse_config, to_argv
+from components.cli import UserError, entrypoint, parse_config, to_argv
 from components.files import read_json, write_json_atomic
 
 
@@ -170,12 +170,13 @@ def run(cfg: ScalingConfig) -> dict:
     return result
 
 
+@entrypoint
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ScalingConfig, argv)
     try:
         worker(cfg) if cfg.worker else run(cfg)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+    except ValueError as err:  # bad input found before any model is built: one line, exit 2
+        raise UserError(str(err)) from err
     return 0
 
 

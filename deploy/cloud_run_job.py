@@ -174,7 +174,7 @@ class JobSettings:
     hf_token_secret: str = ""  # "" -> no secret and no HF_TOKEN in the job
     hf_token_secret_version: str = ""  # required with a secret: a version number
     service_account: str = ""  # "" -> the project's default compute service account
-    mount_options: str = "rename-dir-limit=1000"
+    mount_options: str = ""  # gcsfuse flags; none needed: the steps rename no folders (files.atomic_dir)
     finetune_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -413,7 +413,7 @@ def test_merge_export_on_cuda_bf16(base_dir, adapter_dir, dataset_dir, tmp_path)
     verification = meta["verification"]
     print("cuda bf16 verification:", json.dumps(verification))
     assert verification["compute_dtype"] == "bfloat16" and verification["device"].startswith("cuda")
-    assert meta["tolerance"] == merge_export.FLOOR_SHARE * verification["noise_floor_max_abs_logit_diff"]
+    assert meta["tolerance"] == merge_export.BF16_FLOOR_SHARE * verification["noise_floor_max_abs_logit_diff"]
     assert meta["dtype"] == "bfloat16"
     assert verification["weight_check"]["max_half_ulps"] <= 1
     assert meta["max_abs_logit_diff"] <= meta["tolerance"]
