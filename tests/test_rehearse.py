@@ -24,9 +24,11 @@ def test_tiny_rehearsal_measures_every_step(tmp_path):
     # The gate was forced open: the export and its evaluation ran whatever the accuracies.
     assert all(result["parameters"][k] == v for k, v in rehearse.GATE_OPEN.items()) and result["metrics"]["merged"]
     for row in steps.values():
-        assert row["wall_s"] > 0 and row["peak_rss_gb"] > 0.05, row  # a Python with torch or kfp loaded
-        assert row["peak_gpu_gb"] == 0.0
+        assert row["wall_s"] > 0 and row["peak_rss_gb"] > 0 and row["peak_gpu_gb"] == 0.0, row
     finetune, export = steps["finetune"], steps["merge-export"]
+    # Sampling every 0.2 s can catch a short task only at its end; the long ones are sampled whole
+    # (a Python with torch loaded).
+    assert finetune["peak_rss_gb"] > 0.05 and export["peak_rss_gb"] > 0.05, (finetune, export)
     assert finetune["write_calls_gb"] > 0
     # merge-export writes at least the export it hands on; the artifact sizes are the folders'.
     assert export["write_calls_gb"] >= export["artifacts_gb"]["export"] > 0.0005  # the 0.9 MB tiny model
