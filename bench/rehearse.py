@@ -85,12 +85,13 @@ def plan_layers(variant: str, free_bytes: int) -> int:
 
 
 class StepSampler(threading.Thread):
-    """Per kfp.local task (found by its folder in the executor's command line): first and last
+    """Per kfp.local task (found by its output file in the executor's command line): first and last
     time seen, peak RSS and GPU memory of its process tree, last I/O counters of each process."""
 
     def __init__(self, kfp_root: Path, interval: float):
         super().__init__(daemon=True)
-        self.pattern = re.compile(re.escape(str(kfp_root)) + r"/[^/]+/([A-Za-z0-9_.-]+)/")
+        # The task's own output file: its command line also names its inputs, other tasks' folders.
+        self.pattern = re.compile(re.escape(str(kfp_root)) + r"/[^/]+/([A-Za-z0-9_.-]+)/executor_output\.json")
         self.interval, self.stop = interval, threading.Event()
         self.steps: dict[str, dict[str, Any]] = {}
         self.owner: dict[int, str | None] = {}
