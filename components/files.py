@@ -113,3 +113,24 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise
+
+
+def link_or_copy(src: Path, dst: Path, hardlink: bool) -> str:
+    """A hard link where allowed (inputs that are never changed), else a synced copy; either way
+    ``dst`` appears whole. Returns "linked" or "copied"."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.staging")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    if hardlink:
+        try:
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+            return "linked"
+        except OSError:  # other filesystem (EXDEV), or links not allowed there: copy
+            pass
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, dst)
+    return "copied"

@@ -614,8 +614,6 @@ def check_inputs(cfg: FinetuneConfig):
 def run(cfg: FinetuneConfig) -> dict:
     import torch
 
-    from components import modeling, shards
-
     output_dir = Path(cfg.output_dir)
     class_names, device, quantization = check_inputs(cfg)
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from components.files import read_json, write_json_atomic
+from components.files import link_or_copy, read_json, write_json_atomic
 
 CHAMPION = "champion"
 RECORD_FILE = "registry.json"
@@ -93,7 +92,10 @@ class LocalRegistry:
         target = self.root / "versions" / version_id
         if target.exists():  # a copy left by an upload that died before the record was written
             shutil.rmtree(target)
-        shutil.copytree(export_dir, target / "model", copy_function=_link_or_copy)
+        # Hard links where the export and the registry share a filesystem: a real-size export is
+        # tens of GB and is never changed after it is written.
+        shutil.copytree(export_dir, target / "model",
+                        copy_function=lambda src, dst: link_or_copy(Path(src), Path(dst), hardlink=True))
         record["versions"].append({
             "version_id": version_id, "artifact_uri": str((target / "model").resolve()),
             "labels": dict(labels), "metrics": dict(metrics), "source_uri": str(export_dir),
@@ -101,15 +103,6 @@ class LocalRegistry:
         record["aliases"].update({alias: version_id for alias in aliases})
         write_json_atomic(self.root / RECORD_FILE, record)  # last: the version exists only now
         return next(v for v in self.versions() if v.version_id == version_id)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    """A hard link where the export and the registry share a filesystem: exports are written once
-    and never changed, and a real-size one is tens of GB (docs/rehearsal.md)."""
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem (EXDEV), or links not allowed there
-        shutil.copy2(src, dst)
 
 
 class VertexRegistry:

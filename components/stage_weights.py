@@ -50,7 +50,7 @@ from typing import Any
 
 from components import gcs
 from components.cli import entrypoint, hub_id, parse_config
-from components.files import read_json, write_json_atomic
+from components.files import link_or_copy, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -526,25 +526,6 @@ def _verify(plan: SourcePlan, root: Path, digests: dict[str, gcs.FileDigest], wh
                              f"object has {f.crc32c}; no manifest written")
 
 
-def _link_or_copy(src: Path, dst: Path, hardlink: bool) -> str:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.staging")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    if hardlink:
-        try:
-            os.link(src, tmp)
-            os.replace(tmp, dst)
-            return "linked"
-        except OSError as err:  # other filesystem (EXDEV), or links not allowed there
-            log.debug("hard link %s -> %s failed (%s); copying", src, dst, err)
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, dst)
-    return "copied"
-
-
 def _stage_local_to_local(config: StageWeightsConfig, plan: SourcePlan,
                           stats: gcs.TransferStats) -> dict[str, gcs.FileDigest]:
     src_root, dst_root = Path(config.source_location), Path(config.destination_location)
@@ -557,7 +538,7 @@ def _stage_local_to_local(config: StageWeightsConfig, plan: SourcePlan,
                 stats.add(files_skipped=1)
                 digests[f.path] = source_digests[f.path]
                 continue
-        how = _link_or_copy(src, dst, config.hardlink)
+        how = link_or_copy(src, dst, config.hardlink)
         stats.add(files_copied=1, bytes_transferred=0 if how == "linked" else f.size)
         # A link is the same inode (nothing to compare); a copy is read back and hashed.
         digests[f.path] = (source_digests[f.path] if os.path.samefile(src, dst)
