@@ -1,0 +1,48 @@
+"""One home for the layout of every artifact the steps hand each other: the file names, which of
+them is written last (its presence marks the artifact complete), and their readers.
+
+Standard library only: the KFP-side code in ``pipelines/`` imports it too (never torch there).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from components.files import read_json
+
+# stage-weights -> Model: the checksummed file list, written last.
+WEIGHTS_MANIFEST = "weights_manifest.json"
+# prepare-dataset -> Dataset: the Parquet shards' manifest, written last.
+DATASET_MANIFEST = "manifest.json"
+# finetune -> Model (adapter): PEFT's files plus the run's metrics, written last.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAIN_METRICS = "train_metrics.json"
+# finetune's resume checkpoints (outside the adapter): the trainer state is written last.
+CHECKPOINT_STATE = "trainer_state.json"
+# evaluate -> evaluation: per-image predictions, then the metrics, written last.
+PREDICTIONS = "predictions.jsonl"
+EVAL_METRICS = "metrics.json"
+# evaluate-champion when the registry has no champion yet.
+NO_CHAMPION = "no_champion.json"
+# merge-export -> Model (merged_model): safetensors + this metadata, written last.
+EXPORT_METADATA = "export_metadata.json"
+# register -> the registration decision and the version it made.
+REGISTRATION = "registration.json"
+# The folder registry's record of versions and aliases.
+REGISTRY_RECORD = "registry.json"
+
+
+class ArtifactError(ValueError):
+    """An input artifact lacks a file its producer writes last: that step did not finish."""
+
+
+def read(folder: str | os.PathLike, name: str, what: str | None = None) -> Any:
+    """The JSON file ``name`` of the artifact in ``folder``; a clear error naming the file when
+    its producer did not finish."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise ArtifactError(f"{what or 'artifact'}: {path} is missing (the step that writes it did not finish)")
+    return read_json(path)
