@@ -35,16 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import components
+from components.artifacts import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATASET_MANIFEST, EXPORT_METADATA,
+                                  MODEL_CARD, TINY_MODEL_INFO, TRAIN_METRICS, WEIGHTS_MANIFEST, fmt)
 from components.cli import UserError, entrypoint, parse_config
 from components.files import atomic_dir, read_json, sha256_file, write_bytes_atomic, write_json_atomic
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-WEIGHTS_MANIFEST = "weights_manifest.json"  # written by stage-weights into the model folder
-TRAIN_METRICS = "train_metrics.json"  # written by finetune into the adapter folder
-DATASET_MANIFEST = "manifest.json"
-METADATA_FILE = "export_metadata.json"  # written last: its presence marks a complete export
-MODEL_CARD = "README.md"
 # Files of the base folder copied byte for byte so the export renders prompts and stops
 # generating (at <turn|> as well as <eos>) exactly as the base does.
 COPIED_FROM_BASE = ("generation_config.json", "chat_template.jinja", "chat_template.json")
@@ -185,7 +180,7 @@ def base_model_info(model_dir: str) -> dict:
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
         info.update({key: manifest.get(key) for key in ("source", "revision", "manifest_sha256")})
-    stand_in = Path(model_dir) / "tiny_model.json"
+    stand_in = Path(model_dir) / TINY_MODEL_INFO
     if stand_in.is_file():
         info["stand_in"] = read_json(stand_in).get("stand_in")
     return info
@@ -494,16 +489,6 @@ def check_tolerance(what: str, comparison: dict, bound: float, name: str) -> Non
 HUB_ID = re.compile(r"^(?:hf://|https://huggingface\.co/)?([\w.-]+/[\w.-]+)/?$")
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, dict)):
-        return "`" + json.dumps(value) + "`"
-    return str(value)
-
-
 def model_card(meta: dict) -> str:
     base, adapter, data, verify = meta["base_model"], meta["adapter"], meta["dataset"], meta["verification"]
     hub = HUB_ID.match(base["source"] or "")
@@ -533,9 +518,9 @@ def model_card(meta: dict) -> str:
         "",
         "| field | value |",
         "|---|---|",
-        f"| source | {_fmt(base['source'] or base['model_dir'])} |",
-        f"| revision | {_fmt(base['revision'])} |",
-        f"| weights manifest sha256 | {_fmt(base['manifest_sha256'])} |",
+        f"| source | {fmt(base['source'] or base['model_dir'])} |",
+        f"| revision | {fmt(base['revision'])} |",
+        f"| weights manifest sha256 | {fmt(base['manifest_sha256'])} |",
     ]
     if base.get("stand_in"):
         lines.append(f"| note | {base['stand_in']} |")
@@ -547,9 +532,9 @@ def model_card(meta: dict) -> str:
         "|---|---|",
         f"| adapter_model.safetensors sha256 | {adapter['adapter_model_sha256']} |",
         f"| adapter_config.json sha256 | {adapter['adapter_config_sha256']} |",
-        f"| dataset manifest sha256 | {_fmt(data and data['manifest_sha256'])} |",
+        f"| dataset manifest sha256 | {fmt(data and data['manifest_sha256'])} |",
     ]
-    lines += [f"| training {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in adapter.get("train_summary", {}).items()]
+    lines += [f"| training {k.replace('_', ' ')} | {fmt(v)} |" for k, v in adapter.get("train_summary", {}).items()]
     lines += [
         "",
         "## Hyperparameters",
@@ -558,12 +543,12 @@ def model_card(meta: dict) -> str:
         "|---|---|",
     ]
     hyper = meta["hyperparameters"]
-    lines += [f"| lora.{k} | {_fmt(v)} |" for k, v in hyper["lora"].items()]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in (hyper["finetune"] or {}).items()]
+    lines += [f"| lora.{k} | {fmt(v)} |" for k, v in hyper["lora"].items()]
+    lines += [f"| {k} | {fmt(v)} |" for k, v in (hyper["finetune"] or {}).items()]
     lines += ["", "## Evaluation", ""]
     if meta["metrics"]:
         lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in meta["metrics"].items()]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in meta["metrics"].items()]
     else:
         lines.append("No evaluation metrics were given to the export step.")
     lines += [
@@ -575,22 +560,22 @@ def model_card(meta: dict) -> str:
         "",
         "| check | value | bound |",
         "|---|---|---|",
-        f"| max abs logit diff, export vs base + adapter | {_fmt(meta['max_abs_logit_diff'])} | "
-        f"{_fmt(meta['tolerance'])} |",
-        f"| max rel logit diff (to the largest reference logit) | {_fmt(meta['max_rel_logit_diff'])} | |",
-        f"| argmax agreement | {_fmt(verify['argmax_agreement'])} | |",
+        f"| max abs logit diff, export vs base + adapter | {fmt(meta['max_abs_logit_diff'])} | "
+        f"{fmt(meta['tolerance'])} |",
+        f"| max rel logit diff (to the largest reference logit) | {fmt(meta['max_rel_logit_diff'])} | |",
+        f"| argmax agreement | {fmt(verify['argmax_agreement'])} | |",
         f"| noise floor: base vs base with every adapted weight one {meta['dtype']} ulp off | "
-        f"{_fmt(verify['noise_floor_max_abs_logit_diff'])} | |",
-        f"| merged in memory vs base + adapter | {_fmt(verify['merge_max_abs_logit_diff'])} | "
-        f"{_fmt(meta['tolerance'])} |",
-        f"| save/load: reloaded export vs weights written | {_fmt(verify['save_load_max_abs_logit_diff'])} | "
-        f"{_fmt(verify['save_load_tolerance'])} |",
-        f"| adapter effect: base vs base + adapter | {_fmt(verify['adapter_effect_max_abs_logit_diff'])} | |",
-        f"| adapter's logit effect kept by the export | {_fmt(verify['logit_effect_kept'])} | |",
+        f"{fmt(verify['noise_floor_max_abs_logit_diff'])} | |",
+        f"| merged in memory vs base + adapter | {fmt(verify['merge_max_abs_logit_diff'])} | "
+        f"{fmt(meta['tolerance'])} |",
+        f"| save/load: reloaded export vs weights written | {fmt(verify['save_load_max_abs_logit_diff'])} | "
+        f"{fmt(verify['save_load_tolerance'])} |",
+        f"| adapter effect: base vs base + adapter | {fmt(verify['adapter_effect_max_abs_logit_diff'])} | |",
+        f"| adapter's logit effect kept by the export | {fmt(verify['logit_effect_kept'])} | |",
         f"| weight check: worst layer, in half-ulps of {meta['dtype']} | "
-        f"{_fmt(verify['weight_check']['max_half_ulps'])} | 1 |",
+        f"{fmt(verify['weight_check']['max_half_ulps'])} | 1 |",
         f"| bf16's share of the adapter's weight change | "
-        f"{_fmt(verify['bf16_delta_kept'] and verify['bf16_delta_kept']['kept'])} | |",
+        f"{fmt(verify['bf16_delta_kept'] and verify['bf16_delta_kept']['kept'])} | |",
         "",
         f"Saved dtype: {meta['dtype']}.",
         "",
@@ -777,10 +762,10 @@ def run(config: MergeExportConfig) -> dict:
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         write_bytes_atomic(tmp / MODEL_CARD, model_card(meta).encode())
-        write_json_atomic(tmp / METADATA_FILE, meta)  # last: marks the export complete
+        write_json_atomic(tmp / EXPORT_METADATA, meta)  # last: marks the export complete
     print(f"wrote {config.output_dir}: {len(files)} weight file(s) in {meta['dtype']}, max |logit diff| "
           f"{final['max_abs_logit_diff']:.3g} <= {numbers['bound']:.3g}, adapter's logit effect kept "
-          f"{_fmt(verification['logit_effect_kept'])}")
+          f"{fmt(verification['logit_effect_kept'])}")
     return meta
 
 

@@ -60,7 +60,8 @@ from tqdm import tqdm
 
 from components.cli import UserError, entrypoint, hub_id, parse_config
 from components.files import read_json, sha256_bytes, sha256_file, write_bytes_atomic, write_json_atomic
-from components.shards import MANIFEST_NAME, SPLITS
+from components.artifacts import DATASET_MANIFEST
+from components.shards import SPLITS
 
 # ---------------------------------------------------------------------------------------------
 # The official Oxford-IIIT Pet format (also written by components.synthetic_pets)
@@ -197,9 +198,6 @@ class PrepareDatasetConfig:
             raise UserError(f"--examples-per-shard must be >= 1, got {self.examples_per_shard}")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
-
-
-Config = PrepareDatasetConfig  # the name every step module also answers to
 
 
 # ---------------------------------------------------------------------------------------------
@@ -878,7 +876,7 @@ def _dataset_options(config: PrepareDatasetConfig, given_source: str) -> dict[st
 def _reusable(output: Path, config: PrepareDatasetConfig, options: dict[str, Any]) -> dict | None:
     """The manifest of ``output`` when it already holds this very dataset, intact; None when
     there is none (or --overwrite); UserError when it holds another one."""
-    path = output / MANIFEST_NAME
+    path = output / DATASET_MANIFEST
     if not path.is_file():
         return None  # nothing there, or an unfinished run (its manifest goes first): rebuilt
     try:
@@ -888,7 +886,7 @@ def _reusable(output: Path, config: PrepareDatasetConfig, options: dict[str, Any
     if config.overwrite:
         return None
     if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
-        raise UserError(f"--output-dir {output}: holds a {MANIFEST_NAME} that prepare-dataset did "
+        raise UserError(f"--output-dir {output}: holds a {DATASET_MANIFEST} that prepare-dataset did "
                         "not write; choose another --output-dir (or --overwrite)")
     old = {k: v for k, v in manifest.get("options", {}).items() if k not in RUN_ONLY_OPTIONS}
     changed = [k for k in sorted(set(old) | set(options)) if old.get(k) != options.get(k)]
@@ -908,12 +906,12 @@ def _clear_output(output: Path) -> None:
     """Remove the old dataset and what an interrupted run left behind, manifest first."""
     output.mkdir(parents=True, exist_ok=True)
     # from here until the new manifest lands the folder reads as incomplete
-    (output / MANIFEST_NAME).unlink(missing_ok=True)
+    (output / DATASET_MANIFEST).unlink(missing_ok=True)
     for split in SPLITS:
         # shards, and files.write_bytes_atomic's temporaries ('.<name>.<random>.tmp') of a killed run
         for stale in [*output.glob(f"{split}-*-of-*.parquet"), *output.glob(f".{split}-*-of-*.parquet.*.tmp")]:
             stale.unlink()
-    for stale in output.glob(f".{MANIFEST_NAME}.*.tmp"):
+    for stale in output.glob(f".{DATASET_MANIFEST}.*.tmp"):
         stale.unlink()
 
 
@@ -987,7 +985,7 @@ def run(config: PrepareDatasetConfig) -> dict[str, Any]:
         "skipped": skipped,
         "elapsed_s": round(time.perf_counter() - start, 2),
     }
-    write_json_atomic(output / MANIFEST_NAME, manifest)  # last: marks the folder complete
+    write_json_atomic(output / DATASET_MANIFEST, manifest)  # last: marks the folder complete
     print(f"prepared {split_info['train']['num_examples']} train + {split_info['eval']['num_examples']} "
           f"eval examples of {len(class_names)} classes from {source.format} source in "
           f"{manifest['elapsed_s']:.1f} s -> {output}")

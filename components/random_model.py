@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.artifacts import RANDOM_MODEL_INFO
 from components.cli import parse_config
 from components.files import atomic_dir
 
@@ -32,7 +33,6 @@ LARGE_TEMPLATE_VARIANTS = ("gemma-4-31b", "gemma-4-26b-a4b")  # the empty-though
 # BPE size of the stand-in tokenizer that makes the 37-name prompt + one 500x375 image + answer as
 # long in tokens as with Gemma's own tokenizer (~510 per 31B sample; the recipe measured 514).
 STAND_IN_VOCAB = 510
-INFO_FILE = "random_model.json"
 
 
 def load_variants(path: Path = VARIANTS_FILE) -> dict:
@@ -141,7 +141,7 @@ def run(cfg: RandomModelConfig) -> dict:
         model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
         del model
         processor.save_pretrained(tmp)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / RANDOM_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
     info["folder_bytes"] = sum(p.stat().st_size for p in Path(cfg.output_dir).rglob("*") if p.is_file())
     print(f"wrote {cfg.output_dir}: {info['parameters']:,} parameters, {info['folder_bytes'] / 1e9:.2f} GB")
     return info

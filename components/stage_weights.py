@@ -49,18 +49,17 @@ from pathlib import Path
 from typing import Any
 
 from components import gcs
+from components.artifacts import WEIGHTS_MANIFEST
 from components.cli import entrypoint, hub_id, parse_config
 from components.files import link_or_copy, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "weights_manifest.json"
 HF_TOKEN_ENV = "HF_TOKEN"
 HF_ENDPOINT_ENV = "HF_ENDPOINT"
 HF_METADATA_DIR = ".cache"  # huggingface_hub's local_dir bookkeeping (.cache/huggingface/...)
 DEFAULT_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken")
 REQUIRED_FILE = "config.json"
-SOURCE_KINDS = ("hf", "local", "gcs")
 HUB_TIMEOUT_S = 10  # seconds per Hub metadata request: an unreachable Hub fails fast
 
 
@@ -188,9 +187,6 @@ class StageWeightsConfig:
                                    max_workers=self.max_workers)
 
 
-Config = StageWeightsConfig  # the name every step module exposes
-
-
 def _check_uri(uri: str, flag: str) -> None:
     try:
         gcs.split_uri(uri)
@@ -257,7 +253,7 @@ class SourcePlan:
 def _matches(path: str, patterns: list[str]) -> bool:
     # fnmatch on the whole relative path, like huggingface_hub's filter ('*' also matches '/').
     name = path.rsplit("/", 1)[-1]
-    if path == MANIFEST_NAME or name.endswith((gcs.PARTIAL_SUFFIX, gcs.CHUNKS_SUFFIX)):
+    if path == WEIGHTS_MANIFEST or name.endswith((gcs.PARTIAL_SUFFIX, gcs.CHUNKS_SUFFIX)):
         return False
     if path.split("/", 1)[0] == HF_METADATA_DIR:
         return False
@@ -285,7 +281,7 @@ def _stated_sha256(manifest: dict[str, Any] | None, where: str) -> dict[str, dic
     try:
         verify_manifest(manifest)
     except (StageError, KeyError, TypeError, ValueError) as err:
-        raise StageError(f"{where}/{MANIFEST_NAME}: not a valid weights manifest ({err})") from None
+        raise StageError(f"{where}/{WEIGHTS_MANIFEST}: not a valid weights manifest ({err})") from None
     return {f["path"]: f for f in manifest["files"]}
 
 
@@ -293,7 +289,7 @@ def _describe_local(config: StageWeightsConfig) -> SourcePlan:
     root = Path(config.source_location)
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     chosen = [p for p in paths if _matches(p, config.allow_patterns)]
-    own_path = root / MANIFEST_NAME  # a folder staged earlier by this step states its hashes
+    own_path = root / WEIGHTS_MANIFEST  # a folder staged earlier by this step states its hashes
     own = read_json(own_path) if own_path.is_file() else None
     stated = _stated_sha256(own, str(root))
     files, digests = [], {}
@@ -303,7 +299,7 @@ def _describe_local(config: StageWeightsConfig) -> SourcePlan:
         if rel in stated and (stated[rel]["sha256"] != digest.sha256
                               or int(stated[rel]["size"]) != digest.size):
             raise StageError(f"--source {config.source}: {rel} does not match the folder's own "
-                             f"{MANIFEST_NAME} (sha256 {digest.sha256}, manifest says "
+                             f"{WEIGHTS_MANIFEST} (sha256 {digest.sha256}, manifest says "
                              f"{stated[rel]['sha256']})")
         files.append(SourceFile(path=rel, size=digest.size, sha256=digest.sha256))
     _require_config(files, f"--source {config.source}")
@@ -320,7 +316,7 @@ def _describe_gcs(config: StageWeightsConfig, client) -> SourcePlan:
     objects = gcs.list_objects(uri, client)
     if not objects:
         raise StageError(f"--source {config.source}: no objects under this prefix")
-    raw = gcs.download_bytes(gcs.join_uri(uri, MANIFEST_NAME), client=client)
+    raw = gcs.download_bytes(gcs.join_uri(uri, WEIGHTS_MANIFEST), client=client)
     own = json.loads(raw) if raw is not None else None
     stated = _stated_sha256(own, uri)
     files = []
@@ -333,7 +329,7 @@ def _describe_gcs(config: StageWeightsConfig, client) -> SourcePlan:
         expected = stated.get(rel)
         if expected is not None and int(expected["size"]) != obj.size:
             raise StageError(f"--source {config.source}: {rel} has {obj.size} bytes but the "
-                             f"source's {MANIFEST_NAME} says {expected['size']}")
+                             f"source's {WEIGHTS_MANIFEST} says {expected['size']}")
         files.append(SourceFile(path=rel, size=obj.size, crc32c=obj.crc32c, obj=obj,
                                 sha256=expected["sha256"] if expected else None))
     _require_config(files, f"--source {config.source}")
@@ -419,13 +415,13 @@ def describe_source(config: StageWeightsConfig, client=None) -> SourcePlan:
 
 def _read_destination_manifest(config: StageWeightsConfig, client) -> dict[str, Any] | None:
     if config.destination_kind == "local":
-        path = Path(config.destination_location) / MANIFEST_NAME
+        path = Path(config.destination_location) / WEIGHTS_MANIFEST
         if not path.is_file():
             return None
         with contextlib.suppress(ValueError, OSError):
             return read_json(path)
         return None
-    raw = gcs.download_bytes(gcs.join_uri(config.destination_location, MANIFEST_NAME),
+    raw = gcs.download_bytes(gcs.join_uri(config.destination_location, WEIGHTS_MANIFEST),
                              client=client)
     with contextlib.suppress(ValueError):
         return json.loads(raw) if raw is not None else None
@@ -462,12 +458,12 @@ def _remove_destination_manifest(config: StageWeightsConfig, client) -> None:
     """Before anything changes: a destination without a manifest reads as 'not staged'."""
     if config.destination_kind == "local":
         with contextlib.suppress(FileNotFoundError):
-            (Path(config.destination_location) / MANIFEST_NAME).unlink()
+            (Path(config.destination_location) / WEIGHTS_MANIFEST).unlink()
         return
     from google.api_core.exceptions import NotFound
 
     with contextlib.suppress(NotFound):
-        gcs.delete_objects([gcs.join_uri(config.destination_location, MANIFEST_NAME)],
+        gcs.delete_objects([gcs.join_uri(config.destination_location, WEIGHTS_MANIFEST)],
                            client=client)
 
 
@@ -654,10 +650,10 @@ def run(config: StageWeightsConfig) -> dict[str, Any]:
         shutil.rmtree(root / HF_METADATA_DIR / "huggingface", ignore_errors=True)
         with contextlib.suppress(OSError):
             (root / HF_METADATA_DIR).rmdir()  # only if nothing else lives there
-        write_json_atomic(Path(config.destination_location) / MANIFEST_NAME, manifest)
+        write_json_atomic(Path(config.destination_location) / WEIGHTS_MANIFEST, manifest)
     else:
         gcs.upload_bytes((json.dumps(manifest, indent=2) + "\n").encode(),
-                         gcs.join_uri(config.destination_location, MANIFEST_NAME),
+                         gcs.join_uri(config.destination_location, WEIGHTS_MANIFEST),
                          client=client, content_type="application/json")
     if scratch is not None and not config.staging_dir:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -99,9 +99,6 @@ class SyntheticPetsConfig:
             raise ValueError(f"--layout must be folders or tarballs, got {self.layout!r}")
 
 
-Config = SyntheticPetsConfig  # the name every step module also answers to
-
-
 def class_signature(class_index: int) -> dict:
     """The visual traits shared by every image of class ``class_index`` (0-based id order)."""
     hue = (class_index * GOLDEN_RATIO_FRACTION) % 1.0

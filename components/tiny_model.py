@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.artifacts import TINY_MODEL_INFO
 from components.cli import entrypoint, parse_config
 from components.files import atomic_dir
 
@@ -358,7 +359,7 @@ def run(cfg: TinyModelConfig) -> dict:
             "parameters": sum(p.numel() for p in model.parameters()),
             "clipped_linears": clipped,
         }
-        (tmp / "tiny_model.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / TINY_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
     size = sum(p.stat().st_size for p in Path(cfg.output_dir).rglob("*") if p.is_file())
     info["folder_bytes"] = size
     print(f"wrote {cfg.output_dir}: {info['parameters']:,} parameters, {size / 1e6:.2f} MB")
