@@ -1,34 +1,9 @@
 """Stage a model's weights into a folder (the KFP artifact) or a gs:// prefix, verified and resumable.
 
-Sources: a Hugging Face repo id (``google/gemma-4-e2b-it``, at ``--revision``), a local folder,
-or a gs:// prefix (a Vertex FUSE path ``/gcs/b/x`` counts as ``gs://b/x``). A path that exists is
-local; only an ``owner/name`` that is not goes to the Hub, said on stderr first
-(``components.cli.hub_id``: '.', '/', '~' or two '/' never do). Only files matching
-``--allow-patterns`` are staged (by default what ``from_pretrained`` needs: configs, safetensors,
-tokenizer and chat template; no README, .gitattributes or duplicate .bin/.pth/.gguf weights).
-
-What the step guarantees:
-
-* ``weights_manifest.json`` is written LAST (atomically on disk; one request on GCS) and lists
-  every file with size and SHA-256, the resolved revision (the commit sha for HF) and
-  ``manifest_sha256``, the SHA-256 of the canonical JSON of the file list, which later steps use
-  as the weights' lineage hash. No manifest = not staged (the old one is removed first).
-* Every file is checked after the copy against what the source says it is: the Hub's LFS SHA-256
-  (or git blob id for small files), the SHA-256 of the local source file, or, for gs:// sources,
-  GCS's CRC32C plus the SHA-256 in the source's own ``weights_manifest.json`` when it has one (a
-  folder staged by this step). On a mismatch the error names the file and no manifest is written.
-* A rerun with the same source transfers nothing: when the destination's manifest has the same
-  source fingerprint and the destination still matches it (SHA-256 on disk, size + CRC32C on
-  GCS) the step returns that manifest. Otherwise each file is compared before it is copied.
-* An interrupted run resumes: gs:// copies per chunk (see ``components.gcs``), Hub downloads per
-  file (huggingface_hub keeps finished files and their metadata in ``.cache/huggingface``).
-* The Hub token comes only from the HF_TOKEN environment variable; it is passed to
-  huggingface_hub (which sends it as an Authorization header) and never logged or written.
-
-A local-folder source is hard-linked into a local destination when both are on one filesystem
-(``--hardlink``, the default): weights are read-only inputs, so a link is as good as a copy and
-costs neither time nor disk (a 10 GB model would otherwise be written twice); across
-filesystems, or with ``--no-hardlink``, files are copied.
+Sources: a Hugging Face repo id (at ``--revision``), a local folder, or a gs:// prefix (or its
+/gcs/ FUSE path). Every file is checked against what the source states; ``weights_manifest.json``
+(files, SHA-256s, the resolved revision, ``manifest_sha256``: the weights' lineage hash) is
+written last; a rerun with the same source moves nothing. Guarantees in full: docs/steps.md.
 """
 
 from __future__ import annotations
@@ -87,9 +62,8 @@ class StageWeightsConfig:
     max_workers: int = field(default=8, metadata={
         "help": "parallel transfer threads (chunks of one large file, or small files)"})
     staging_dir: str = field(default="", metadata={
-        "help": "local scratch folder used when --destination is gs:// and --source is not local "
-                "(default: a folder under the system temp dir named after source+destination, "
-                "so an interrupted run resumes; removed after success)"})
+        "help": "scratch folder for a non-local --source staged to gs:// (default: one under the temp "
+                "dir named after source and destination, so a rerun resumes; removed after success)"})
     hardlink: bool = field(default=True, metadata={
         "help": "hard-link a local --source into a local --destination when on one filesystem"})
     fuse_via_api: bool = field(default=True, metadata={
@@ -97,94 +71,98 @@ class StageWeightsConfig:
                 "and move bytes through the GCS API (parallel, resumable) instead of FUSE"})
 
     def __post_init__(self) -> None:
-        if not self.source or not self.source.strip():
-            raise ValueError("--source must not be empty")
-        if not self.destination or not self.destination.strip():
-            raise ValueError("--destination must not be empty")
-        if not self.revision:
-            raise ValueError("--revision must not be empty (use 'main' for the default branch)")
-        if isinstance(self.allow_patterns, str):  # KFP / callers may pass "a,b" as one string
-            self.allow_patterns = [self.allow_patterns]
-        self.allow_patterns = [p.strip() for item in self.allow_patterns
-                               for p in item.split(",") if p.strip()]
-        if not self.allow_patterns:
-            raise ValueError("--allow-patterns must list at least one glob pattern")
-        if not any(fnmatch.fnmatch(REQUIRED_FILE, p) for p in self.allow_patterns):
-            raise ValueError(f"--allow-patterns {self.allow_patterns} must match {REQUIRED_FILE}")
-        if not self.chunk_size_mib > 0:
-            raise ValueError(f"--chunk-size-mib must be > 0, got {self.chunk_size_mib}")
-        if self.parallel_threshold_mib < 0:
-            raise ValueError(f"--parallel-threshold-mib must be >= 0, got {self.parallel_threshold_mib}")
-        if self.max_workers < 1:
-            raise ValueError(f"--max-workers must be >= 1, got {self.max_workers}")
-        kind, location = self.source_kind, self.source_location  # validates --source
-        dest_kind, dest = self.destination_kind, self.destination_location
-        if kind == "local":
-            src_path = Path(location)
-            if not src_path.exists():
-                raise ValueError(f"--source {self.source}: folder does not exist")
-            if not src_path.is_dir():
-                raise ValueError(f"--source {self.source}: not a folder")
-            if not (src_path / REQUIRED_FILE).is_file():
-                what = "is empty" if not any(src_path.iterdir()) else f"has no {REQUIRED_FILE}"
-                raise ValueError(f"--source {self.source}: folder {what}; expected a model "
-                                 f"folder with {REQUIRED_FILE} and weights")
-            if dest_kind == "local":
-                a, b = src_path.resolve(), Path(dest).resolve()
-                if a == b or a in b.parents or b in a.parents:
-                    raise ValueError(f"--destination {self.destination} and --source "
-                                     f"{self.source} must not contain one another")
-        if kind == "gcs" and dest_kind == "gcs":
-            if location.rstrip("/") == dest.rstrip("/"):
-                raise ValueError("--destination must differ from --source")
-        if dest_kind == "local" and Path(dest).exists() and not Path(dest).is_dir():
-            raise ValueError(f"--destination {self.destination}: exists and is not a folder")
-
-    # -- derived -------------------------------------------------------------------------
+        _check_config(self)
 
     @property
     def source_kind(self) -> str:
-        return self._classify_source()[0]
+        return _classify_source(self)[0]
 
     @property
     def source_location(self) -> str:
-        return self._classify_source()[1]
-
-    def _classify_source(self) -> tuple[str, str]:
-        source = self.source.strip()
-        if gcs.is_gcs(source):
-            _check_uri(source, "--source")
-            return "gcs", source
-        if self.fuse_via_api and gcs.is_fuse_path(source):
-            return "gcs", _fuse_to_uri(source, "--source")
-        if hub_id(source):  # owner/name and no such local path: the one shape sent to the Hub
-            return "hf", source
-        if source.startswith(("/", ".", "~")) or "/" in source or os.path.isdir(source):
-            return "local", str(Path(source).expanduser())
-        raise ValueError(f"--source {source!r} is neither a gs:// URI, an existing folder, nor a "
-                         "Hugging Face repo id (owner/name)")
+        return _classify_source(self)[1]
 
     @property
     def destination_kind(self) -> str:
-        return self._classify_destination()[0]
+        return _classify_destination(self)[0]
 
     @property
     def destination_location(self) -> str:
-        return self._classify_destination()[1]
-
-    def _classify_destination(self) -> tuple[str, str]:
-        dest = self.destination.strip()
-        if gcs.is_gcs(dest):
-            _check_uri(dest, "--destination")
-            return "gcs", dest
-        if self.fuse_via_api and gcs.is_fuse_path(dest):
-            return "gcs", _fuse_to_uri(dest, "--destination")
-        return "local", str(Path(dest).expanduser())
+        return _classify_destination(self)[1]
 
     def transfer_options(self) -> gcs.TransferOptions:
         return gcs.TransferOptions(chunk_size=max(1, int(self.chunk_size_mib * gcs.MiB)),
                                    parallel_threshold=int(self.parallel_threshold_mib * gcs.MiB),
                                    max_workers=self.max_workers)
+
+
+def _check_config(config: StageWeightsConfig) -> None:
+    if not config.source or not config.source.strip():
+        raise ValueError("--source must not be empty")
+    if not config.destination or not config.destination.strip():
+        raise ValueError("--destination must not be empty")
+    if not config.revision:
+        raise ValueError("--revision must not be empty (use 'main' for the default branch)")
+    if isinstance(config.allow_patterns, str):  # KFP / callers may pass "a,b" as one string
+        config.allow_patterns = [config.allow_patterns]
+    config.allow_patterns = [p.strip() for item in config.allow_patterns
+                             for p in item.split(",") if p.strip()]
+    if not config.allow_patterns:
+        raise ValueError("--allow-patterns must list at least one glob pattern")
+    if not any(fnmatch.fnmatch(REQUIRED_FILE, p) for p in config.allow_patterns):
+        raise ValueError(f"--allow-patterns {config.allow_patterns} must match {REQUIRED_FILE}")
+    if not config.chunk_size_mib > 0:
+        raise ValueError(f"--chunk-size-mib must be > 0, got {config.chunk_size_mib}")
+    if config.parallel_threshold_mib < 0:
+        raise ValueError(f"--parallel-threshold-mib must be >= 0, got {config.parallel_threshold_mib}")
+    if config.max_workers < 1:
+        raise ValueError(f"--max-workers must be >= 1, got {config.max_workers}")
+    kind, location = config.source_kind, config.source_location  # validates --source
+    dest_kind, dest = config.destination_kind, config.destination_location
+    if kind == "local":
+        src_path = Path(location)
+        if not src_path.exists():
+            raise ValueError(f"--source {config.source}: folder does not exist")
+        if not src_path.is_dir():
+            raise ValueError(f"--source {config.source}: not a folder")
+        if not (src_path / REQUIRED_FILE).is_file():
+            what = "is empty" if not any(src_path.iterdir()) else f"has no {REQUIRED_FILE}"
+            raise ValueError(f"--source {config.source}: folder {what}; expected a model "
+                             f"folder with {REQUIRED_FILE} and weights")
+        if dest_kind == "local":
+            a, b = src_path.resolve(), Path(dest).resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise ValueError(f"--destination {config.destination} and --source "
+                                 f"{config.source} must not contain one another")
+    if kind == "gcs" and dest_kind == "gcs":
+        if location.rstrip("/") == dest.rstrip("/"):
+            raise ValueError("--destination must differ from --source")
+    if dest_kind == "local" and Path(dest).exists() and not Path(dest).is_dir():
+        raise ValueError(f"--destination {config.destination}: exists and is not a folder")
+
+
+def _classify_source(config: StageWeightsConfig) -> tuple[str, str]:
+    source = config.source.strip()
+    if gcs.is_gcs(source):
+        _check_uri(source, "--source")
+        return "gcs", source
+    if config.fuse_via_api and gcs.is_fuse_path(source):
+        return "gcs", _fuse_to_uri(source, "--source")
+    if hub_id(source):  # owner/name and no such local path: the one shape sent to the Hub
+        return "hf", source
+    if source.startswith(("/", ".", "~")) or "/" in source or os.path.isdir(source):
+        return "local", str(Path(source).expanduser())
+    raise ValueError(f"--source {source!r} is neither a gs:// URI, an existing folder, nor a "
+                     "Hugging Face repo id (owner/name)")
+
+
+def _classify_destination(config: StageWeightsConfig) -> tuple[str, str]:
+    dest = config.destination.strip()
+    if gcs.is_gcs(dest):
+        _check_uri(dest, "--destination")
+        return "gcs", dest
+    if config.fuse_via_api and gcs.is_fuse_path(dest):
+        return "gcs", _fuse_to_uri(dest, "--destination")
+    return "local", str(Path(dest).expanduser())
 
 
 def _check_uri(uri: str, flag: str) -> None:
