@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw, out = workdir / "raw", workdir / "prepared"
         start = time.perf_counter()
-        synthetic_pets.run(synthetic_pets.Config(
+        synthetic_pets.run(synthetic_pets.SyntheticPetsConfig(
             output_dir=str(raw), num_images=args.num_images, image_size=args.image_size,
             quirks=True, overwrite=True))
         generate_s = time.perf_counter() - start

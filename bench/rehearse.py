@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from components import artifacts
 from pipelines import local_run
 
 GB = 1e9
@@ -168,14 +169,12 @@ def build_inputs(args: argparse.Namespace, run_dir: Path) -> tuple[str, str, dic
     if args.tiny:
         model, info = inputs / "tiny-gemma4", {"variant": "tiny stand-in", "layers": None}
         command = ["tiny-model", "--output-dir", str(model)]
-        marker, side = model / "tiny_model.json", local_run.DEMO_IMAGE_SIZE
+        marker, side = model / artifacts.TINY_MODEL_INFO, local_run.DEMO_IMAGE_SIZE
     else:
-        from components import random_model
-
         model = inputs / f"{args.variant}-{args.layers}l"
         info = {"variant": args.variant, "layers": args.layers}
         command = ["random-model", "--variant", args.variant, "--layers", str(args.layers), "--output-dir", str(model)]
-        marker, side = model / random_model.INFO_FILE, PHOTO_SIDE
+        marker, side = model / artifacts.RANDOM_MODEL_INFO, PHOTO_SIDE
     started = time.monotonic()
     if not marker.is_file():
         subprocess.run([sys.executable, "-m", "components", *command], check=True)

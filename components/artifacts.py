@@ -6,6 +6,7 @@ Standard library only: the KFP-side code in ``pipelines/`` imports it too (never
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,32 @@ PREDICTIONS = "predictions.jsonl"
 EVAL_METRICS = "metrics.json"
 # evaluate-champion when the registry has no champion yet.
 NO_CHAMPION = "no_champion.json"
-# merge-export -> Model (merged_model): safetensors + this metadata, written last.
+# merge-export -> Model (merged_model): safetensors, the model card, this metadata written last.
 EXPORT_METADATA = "export_metadata.json"
+MODEL_CARD = "README.md"
 # register -> the registration decision and the version it made.
 REGISTRATION = "registration.json"
 # The folder registry's record of versions and aliases.
 REGISTRY_RECORD = "registry.json"
+# What a stand-in model folder is (tiny-model, random-model), next to its weights.
+TINY_MODEL_INFO = "tiny_model.json"
+RANDOM_MODEL_INFO = "random_model.json"
 
 
 class ArtifactError(ValueError):
     """An input artifact lacks a file its producer writes last: that step did not finish."""
+
+
+def fmt(value: Any, spec: str = ".4g", missing: str = "n/a") -> str:
+    """One cell of a report a person reads (model card, gate report): floats by ``spec``, lists
+    and dicts as inline JSON code, None as ``missing``."""
+    if value is None:
+        return missing
+    if isinstance(value, float):
+        return format(value, spec)
+    if isinstance(value, (list, dict)):
+        return "`" + json.dumps(value) + "`"
+    return str(value)
 
 
 def read(folder: str | os.PathLike, name: str, what: str | None = None) -> Any:

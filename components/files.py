@@ -1,13 +1,7 @@
 """Small file helpers shared by the steps: checksums and atomic writes.
 
-"No half-written artifact is ever taken as complete", also on Cloud Storage FUSE (Vertex's /gcs,
-Cloud Run's GCS volumes): a file is written to a temporary sibling and renamed into place, and a
-folder is written in place with a completion marker written last. Folders are never renamed:
-gcsfuse renames a folder object by object, and refuses unless mounted with rename-dir-limit, so a
-cut-off rename leaves half a folder (gcsfuse docs/semantics.md). A single-file rename is supported
-and safe for us: a new object appears whole when its file is closed, and the rename creates the
-destination object whole (copy then delete; MoveObject since gcsfuse 3.1), at worst leaving the
-temporary name behind.
+A file is written to a temporary sibling and renamed into place; a folder is written in place with
+a completion marker written last, never renamed (unsafe on Cloud Storage FUSE: docs/steps.md).
 """
 
 from __future__ import annotations

@@ -1,45 +1,9 @@
 """All Cloud Storage access of the project: URIs, a client, listing, resumable parallel copies.
 
-Paths. Vertex AI mounts buckets at ``/gcs/<bucket>`` through Cloud Storage FUSE, and a KFP
-artifact carries both ``.uri`` (``gs://b/x``) and ``.path`` (``/gcs/b/x``); ``fuse_path`` and
-``gcs_uri_from_fuse`` convert between the two, so a step can move multi-GB files through the
-JSON API (parallel, resumable) instead of through FUSE.
-
-Client. ``make_client()`` honours ``STORAGE_EMULATOR_HOST`` (the library then talks to the
-emulator; we add anonymous credentials and a placeholder project so tests need no ADC).
-
-Copies. Every copy compares before it moves bytes: an object whose size and CRC32C equal the
-local file's is skipped, so rerunning a finished copy transfers nothing. (GCS computes a CRC32C
-for every object, composite ones included; MD5 is absent on composite objects, so CRC32C is the
-one checksum both sides always have.) Files at least ``parallel_threshold`` bytes go in
-``chunk_size`` pieces over ``max_workers`` threads:
-
-* Download: ranged GETs, pinned to the object's generation, written in place (``os.pwrite``)
-  into ``<file>.partial``; ``<file>.partial.chunks`` (JSON) records which chunks are on disk
-  (each fsync'ed before it is recorded), so a rerun after an interruption fetches only the
-  missing chunks. The whole file's CRC32C is checked before it is renamed to its final name.
-  ``transfer_manager.download_chunks_concurrently`` does the same ranged GETs but truncates
-  the file and refetches every chunk on each call, so it cannot resume; hence our own loop.
-* Upload: parallel composite upload (what ``gcloud storage`` does for large files): each chunk
-  becomes a temporary object under ``<parts_prefix>/`` in the same bucket, then the pieces are
-  composed (32 per compose call, in a tree) into the destination, whose CRC32C is checked
-  against the local file before the pieces are deleted. Pieces are named by the file's
-  content, so a rerun after an interruption uploads only the missing pieces.
-  ``transfer_manager.upload_chunks_concurrently`` uses the XML multipart-upload API instead;
-  gcp-storage-emulator answers that API with 501 Not Implemented (checked: ``POST
-  /<bucket>/<object>?uploads``), and it cannot resume either, so it is not used.
-
-What tests/test_gcs.py covers against the emulator: listing, single and chunked downloads
-(ranged GETs), resume in both directions, single uploads (JSON multipart requests), composite
-uploads with more than 32 pieces (compose tree), skip-if-same, CRC32C mismatch detection. Not
-covered: files over 8 MiB below the parallel threshold (the library then switches to a resumable
-JSON upload; the emulator supports it, but test files are KBs), IAM/auth (the emulator takes
-anonymous requests), real-GCS rate limits and retries, and the absence of MD5 on real composite
-objects (the emulator computes one; nothing here relies on MD5).
-Cost note for real buckets: deleted pieces are kept (and billed) for the bucket's soft-delete
-retention (7 days by default), and buckets whose default class is Nearline/Coldline/Archive
-charge early deletion for them; raise ``parallel_threshold`` above the largest file to upload
-every file in one (resumable JSON) request instead.
+Every copy compares size and CRC32C before it moves bytes; large files go in chunks that resume
+after an interruption (ranged GETs into ``.partial`` with a ``.partial.chunks`` record; composite
+uploads from content-named pieces). Design, emulator coverage and cost notes: docs/steps.md;
+why not ``transfer_manager``: docs/design.md.
 """
 
 from __future__ import annotations

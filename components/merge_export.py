@@ -1,22 +1,8 @@
-"""Merge-export step: fold the LoRA adapter into the base weights and ship a plain checkpoint.
+"""Merge-export step: fold the LoRA adapter into the unquantised base, verify, ship a plain checkpoint.
 
-One readable recipe:
-  1. reload the base unquantised (bf16 on CUDA, fp32 on CPU): merging into a 4-bit model would
-     round the merged weights to nf4 and lose most of what the adapter learned;
-  2. put the PEFT adapter on it; measure how much of s·B·A a bf16 export keeps, and pick the
-     export dtype (bf16, or fp32 under --min-delta-kept: --if-delta-lost); an fp32 export holds
-     the model in fp32 from here on;
-  3. record reference logits of base + adapter (unmerged), the base's own (the adapter's effect)
-     and the noise floor (the base with every adapted weight one export-dtype ulp off);
-  4. merge: each adapted weight becomes W + s·B·A computed in fp32 and rounded once to the
-     export dtype, checked layer by layer in weight space, then in logits against the floor;
-  5. save the merged weights (safetensors shards), the base's processor, chat template and
-     generation config, into a temporary folder; reload it from disk, as a server would, and
-     check it against the weights written and against base + adapter; a failed check removes it;
-  6. write README.md (model card) and export_metadata.json (last), then move the folder into place.
-
-Why not PEFT's ``merge_and_unload``: it rounds into the base's dtype (bf16 on CUDA, even for an
-fp32 export) and says nothing of what the rounding dropped; the analysis is in docs/merge.md.
+Merged in fp32 and rounded once to the export dtype (not PEFT's merge_and_unload, which rounds into
+the base's dtype and hides what was lost), checked per layer in weight space and in logits against
+a measured noise floor, then reloaded from disk and checked again: docs/merge.md.
 
     gemma-pets merge-export --model-dir weights/ --adapter-dir adapter/ --dataset-dir data/ \\
         --metrics-path eval/metrics.json --output-dir export/
@@ -35,16 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import components
+from components.artifacts import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DATASET_MANIFEST, EXPORT_METADATA,
+                                  MODEL_CARD, TINY_MODEL_INFO, TRAIN_METRICS, WEIGHTS_MANIFEST, fmt)
 from components.cli import UserError, entrypoint, parse_config
 from components.files import atomic_dir, read_json, sha256_file, write_bytes_atomic, write_json_atomic
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-WEIGHTS_MANIFEST = "weights_manifest.json"  # written by stage-weights into the model folder
-TRAIN_METRICS = "train_metrics.json"  # written by finetune into the adapter folder
-DATASET_MANIFEST = "manifest.json"
-METADATA_FILE = "export_metadata.json"  # written last: its presence marks a complete export
-MODEL_CARD = "README.md"
 # Files of the base folder copied byte for byte so the export renders prompts and stops
 # generating (at <turn|> as well as <eos>) exactly as the base does.
 COPIED_FROM_BASE = ("generation_config.json", "chat_template.jinja", "chat_template.json")
@@ -52,28 +33,10 @@ METRIC_KEYS = ("accuracy", "macro_f1", "unknown_rate")
 SAVE_DTYPES = ("bfloat16", "float32")
 NOISE_IMAGE_SIDE = 64  # px; verification images when no dataset is given (any size works)
 
-# How the export is checked (measurements and the analysis behind them: docs/merge.md).
-#  1. weight space, every adapted layer, decisive: the merged weight must be W + s·B·A computed in
-#     fp32 and rounded once to the export dtype, i.e. within half a spacing of that dtype at the
-#     fp32 sum. A wrong scale, a transposed or a skipped layer misses it by the size of s·B·A.
-#  2. how much of s·B·A the export dtype keeps: 1 - ||round(W + s·B·A) - W - s·B·A|| / ||s·B·A||
-#     over all adapted layers. A short or low-lr fine-tune's s·B·A sits below half a bf16 ulp of W
-#     and rounds away (the E4B rehearsal: 3 steps at lr 5e-5); under --min-delta-kept the export
-#     follows --if-delta-lost.
-#  3. logits, judged against the measured noise floor, not an absolute bound: the floor is how far
-#     the base model's logits move when every adapted weight moves by one export-dtype ulp (random
-#     signs), in the compute dtype (so it holds that dtype's own compute noise). Rounding moves each
-#     weight by at most half an ulp, uniformly: RMS 0.29 ulp against the floor's 1 ulp, so a right
-#     merge stays within FLOOR_SHARE of the floor in fp32 compute (tiny model: 0.2 of it). In bf16
-#     compute both sides (merged, and base + unmerged LoRA) carry their own compute noise of up to a
-#     floor each, so the bound is BF16_FLOOR_SHARE floors (H200, docs/merge.md: right merges were off
-#     0.74 and 0.92 floors at 31B and E4B widths, 0.44-0.46 on the tiny model). Never below FP32_LOGIT_NOISE, the fp32 compute-order noise (merged
-#     versus unmerged on the tiny model: 5e-6 to 1.3e-5).
-#  4. save/load: the export reloaded from disk versus the weights written: exactly 0.0 measured
-#     on CPU and an H200; bound SAVE_LOAD_TOLERANCE (fp32 round-off at most).
-FP32_LOGIT_NOISE = 1e-3
-FLOOR_SHARE = 0.5
-BF16_FLOOR_SHARE = 2.0
+# Bounds of the checks; why these values, and what was measured: docs/merge.md ("The bounds").
+FP32_LOGIT_NOISE = 1e-3  # fp32 compute-order noise: the least logit bound
+FLOOR_SHARE = 0.5  # noise floors a right merge may be off in fp32 compute
+BF16_FLOOR_SHARE = 2.0  # ... in bf16 compute, where both sides carry compute noise
 SAVE_LOAD_TOLERANCE = 1e-6
 DEFAULT_MIN_DELTA_KEPT = 0.5
 NUDGE_FLOOR = 2.0 ** -60  # far under any trained weight, far over one ulp of bf16 near it
@@ -93,62 +56,29 @@ class MergeExportConfig:
     adapter_dir: str = field(metadata={"help": "fine-tune output: adapter_model.safetensors + adapter_config.json"})
     output_dir: str = field(metadata={"help": "export folder to write (replaced whole, only once verified)"})
     dataset_dir: str | None = field(default=None, metadata={
-        "help": "prepared dataset: its eval split feeds the verification and its manifest hash goes "
-                "in the model card; without it, seeded noise images are used"})
+        "help": "prepared dataset: its eval split feeds the verification (default: seeded noise images)"})
     metrics_path: str | None = field(default=None, metadata={
         "help": "metrics.json of the evaluate step (accuracy, macro_f1, unknown_rate) for the model card"})
     tolerance: float | None = field(default=None, metadata={
-        "help": "max allowed |logit difference| of the saved export versus base + adapter (unmerged); "
-                f"default: {FLOOR_SHARE} (fp32 compute) or {BF16_FLOOR_SHARE} (bf16 compute) x the "
-                "measured noise floor (the base's logits moved by one export-dtype ulp on every "
-                f"adapted weight), at least {FP32_LOGIT_NOISE}"})
+        "help": f"max |logit difference| of the export versus base + adapter (default: {FLOOR_SHARE} x the "
+                f"measured noise floor, {BF16_FLOOR_SHARE} x in bf16 compute, at least {FP32_LOGIT_NOISE})"})
     verify_samples: int = field(default=4, metadata={"help": "eval samples whose logits are compared"})
     save_dtype: str = field(default="bfloat16", metadata={
-        "help": "dtype of the saved weights (bfloat16: what Gemma checkpoints ship; float32 merges and "
-                "holds the model in fp32 while saving, twice its bf16 size in memory and on disk)",
+        "help": "dtype of the saved weights (float32: twice the memory and disk of bfloat16)",
         "choices": list(SAVE_DTYPES)})
     min_delta_kept: float = field(default=DEFAULT_MIN_DELTA_KEPT, metadata={
-        "help": "share of the adapter's weight change (||s·B·A||) that bf16 must keep; under it "
-                "--if-delta-lost decides"})
+        "help": "share of the adapter's weight change that bf16 must keep, else --if-delta-lost"})
     if_delta_lost: str = field(default="float32", metadata={
-        "help": "when bf16 keeps less than --min-delta-kept of the adapter's weight change: float32 "
-                "(export fp32, which keeps it), bfloat16 (export bf16 anyway, with a warning) or fail",
+        "help": "when bf16 keeps too little: export float32, bfloat16 anyway (a warning), or fail",
         "choices": list(DELTA_LOST_ACTIONS)})
     max_shard_size: str = field(default="5GB", metadata={
         "help": "largest safetensors shard, e.g. 5GB (a bigger single tensor gets a shard of its own)"})
     verify_saved: bool = field(default=True, metadata={
-        "help": "reload the saved export from disk and verify it (what gets served). Peak memory stays "
-                "one model (the in-memory merged model is freed first); it costs one more read of the "
-                "weights. --no-verify-saved checks only the in-memory merged model"})
+        "help": "reload the saved export from disk and verify it (--no-verify-saved: the in-memory model)"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cuda, cuda:N or cpu"})
 
     def __post_init__(self) -> None:
-        model = Path(self.model_dir)
-        if not model.is_dir():
-            raise FileNotFoundError(f"--model-dir {self.model_dir}: folder not found")
-        if not (model / "config.json").is_file():
-            raise FileNotFoundError(f"--model-dir {self.model_dir}: no config.json there (not a model folder)")
-        adapter = Path(self.adapter_dir)
-        if not adapter.is_dir():
-            raise FileNotFoundError(f"--adapter-dir {self.adapter_dir}: folder not found")
-        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            if not (adapter / name).is_file():
-                raise FileNotFoundError(
-                    f"--adapter-dir {self.adapter_dir}: no {name} there (not a finished fine-tune output)")
-        if self.dataset_dir is not None and not (Path(self.dataset_dir) / DATASET_MANIFEST).is_file():
-            raise FileNotFoundError(
-                f"--dataset-dir {self.dataset_dir}: no {DATASET_MANIFEST} there (not a complete prepared dataset)")
-        if self.metrics_path is not None and not Path(self.metrics_path).is_file():
-            raise FileNotFoundError(f"--metrics-path {self.metrics_path}: file not found")
-        output = Path(self.output_dir).resolve()
-        for flag, value in (("--model-dir", self.model_dir), ("--adapter-dir", self.adapter_dir),
-                            ("--dataset-dir", self.dataset_dir)):
-            if value is None:
-                continue
-            inputs = Path(value).resolve()
-            # The export replaces --output-dir whole; it must never be, or hold, an input.
-            if output == inputs or output in inputs.parents:
-                raise ValueError(f"--output-dir {self.output_dir} would replace {flag} {value}; pick another folder")
+        _check_folders(self)
         if self.tolerance is not None and not self.tolerance >= 0:
             raise ValueError(f"--tolerance must be >= 0, got {self.tolerance}")
         if not 0 <= self.min_delta_kept <= 1:
@@ -161,6 +91,33 @@ class MergeExportConfig:
             raise ValueError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if not SHARD_SIZE_PATTERN.match(self.max_shard_size.strip()):
             raise ValueError(f"--max-shard-size must look like 5GB, 500MB or a byte count, got {self.max_shard_size!r}")
+
+
+def _check_folders(config: MergeExportConfig) -> None:
+    """The input folders hold what their steps write; the output is none of them."""
+    model = Path(config.model_dir)
+    if not model.is_dir():
+        raise FileNotFoundError(f"--model-dir {config.model_dir}: folder not found")
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"--model-dir {config.model_dir}: no config.json there (not a model folder)")
+    adapter = Path(config.adapter_dir)
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"--adapter-dir {config.adapter_dir}: folder not found")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (adapter / name).is_file():
+            raise FileNotFoundError(
+                f"--adapter-dir {config.adapter_dir}: no {name} there (not a finished fine-tune output)")
+    if config.dataset_dir is not None and not (Path(config.dataset_dir) / DATASET_MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"--dataset-dir {config.dataset_dir}: no {DATASET_MANIFEST} there (not a complete prepared dataset)")
+    if config.metrics_path is not None and not Path(config.metrics_path).is_file():
+        raise FileNotFoundError(f"--metrics-path {config.metrics_path}: file not found")
+    output = Path(config.output_dir).resolve()
+    for flag, value in (("--model-dir", config.model_dir), ("--adapter-dir", config.adapter_dir),
+                        ("--dataset-dir", config.dataset_dir)):
+        # The export replaces --output-dir whole; it must never be, or hold, an input.
+        if value is not None and (output == Path(value).resolve() or output in Path(value).resolve().parents):
+            raise ValueError(f"--output-dir {config.output_dir} would replace {flag} {value}; pick another folder")
 
 
 # --- provenance -------------------------------------------------------------------------------
@@ -185,7 +142,7 @@ def base_model_info(model_dir: str) -> dict:
     if manifest_path.is_file():
         manifest = read_json(manifest_path)
         info.update({key: manifest.get(key) for key in ("source", "revision", "manifest_sha256")})
-    stand_in = Path(model_dir) / "tiny_model.json"
+    stand_in = Path(model_dir) / TINY_MODEL_INFO
     if stand_in.is_file():
         info["stand_in"] = read_json(stand_in).get("stand_in")
     return info
@@ -286,8 +243,8 @@ def verification_inputs(processor, dataset_dir: str | None, count: int) -> tuple
 
 
 def compute_logits(model, batches: list[dict], device) -> list:
-    """Logits on the CPU in the model's dtype (bf16 halves the host memory: a real Gemma 4 sample
-    of ~550 tokens x 262,144 vocabulary is ~0.3 GB), one tensor per sample."""
+    """Logits on the CPU, one tensor per sample, in the model's dtype (a real sample's bf16 logits
+    are ~0.3 GB of host memory: docs/merge.md)."""
     import torch
 
     out = []
@@ -453,13 +410,8 @@ def save_weights(model, folder: Path, max_shard_size: str) -> None:
 
 
 def cast_weights_(model, dtype) -> None:
-    """Cast the parameters and persistent buffers (what the files hold) in place.
-
-    Not ``model.to(dtype)``: that also casts non-persistent buffers such as RoPE's ``inv_freq``,
-    which transformers keeps in fp32 whatever the model dtype; in bf16 they lose their third
-    digit (0.5623 -> 0.5625) and positions drift. Found by the save/load check: such a model
-    differed from the reloaded export by 6e-2 in logits.
-    """
+    """Cast the parameters and persistent buffers (what the files hold) in place. Not
+    ``model.to(dtype)``: RoPE's non-persistent ``inv_freq`` must stay fp32 (docs/merge.md)."""
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if param.is_floating_point():
@@ -494,24 +446,19 @@ def check_tolerance(what: str, comparison: dict, bound: float, name: str) -> Non
 HUB_ID = re.compile(r"^(?:hf://|https://huggingface\.co/)?([\w.-]+/[\w.-]+)/?$")
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, dict)):
-        return "`" + json.dumps(value) + "`"
-    return str(value)
+def card_metadata(base: dict) -> str:
+    """The card's YAML header (Hub metadata), written by huggingface_hub's ModelCardData."""
+    from huggingface_hub import ModelCardData
 
-
-def model_card(meta: dict) -> str:
-    base, adapter, data, verify = meta["base_model"], meta["adapter"], meta["dataset"], meta["verification"]
     hub = HUB_ID.match(base["source"] or "")
-    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text"]
-    if hub:
-        front += [f"base_model: {hub.group(1)}", "base_model_relation: finetune"]
-    front += ["tags:", "  - gemma4", "  - lora", "  - merged", "  - image-classification", "---", ""]
-    lines = front + [
+    relation = {"base_model": hub.group(1), "base_model_relation": "finetune"} if hub else {}
+    data = ModelCardData(library_name="transformers", pipeline_tag="image-text-to-text",
+                         tags=["gemma4", "lora", "merged", "image-classification"], **relation)
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def _card_intro(meta: dict) -> list[str]:
+    return [
         "# Gemma 4 image classifier (LoRA merged)",
         "",
         "A Gemma 4 vision-language model fine-tuned with (Q)LoRA to name the class of an image, with the",
@@ -529,45 +476,41 @@ def model_card(meta: dict) -> str:
         "",
         "    " + meta["prompt_instruction"],
         "",
-        "## Base model",
-        "",
-        "| field | value |",
-        "|---|---|",
-        f"| source | {_fmt(base['source'] or base['model_dir'])} |",
-        f"| revision | {_fmt(base['revision'])} |",
-        f"| weights manifest sha256 | {_fmt(base['manifest_sha256'])} |",
     ]
-    if base.get("stand_in"):
-        lines.append(f"| note | {base['stand_in']} |")
-    lines += [
-        "",
-        "## Adapter and training data",
-        "",
-        "| field | value |",
-        "|---|---|",
+
+
+def _table(heading: str, columns: str, rows: list[str]) -> list[str]:
+    return [f"## {heading}", "", f"| {columns} |", "|---|---|", *rows, ""]
+
+
+def _card_provenance(meta: dict) -> list[str]:
+    """Base model, adapter and data, hyperparameters, evaluation."""
+    base, adapter, data, hyper = meta["base_model"], meta["adapter"], meta["dataset"], meta["hyperparameters"]
+    lines = _table("Base model", "field | value", [
+        f"| source | {fmt(base['source'] or base['model_dir'])} |",
+        f"| revision | {fmt(base['revision'])} |",
+        f"| weights manifest sha256 | {fmt(base['manifest_sha256'])} |",
+        *([f"| note | {base['stand_in']} |"] if base.get("stand_in") else [])])
+    lines += _table("Adapter and training data", "field | value", [
         f"| adapter_model.safetensors sha256 | {adapter['adapter_model_sha256']} |",
         f"| adapter_config.json sha256 | {adapter['adapter_config_sha256']} |",
-        f"| dataset manifest sha256 | {_fmt(data and data['manifest_sha256'])} |",
-    ]
-    lines += [f"| training {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in adapter.get("train_summary", {}).items()]
-    lines += [
-        "",
-        "## Hyperparameters",
-        "",
-        "| name | value |",
-        "|---|---|",
-    ]
-    hyper = meta["hyperparameters"]
-    lines += [f"| lora.{k} | {_fmt(v)} |" for k, v in hyper["lora"].items()]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in (hyper["finetune"] or {}).items()]
-    lines += ["", "## Evaluation", ""]
+        f"| dataset manifest sha256 | {fmt(data and data['manifest_sha256'])} |",
+        *[f"| training {k.replace('_', ' ')} | {fmt(v)} |" for k, v in adapter.get("train_summary", {}).items()]])
+    lines += _table("Hyperparameters", "name | value", [
+        *[f"| lora.{k} | {fmt(v)} |" for k, v in hyper["lora"].items()],
+        *[f"| {k} | {fmt(v)} |" for k, v in (hyper["finetune"] or {}).items()]])
+    lines += ["## Evaluation", ""]
     if meta["metrics"]:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in meta["metrics"].items()]
+        lines += ["| metric | value |", "|---|---|", *[f"| {k} | {fmt(v)} |" for k, v in meta["metrics"].items()]]
     else:
         lines.append("No evaluation metrics were given to the export step.")
-    lines += [
-        "",
+    return lines + [""]
+
+
+def _card_verification(meta: dict) -> list[str]:
+    verify, dtype, bound = meta["verification"], meta["dtype"], fmt(meta["tolerance"])
+    kept = verify["bf16_delta_kept"] and verify["bf16_delta_kept"]["kept"]
+    return [
         "## Merge verification",
         "",
         f"Logits of the {verify['verified']} against base + adapter (unmerged) on "
@@ -575,30 +518,31 @@ def model_card(meta: dict) -> str:
         "",
         "| check | value | bound |",
         "|---|---|---|",
-        f"| max abs logit diff, export vs base + adapter | {_fmt(meta['max_abs_logit_diff'])} | "
-        f"{_fmt(meta['tolerance'])} |",
-        f"| max rel logit diff (to the largest reference logit) | {_fmt(meta['max_rel_logit_diff'])} | |",
-        f"| argmax agreement | {_fmt(verify['argmax_agreement'])} | |",
-        f"| noise floor: base vs base with every adapted weight one {meta['dtype']} ulp off | "
-        f"{_fmt(verify['noise_floor_max_abs_logit_diff'])} | |",
-        f"| merged in memory vs base + adapter | {_fmt(verify['merge_max_abs_logit_diff'])} | "
-        f"{_fmt(meta['tolerance'])} |",
-        f"| save/load: reloaded export vs weights written | {_fmt(verify['save_load_max_abs_logit_diff'])} | "
-        f"{_fmt(verify['save_load_tolerance'])} |",
-        f"| adapter effect: base vs base + adapter | {_fmt(verify['adapter_effect_max_abs_logit_diff'])} | |",
-        f"| adapter's logit effect kept by the export | {_fmt(verify['logit_effect_kept'])} | |",
-        f"| weight check: worst layer, in half-ulps of {meta['dtype']} | "
-        f"{_fmt(verify['weight_check']['max_half_ulps'])} | 1 |",
-        f"| bf16's share of the adapter's weight change | "
-        f"{_fmt(verify['bf16_delta_kept'] and verify['bf16_delta_kept']['kept'])} | |",
+        f"| max abs logit diff, export vs base + adapter | {fmt(meta['max_abs_logit_diff'])} | {bound} |",
+        f"| max rel logit diff (to the largest reference logit) | {fmt(meta['max_rel_logit_diff'])} | |",
+        f"| argmax agreement | {fmt(verify['argmax_agreement'])} | |",
+        f"| noise floor: base vs base with every adapted weight one {dtype} ulp off | "
+        f"{fmt(verify['noise_floor_max_abs_logit_diff'])} | |",
+        f"| merged in memory vs base + adapter | {fmt(verify['merge_max_abs_logit_diff'])} | {bound} |",
+        f"| save/load: reloaded export vs weights written | {fmt(verify['save_load_max_abs_logit_diff'])} | "
+        f"{fmt(verify['save_load_tolerance'])} |",
+        f"| adapter effect: base vs base + adapter | {fmt(verify['adapter_effect_max_abs_logit_diff'])} | |",
+        f"| adapter's logit effect kept by the export | {fmt(verify['logit_effect_kept'])} | |",
+        f"| weight check: worst layer, in half-ulps of {dtype} | {fmt(verify['weight_check']['max_half_ulps'])} | 1 |",
+        f"| bf16's share of the adapter's weight change | {fmt(kept)} | |",
         "",
-        f"Saved dtype: {meta['dtype']}.",
+        f"Saved dtype: {dtype}.",
         "",
         f"Exported by gemma-pets {meta['project_version']} on {meta['created_at']}.",
         "Use of the weights is governed by the base model's license.",
         "",
     ]
-    return "\n".join(lines)
+
+
+def model_card(meta: dict) -> str:
+    """README.md of the export: Hub metadata, how to load and prompt it, provenance, verification."""
+    body = _card_intro(meta) + _card_provenance(meta) + _card_verification(meta)
+    return card_metadata(meta["base_model"]) + "\n" + "\n".join(body)
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -624,7 +568,7 @@ def export_dtype(config: MergeExportConfig, peft_model) -> tuple[Any, dict | Non
 
 
 def floor_share(peft_model) -> float:
-    """How many noise floors a right merge may be off: see "How the export is checked" above."""
+    """How many noise floors a right merge may be off, by compute dtype (docs/merge.md)."""
     import torch
 
     compute = next(peft_model.get_base_model().parameters()).dtype
@@ -711,6 +655,29 @@ def verification_dtype(device, dtype):
     return torch.float32 if dtype == torch.float32 else modeling.compute_dtype(device)
 
 
+def verification_record(config: MergeExportConfig, numbers: dict, final: dict, save_load: dict | None,
+                        batches: list, device, compute, inputs_described: str, bf16_kept: dict | None) -> dict:
+    """What was checked and how it came out, for export_metadata.json and the model card."""
+    return {
+        "inputs": inputs_described,
+        "samples": len(batches),
+        "device": str(device),
+        "compute_dtype": str(compute).removeprefix("torch."),
+        "verified": "saved export reloaded from disk" if config.verify_saved else
+                    "in-memory merged model holding the saved values (--no-verify-saved)",
+        "tolerance_source": "--tolerance" if config.tolerance is not None else "noise floor",
+        "argmax_agreement": final["argmax_agreement"],
+        "noise_floor_max_abs_logit_diff": numbers["floor"]["max_abs_logit_diff"],
+        "merge_max_abs_logit_diff": numbers["in_memory"]["max_abs_logit_diff"],
+        "save_load_max_abs_logit_diff": save_load and save_load["max_abs_logit_diff"],
+        "save_load_tolerance": SAVE_LOAD_TOLERANCE,
+        "adapter_effect_max_abs_logit_diff": numbers["effect"]["max_abs_logit_diff"],
+        "logit_effect_kept": logit_effect_kept(final, numbers["effect"]),
+        "weight_check": numbers["weights"],
+        "bf16_delta_kept": bf16_kept,
+    }
+
+
 def run(config: MergeExportConfig) -> dict:
     from components import modeling, prompting
 
@@ -740,24 +707,8 @@ def run(config: MergeExportConfig) -> dict:
             for p in sorted(tmp.iterdir())
             if p.is_file() and (p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json"))
         ]
-        verification = {
-            "inputs": inputs_described,
-            "samples": len(batches),
-            "device": str(device),
-            "compute_dtype": str(compute).removeprefix("torch."),
-            "verified": "saved export reloaded from disk" if config.verify_saved else
-                        "in-memory merged model holding the saved values (--no-verify-saved)",
-            "tolerance_source": "--tolerance" if config.tolerance is not None else "noise floor",
-            "argmax_agreement": final["argmax_agreement"],
-            "noise_floor_max_abs_logit_diff": numbers["floor"]["max_abs_logit_diff"],
-            "merge_max_abs_logit_diff": numbers["in_memory"]["max_abs_logit_diff"],
-            "save_load_max_abs_logit_diff": save_load and save_load["max_abs_logit_diff"],
-            "save_load_tolerance": SAVE_LOAD_TOLERANCE,
-            "adapter_effect_max_abs_logit_diff": numbers["effect"]["max_abs_logit_diff"],
-            "logit_effect_kept": logit_effect_kept(final, numbers["effect"]),
-            "weight_check": numbers["weights"],
-            "bf16_delta_kept": bf16_kept,
-        }
+        verification = verification_record(config, numbers, final, save_load, batches, device, compute,
+                                           inputs_described, bf16_kept)
         meta = {
             "base_model": base_info,
             "adapter": adapter,
@@ -777,10 +728,10 @@ def run(config: MergeExportConfig) -> dict:
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         write_bytes_atomic(tmp / MODEL_CARD, model_card(meta).encode())
-        write_json_atomic(tmp / METADATA_FILE, meta)  # last: marks the export complete
+        write_json_atomic(tmp / EXPORT_METADATA, meta)  # last: marks the export complete
     print(f"wrote {config.output_dir}: {len(files)} weight file(s) in {meta['dtype']}, max |logit diff| "
           f"{final['max_abs_logit_diff']:.3g} <= {numbers['bound']:.3g}, adapter's logit effect kept "
-          f"{_fmt(verification['logit_effect_kept'])}")
+          f"{fmt(verification['logit_effect_kept'])}")
     return meta
 
 

@@ -1,35 +1,10 @@
 """``gemma-pets prepare-dataset``: any supported image-classification source -> Parquet shards.
 
-Sources (``--source-format auto`` tells them apart from ``--source``):
-
-* ``official``: the Oxford-IIIT Pet layout, either a folder holding ``images/`` and
-  ``annotations/{list,trainval,test}.txt``, or the official tarballs ``images.tar.gz`` and
-  ``annotations.tar.gz`` (a folder holding both, or the two paths joined by a comma). The
-  split is kept (trainval -> train, test -> eval) unless ``--resplit``.
-* ``hf``: a Hugging Face dataset with an Image column and a ClassLabel column, loaded by
-  ``datasets.load_dataset`` (hub id + ``--revision``, token only from ``HF_TOKEN``; only an
-  ``owner/name`` that is no local path goes to the Hub, see ``components.cli.hub_id``), or by
-  ``datasets.load_from_disk`` when the path is a ``save_to_disk`` folder. The defaults fit
-  ``timm/oxford-iiit-pet`` (splits train/test, columns image, label, image_id). Tested here
-  with local folders only (no hub access from the test machines).
-* ``imagefolder``: one sub-folder per class (class names = sub-folder names, sorted); no
-  split, so it is always re-split (stratified, ``--eval-fraction``).
-
-Output: ``{train,eval}-0000i-of-0000N.parquet`` shards (columns id, image, label, label_name)
-and ``manifest.json``, written last; ``components.shards`` reads them back. Images are decoded
-by content (not by extension) and stored as RGB JPEG: a source JPEG that already is RGB is
-kept byte for byte (no second lossy generation), anything else (grayscale, RGBA, palette,
-CMYK, 16-bit, PNG, GIF...) is converted to RGB and encoded at ``--jpeg-quality``. JPEG rather
-than PNG because the sources are JPEG photos: PNG of a photo is several times larger and the
-model resizes the image anyway; ``--image-format png`` is there for lossless sources.
-Files that do not decode are skipped and listed in the manifest with the reason.
-
-Every check that needs no pixel data (annotation files, class list, labels, requested sizes)
-runs before any image is read, and nothing is written to ``--output-dir`` until every image
-has been read. A rerun into a folder that holds a dataset prepared with the same options (and
-intact shards) does nothing; other options are refused unless ``--overwrite``. Bad input ends
-as one ``error: ...`` line naming the flag or file (components.cli.UserError); the table of
-cases and messages is docs/bad-input.md.
+Sources: the official Oxford-IIIT Pet layout (folders or the two tarballs), a Hugging Face dataset
+(hub id or local folder), or one sub-folder per class. Output: ``{train,eval}-*.parquet`` shards
+of RGB images and ``manifest.json``, written last (``components.shards`` reads them). Every check
+that needs no pixels runs before any image is read; nothing is written until every image is read.
+The contract in full: docs/steps.md; bad input and its messages: docs/bad-input.md.
 """
 
 from __future__ import annotations
@@ -60,7 +35,8 @@ from tqdm import tqdm
 
 from components.cli import UserError, entrypoint, hub_id, parse_config
 from components.files import read_json, sha256_bytes, sha256_file, write_bytes_atomic, write_json_atomic
-from components.shards import MANIFEST_NAME, SPLITS
+from components.artifacts import DATASET_MANIFEST
+from components.shards import SPLITS
 
 # ---------------------------------------------------------------------------------------------
 # The official Oxford-IIIT Pet format (also written by components.synthetic_pets)
@@ -169,37 +145,38 @@ class PrepareDatasetConfig:
                 "default a rerun with the same options reuses it, and other options are refused)"})
 
     def __post_init__(self) -> None:
-        if not self.source:
-            raise UserError("--source must not be empty")
-        if not self.output_dir:
-            raise UserError("--output-dir must not be empty")
-        if self.source_format not in SOURCE_FORMATS:
-            raise UserError(f"--source-format must be one of {SOURCE_FORMATS}, got {self.source_format!r}")
-        if self.image_format not in IMAGE_FORMATS:
-            raise UserError(f"--image-format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         # accept "--classes a,b c" as well as "--classes a b c" (KFP passes one string)
         self.classes = [name for item in self.classes for name in item.split(",") if name]
-        if len(set(self.classes)) != len(self.classes):
-            raise UserError(f"--classes lists a class twice: {self.classes}")
-        if self.classes and self.num_classes is not None:
-            raise UserError("give --classes or --num-classes, not both")
-        if self.num_classes is not None and self.num_classes < MIN_CLASSES or len(self.classes) == 1:
-            given = f"--num-classes {self.num_classes}" if self.classes == [] else f"--classes {self.classes[0]}"
-            raise UserError(f"{given}: keep at least {MIN_CLASSES} classes ({WHY_TWO_CLASSES})")
-        for flag, value in (("--train-size", self.train_size), ("--eval-size", self.eval_size)):
-            if value is not None and value < 1:
-                raise UserError(f"{flag} must be >= 1, got {value}")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise UserError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise UserError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
-        if self.examples_per_shard < 1:
-            raise UserError(f"--examples-per-shard must be >= 1, got {self.examples_per_shard}")
-        if self.num_workers < 0:
-            raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+        _check_options(self)
 
 
-Config = PrepareDatasetConfig  # the name every step module also answers to
+def _check_options(config: PrepareDatasetConfig) -> None:
+    if not config.source:
+        raise UserError("--source must not be empty")
+    if not config.output_dir:
+        raise UserError("--output-dir must not be empty")
+    if config.source_format not in SOURCE_FORMATS:
+        raise UserError(f"--source-format must be one of {SOURCE_FORMATS}, got {config.source_format!r}")
+    if config.image_format not in IMAGE_FORMATS:
+        raise UserError(f"--image-format must be one of {IMAGE_FORMATS}, got {config.image_format!r}")
+    if len(set(config.classes)) != len(config.classes):
+        raise UserError(f"--classes lists a class twice: {config.classes}")
+    if config.classes and config.num_classes is not None:
+        raise UserError("give --classes or --num-classes, not both")
+    if config.num_classes is not None and config.num_classes < MIN_CLASSES or len(config.classes) == 1:
+        given = f"--num-classes {config.num_classes}" if config.classes == [] else f"--classes {config.classes[0]}"
+        raise UserError(f"{given}: keep at least {MIN_CLASSES} classes ({WHY_TWO_CLASSES})")
+    for flag, value in (("--train-size", config.train_size), ("--eval-size", config.eval_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if not 0.0 < config.eval_fraction < 1.0:
+        raise UserError(f"--eval-fraction must be in (0, 1), got {config.eval_fraction}")
+    if not 1 <= config.jpeg_quality <= 100:
+        raise UserError(f"--jpeg-quality must be in 1..100, got {config.jpeg_quality}")
+    if config.examples_per_shard < 1:
+        raise UserError(f"--examples-per-shard must be >= 1, got {config.examples_per_shard}")
+    if config.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {config.num_workers}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +244,61 @@ def _parse_annotation_file(text: str, filename: str) -> list[tuple[str, int]]:
     return rows
 
 
+def _safe_member_name(member: tarfile.TarInfo, tar_path: Path) -> str:
+    """The member's normalised relative name; refuses absolute or '..' paths and links."""
+    name = member.name
+    parts = PurePosixPath(name).parts
+    if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+        raise UserError(f"{tar_path}: unsafe member path {name!r} (absolute or outside the archive)")
+    if member.issym() or member.islnk():
+        raise UserError(f"{tar_path}: member {name!r} is a link; refusing to follow it")
+    return str(PurePosixPath(*[p for p in parts if p not in (".", "")])) if parts else ""
+
+
+def _read_annotations_tar(path: Path) -> dict[str, str]:
+    wanted = {f"annotations/{name}": name for name in ANNOTATION_FILES}
+    texts: dict[str, str] = {}
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            name = _safe_member_name(member, path)
+            if member.isfile() and name in wanted:
+                texts[wanted[name]] = tar.extractfile(member).read().decode("utf-8")
+    missing = [f"annotations/{n}" for n in ANNOTATION_FILES if n not in texts]
+    if missing:
+        raise UserError(f"missing annotation file(s) {missing} in {path}")
+    return texts
+
+
+def _read_annotations_folder(root: Path) -> dict[str, str]:
+    if not (root / "images").is_dir():
+        raise UserError(f"--source {root}: no images/ folder next to annotations/ (official "
+                        "layout: images/ + annotations/); extract images.tar.gz there")
+    folder = root / "annotations"
+    texts = {}
+    for name in ANNOTATION_FILES:
+        if not (folder / name).is_file():
+            raise UserError(f"missing annotation file {folder / name} "
+                            "(the official layout needs list.txt, trainval.txt, test.txt)")
+        texts[name] = (folder / name).read_text(encoding="utf-8")
+    return texts
+
+
+def _split_of(listed: dict[str, list[tuple[str, int]]], label: str) -> dict[str, str]:
+    """image -> our split, from trainval.txt / test.txt, each checked against list.txt."""
+    catalogue = dict(listed["list.txt"])
+    split_of: dict[str, str] = {}
+    for split, filename in SPLIT_FILES.items():
+        for image, class_index in listed[filename]:
+            if catalogue.get(image) != class_index:
+                raise UserError(f"{label}{filename}: {image!r} with CLASS-ID {class_index + 1} "
+                                "is not listed with that CLASS-ID in list.txt")
+            if image in split_of:
+                raise UserError(f"{label}{filename}: {image!r} is also in "
+                                f"{SPLIT_FILES[split_of[image]]}")
+            split_of[image] = split
+    return split_of
+
+
 class OfficialSource(Source):
     """Oxford-IIIT Pet: images/ + annotations/ folders, or the two official tarballs."""
 
@@ -277,33 +309,12 @@ class OfficialSource(Source):
         self.root, self.images_tar = root, images_tar
         self._tmp: tempfile.TemporaryDirectory | None = None
         if annotations_tar is not None:
-            texts = self._read_annotations_tar(annotations_tar)
-            label = f"{annotations_tar.name}:annotations/"
+            texts, label = _read_annotations_tar(annotations_tar), f"{annotations_tar.name}:annotations/"
         else:
             assert root is not None
-            if not (root / "images").is_dir():
-                raise UserError(f"--source {root}: no images/ folder next to annotations/ (official "
-                                "layout: images/ + annotations/); extract images.tar.gz there")
-            folder = root / "annotations"
-            texts = {}
-            for name in ANNOTATION_FILES:
-                if not (folder / name).is_file():
-                    raise UserError(f"missing annotation file {folder / name} "
-                                    "(the official layout needs list.txt, trainval.txt, test.txt)")
-                texts[name] = (folder / name).read_text(encoding="utf-8")
-            label = f"{folder}/"
+            texts, label = _read_annotations_folder(root), f"{root / 'annotations'}/"
         listed = {name: _parse_annotation_file(texts[name], label + name) for name in ANNOTATION_FILES}
-        catalogue = dict(listed["list.txt"])
-        split_of: dict[str, str] = {}
-        for split, filename in SPLIT_FILES.items():
-            for image, class_index in listed[filename]:
-                if catalogue.get(image) != class_index:
-                    raise UserError(f"{label}{filename}: {image!r} with CLASS-ID {class_index + 1} "
-                                    "is not listed with that CLASS-ID in list.txt")
-                if image in split_of:
-                    raise UserError(f"{label}{filename}: {image!r} is also in "
-                                    f"{SPLIT_FILES[split_of[image]]}")
-                split_of[image] = split
+        split_of = _split_of(listed, label)
         self.class_names = list(OXFORD_PET_CLASSES)
         self.has_split = True
         # images in list.txt but in neither split file have no split: left out, and reported
@@ -318,42 +329,17 @@ class OfficialSource(Source):
                             f"{label}list.txt is there (e.g. {self.items[0].ref}); put the images "
                             "there (extract images.tar.gz into it)")
 
-    @staticmethod
-    def _safe_member_name(member: tarfile.TarInfo, tar_path: Path) -> str:
-        """The member's normalised relative name; refuses absolute or '..' paths and links."""
-        name = member.name
-        parts = PurePosixPath(name).parts
-        if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-            raise UserError(f"{tar_path}: unsafe member path {name!r} (absolute or outside the archive)")
-        if member.issym() or member.islnk():
-            raise UserError(f"{tar_path}: member {name!r} is a link; refusing to follow it")
-        return str(PurePosixPath(*[p for p in parts if p not in (".", "")])) if parts else ""
-
-    def _read_annotations_tar(self, path: Path) -> dict[str, str]:
-        wanted = {f"annotations/{name}": name for name in ANNOTATION_FILES}
-        texts: dict[str, str] = {}
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                name = self._safe_member_name(member, path)
-                if member.isfile() and name in wanted:
-                    texts[wanted[name]] = tar.extractfile(member).read().decode("utf-8")
-        missing = [f"annotations/{n}" for n in ANNOTATION_FILES if n not in texts]
-        if missing:
-            raise UserError(f"missing annotation file(s) {missing} in {path}")
-        return texts
-
     def fetch(self, items: list[Item]) -> None:
         if self.images_tar is None:
             return
-        # Extract only the listed images; each is written under a path we build from the
-        # validated name, never from the member's own path, so nothing lands outside tmp.
+        # Only the listed images, each written under a path built from its validated name.
         self._tmp = tempfile.TemporaryDirectory(prefix="prepare-dataset-")
         needed = {item.ref for item in items}
         with tarfile.open(self.images_tar, "r:*") as tar, tqdm(
                 total=len(needed), desc=f"extract {self.images_tar.name}", unit="img",
                 file=sys.stderr) as bar:
             for member in tar:
-                name = self._safe_member_name(member, self.images_tar)
+                name = _safe_member_name(member, self.images_tar)
                 if member.isfile() and name in needed:
                     target = Path(self._tmp.name, *PurePosixPath(name).parts)
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -402,29 +388,46 @@ class ImageFolderSource(Source):
         return Path(item.ref).read_bytes()
 
 
+def _load_hf(config: PrepareDatasetConfig):
+    """The dataset (or DatasetDict) --source names: a saved folder, a loadable folder, or a hub id."""
+    import datasets  # heavy import (~2 s): only for this source
+
+    path = Path(config.source)
+    if not path.exists():
+        if hub_id(config.source) is None:
+            raise UserError(f"--source {config.source}: {NO_SUCH_SOURCE}")
+        return _load_from_hub(config)
+    is_saved = path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+    try:
+        return (datasets.load_from_disk(str(path)) if is_saved
+                else datasets.load_dataset(str(path), cache_dir=config.hf_cache_dir))
+    except Exception as err:  # noqa: BLE001 - re-raised with the flag named
+        raise UserError(f"--source {config.source}: could not load it as a Hugging Face "
+                        f"dataset folder ({type(err).__name__}: {err})") from err
+
+
+def _check_columns(config: PrepareDatasetConfig, features, split: str) -> None:
+    import datasets
+
+    for flag, column, kind in (("--image-column", config.image_column, datasets.Image),
+                               ("--label-column", config.label_column, datasets.ClassLabel)):
+        if column not in features:
+            raise UserError(f"{flag} {column!r}: no such column in split {split!r} (columns: {list(features)})")
+        if not isinstance(features[column], kind):
+            raise UserError(f"{flag} {column!r} in split {split!r} is {features[column]}, "
+                            f"not a datasets.{kind.__name__}")
+
+
 class HFSource(Source):
     """A Hugging Face dataset with an Image column and a ClassLabel column."""
 
     format = "hf"
 
     def __init__(self, config: PrepareDatasetConfig):
-        import datasets  # heavy import (~2 s): only for this source
+        import datasets
 
         self.revision = config.revision
-        path = Path(config.source)
-        is_saved = path.is_dir() and ((path / "dataset_dict.json").is_file()
-                                      or (path / "state.json").is_file())
-        if not path.exists():
-            if hub_id(config.source) is None:
-                raise UserError(f"--source {config.source}: {NO_SUCH_SOURCE}")
-            loaded = _load_from_hub(config)
-        else:
-            try:
-                loaded = (datasets.load_from_disk(str(path)) if is_saved
-                          else datasets.load_dataset(str(path), cache_dir=config.hf_cache_dir))
-            except Exception as err:  # noqa: BLE001 - re-raised with the flag named
-                raise UserError(f"--source {config.source}: could not load it as a Hugging Face "
-                                f"dataset folder ({type(err).__name__}: {err})") from err
+        loaded = _load_hf(config)
         single = isinstance(loaded, datasets.Dataset)  # a saved Dataset has no split names
         splits = {config.hf_train_split: loaded} if single else dict(loaded)
         wanted = {"train": config.hf_train_split}
@@ -436,49 +439,44 @@ class HFSource(Source):
                 raise UserError(f"{flag} {theirs!r}: no such split in {config.source} "
                                 f"(splits: {sorted(splits)})")
         self.has_split = "eval" in wanted
-        self.class_names = []
+        self.class_names, self.items, self.pre_skipped = [], [], []
         self._views: dict[str, Any] = {}
         self._lock = threading.Lock()  # Dataset row access is not documented as thread-safe
-        self.items = []
-        self.pre_skipped = []
+        self._image_column = config.image_column
         seen_ids: dict[str, str] = {}
         for ours, theirs in wanted.items():
-            ds = splits[theirs]
-            features = ds.features
-            for flag, column, kind in (("--image-column", config.image_column, datasets.Image),
-                                       ("--label-column", config.label_column, datasets.ClassLabel)):
-                if column not in features:
-                    raise UserError(f"{flag} {column!r}: no such column in split {theirs!r} "
-                                    f"(columns: {list(features)})")
-                if not isinstance(features[column], kind):
-                    raise UserError(f"{flag} {column!r} in split {theirs!r} is {features[column]}, "
-                                    f"not a datasets.{kind.__name__}")
-            names = list(features[config.label_column].names)
-            if self.class_names and names != self.class_names:
-                raise UserError(f"--label-column {config.label_column!r}: split {theirs!r} has "
-                                f"class names {names}, split {wanted['train']!r} has {self.class_names}")
-            self.class_names = names
-            labels = list(ds[config.label_column])
-            for row, label in enumerate(labels):
-                if label is None or not 0 <= label < len(names):
-                    raise UserError(f"--label-column {config.label_column!r}: split {theirs!r} row "
-                                    f"{row} has label {label}, outside the class list 0..{len(names) - 1}")
-            if config.id_column and config.id_column in features:
-                ids = [str(v) for v in ds[config.id_column]]
-            else:
-                ids = [f"{theirs}-{row:06d}" for row in range(len(labels))]
-            for row, (image_id, label) in enumerate(zip(ids, labels)):
-                if image_id in seen_ids:
-                    raise UserError(f"--id-column {config.id_column!r}: id {image_id!r} appears in "
-                                    f"{seen_ids[image_id]} and {theirs}[{row}]; give a unique "
-                                     "column or --id-column '' for '<split>-<row>' ids")
-                seen_ids[image_id] = f"{theirs}[{row}]"
-                self.items.append(Item(id=image_id, label=label, split=ours if self.has_split else None,
-                                       ref=(ours, row), origin=f"{theirs}[{row}]"))
-            # undecoded view: {"bytes", "path"} per row, so every source goes through one decoder
-            self._views[ours] = ds.select_columns([config.image_column]).cast_column(
-                config.image_column, datasets.Image(decode=False))
-        self._image_column = config.image_column
+            self._list_split(config, splits[theirs], ours, theirs, wanted["train"], seen_ids)
+
+    def _list_split(self, config: PrepareDatasetConfig, ds, ours: str, theirs: str, train_name: str,
+                    seen_ids: dict[str, str]) -> None:
+        import datasets
+
+        _check_columns(config, ds.features, theirs)
+        names = list(ds.features[config.label_column].names)
+        if self.class_names and names != self.class_names:
+            raise UserError(f"--label-column {config.label_column!r}: split {theirs!r} has "
+                            f"class names {names}, split {train_name!r} has {self.class_names}")
+        self.class_names = names
+        labels = list(ds[config.label_column])
+        for row, label in enumerate(labels):
+            if label is None or not 0 <= label < len(names):
+                raise UserError(f"--label-column {config.label_column!r}: split {theirs!r} row "
+                                f"{row} has label {label}, outside the class list 0..{len(names) - 1}")
+        if config.id_column and config.id_column in ds.features:
+            ids = [str(v) for v in ds[config.id_column]]
+        else:
+            ids = [f"{theirs}-{row:06d}" for row in range(len(labels))]
+        for row, (image_id, label) in enumerate(zip(ids, labels)):
+            if image_id in seen_ids:
+                raise UserError(f"--id-column {config.id_column!r}: id {image_id!r} appears in "
+                                f"{seen_ids[image_id]} and {theirs}[{row}]; give a unique "
+                                "column or --id-column '' for '<split>-<row>' ids")
+            seen_ids[image_id] = f"{theirs}[{row}]"
+            self.items.append(Item(id=image_id, label=label, split=ours if self.has_split else None,
+                                   ref=(ours, row), origin=f"{theirs}[{row}]"))
+        # undecoded view: {"bytes", "path"} per row, so every source goes through one decoder
+        self._views[ours] = ds.select_columns([config.image_column]).cast_column(
+            config.image_column, datasets.Image(decode=False))
 
     def read(self, item: Item) -> bytes:
         split, row = item.ref
@@ -878,7 +876,7 @@ def _dataset_options(config: PrepareDatasetConfig, given_source: str) -> dict[st
 def _reusable(output: Path, config: PrepareDatasetConfig, options: dict[str, Any]) -> dict | None:
     """The manifest of ``output`` when it already holds this very dataset, intact; None when
     there is none (or --overwrite); UserError when it holds another one."""
-    path = output / MANIFEST_NAME
+    path = output / DATASET_MANIFEST
     if not path.is_file():
         return None  # nothing there, or an unfinished run (its manifest goes first): rebuilt
     try:
@@ -888,7 +886,7 @@ def _reusable(output: Path, config: PrepareDatasetConfig, options: dict[str, Any
     if config.overwrite:
         return None
     if not isinstance(manifest, dict) or manifest.get("format") != DATASET_FORMAT:
-        raise UserError(f"--output-dir {output}: holds a {MANIFEST_NAME} that prepare-dataset did "
+        raise UserError(f"--output-dir {output}: holds a {DATASET_MANIFEST} that prepare-dataset did "
                         "not write; choose another --output-dir (or --overwrite)")
     old = {k: v for k, v in manifest.get("options", {}).items() if k not in RUN_ONLY_OPTIONS}
     changed = [k for k in sorted(set(old) | set(options)) if old.get(k) != options.get(k)]
@@ -908,12 +906,12 @@ def _clear_output(output: Path) -> None:
     """Remove the old dataset and what an interrupted run left behind, manifest first."""
     output.mkdir(parents=True, exist_ok=True)
     # from here until the new manifest lands the folder reads as incomplete
-    (output / MANIFEST_NAME).unlink(missing_ok=True)
+    (output / DATASET_MANIFEST).unlink(missing_ok=True)
     for split in SPLITS:
         # shards, and files.write_bytes_atomic's temporaries ('.<name>.<random>.tmp') of a killed run
         for stale in [*output.glob(f"{split}-*-of-*.parquet"), *output.glob(f".{split}-*-of-*.parquet.*.tmp")]:
             stale.unlink()
-    for stale in output.glob(f".{MANIFEST_NAME}.*.tmp"):
+    for stale in output.glob(f".{DATASET_MANIFEST}.*.tmp"):
         stale.unlink()
 
 
@@ -987,7 +985,7 @@ def run(config: PrepareDatasetConfig) -> dict[str, Any]:
         "skipped": skipped,
         "elapsed_s": round(time.perf_counter() - start, 2),
     }
-    write_json_atomic(output / MANIFEST_NAME, manifest)  # last: marks the folder complete
+    write_json_atomic(output / DATASET_MANIFEST, manifest)  # last: marks the folder complete
     print(f"prepared {split_info['train']['num_examples']} train + {split_info['eval']['num_examples']} "
           f"eval examples of {len(class_names)} classes from {source.format} source in "
           f"{manifest['elapsed_s']:.1f} s -> {output}")

@@ -1,20 +1,11 @@
 """Random-init Gemma 4 of a published size, written to disk as a downloaded checkpoint is.
 
-The real-size stand-in for rehearsals (there is no hub here): the real transformers classes
-(``Gemma4ForConditionalGeneration``, ``Gemma4Processor``) built from a published config
-(``gemma4_variants.json``: E2B, E4B, 31B, 26B-A4B as keyword arguments of transformers' config
-classes), random weights, bf16 safetensors shards, and the tiny stand-in's tokenizer and chat
-template (``components.tiny_model``; the large-model template for 31B and 26B-A4B). Speed, memory
-and file sizes do not depend on the weight values, so every step runs on it as on the real model.
-
-``--layers N`` keeps the published widths at fewer layers: the layer-type unit (five or six
-sliding layers then one full one) is repeated N / unit times and the KV-shared tail keeps its
-share of whole units, so the per-layer settings stay what the published model has.
+The real-size stand-in for rehearsals (no hub here): the real transformers classes built from a
+published config (``gemma4_variants.json``), random bf16 weights, and the tiny stand-in's tokenizer
+and chat template. Speed, memory and file sizes do not depend on the weight values.
+``--layers N`` keeps the published widths at fewer layers (docs/steps.md).
 
     gemma-pets random-model --variant gemma-4-31b --layers 12 --output-dir weights/
-
-Peak host memory is one bf16 copy of the model plus one shard (save_pretrained writes shard by
-shard): 62 GB + 5 GB for the full 31B.
 """
 
 from __future__ import annotations
@@ -24,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.artifacts import RANDOM_MODEL_INFO
 from components.cli import parse_config
 from components.files import atomic_dir
 
@@ -32,7 +24,6 @@ LARGE_TEMPLATE_VARIANTS = ("gemma-4-31b", "gemma-4-26b-a4b")  # the empty-though
 # BPE size of the stand-in tokenizer that makes the 37-name prompt + one 500x375 image + answer as
 # long in tokens as with Gemma's own tokenizer (~510 per 31B sample; the recipe measured 514).
 STAND_IN_VOCAB = 510
-INFO_FILE = "random_model.json"
 
 
 def load_variants(path: Path = VARIANTS_FILE) -> dict:
@@ -141,7 +132,7 @@ def run(cfg: RandomModelConfig) -> dict:
         model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
         del model
         processor.save_pretrained(tmp)
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / RANDOM_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
     info["folder_bytes"] = sum(p.stat().st_size for p in Path(cfg.output_dir).rglob("*") if p.is_file())
     print(f"wrote {cfg.output_dir}: {info['parameters']:,} parameters, {info['folder_bytes'] / 1e9:.2f} GB")
     return info

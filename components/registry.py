@@ -23,10 +23,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+from components.artifacts import REGISTRY_RECORD
 from components.files import link_or_copy, read_json, write_json_atomic
 
 CHAMPION = "champion"
-RECORD_FILE = "registry.json"
 # Vertex AI Model Garden's vLLM serving image for Gemma 4 (the tag Google's Gemma 4 deployment
 # scripts use); a pipeline parameter, so a dated tag can pin it.
 DEFAULT_SERVING_IMAGE = ("us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/"
@@ -72,7 +72,7 @@ class LocalRegistry:
         self.root = Path(root)
 
     def _record(self) -> dict[str, Any]:
-        path = self.root / RECORD_FILE
+        path = self.root / REGISTRY_RECORD
         return read_json(path) if path.is_file() else {"versions": [], "aliases": {}}
 
     def versions(self) -> list[Version]:
@@ -101,7 +101,7 @@ class LocalRegistry:
             "labels": dict(labels), "metrics": dict(metrics), "source_uri": str(export_dir),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         record["aliases"].update({alias: version_id for alias in aliases})
-        write_json_atomic(self.root / RECORD_FILE, record)  # last: the version exists only now
+        write_json_atomic(self.root / REGISTRY_RECORD, record)  # last: the version exists only now
         return next(v for v in self.versions() if v.version_id == version_id)
 
 

@@ -19,9 +19,9 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
+from components.artifacts import DATASET_MANIFEST
 from components.files import read_json, sha256_file
 
-MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "eval")
 COLUMNS = ["id", "image", "label", "label_name"]
 
@@ -42,7 +42,7 @@ class Example:
 def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
     """The manifest of a complete prepared dataset; a clear error when the folder is not one."""
     dataset_dir = Path(dataset_dir)
-    path = dataset_dir / MANIFEST_NAME
+    path = dataset_dir / DATASET_MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {dataset_dir} is not a complete prepared dataset "
@@ -67,7 +67,7 @@ def load_examples(dataset_dir: str | Path, split: str, limit: int | None = None)
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     if split not in manifest["splits"]:
-        raise ValueError(f"{dataset_dir / MANIFEST_NAME}: no split {split!r} "
+        raise ValueError(f"{dataset_dir / DATASET_MANIFEST}: no split {split!r} "
                          f"(has {sorted(manifest['splits'])})")
     examples: list[Example] = []
     for shard in manifest["splits"][split]["shards"]:

@@ -1,34 +1,9 @@
 """Stage a model's weights into a folder (the KFP artifact) or a gs:// prefix, verified and resumable.
 
-Sources: a Hugging Face repo id (``google/gemma-4-e2b-it``, at ``--revision``), a local folder,
-or a gs:// prefix (a Vertex FUSE path ``/gcs/b/x`` counts as ``gs://b/x``). A path that exists is
-local; only an ``owner/name`` that is not goes to the Hub, said on stderr first
-(``components.cli.hub_id``: '.', '/', '~' or two '/' never do). Only files matching
-``--allow-patterns`` are staged (by default what ``from_pretrained`` needs: configs, safetensors,
-tokenizer and chat template; no README, .gitattributes or duplicate .bin/.pth/.gguf weights).
-
-What the step guarantees:
-
-* ``weights_manifest.json`` is written LAST (atomically on disk; one request on GCS) and lists
-  every file with size and SHA-256, the resolved revision (the commit sha for HF) and
-  ``manifest_sha256``, the SHA-256 of the canonical JSON of the file list, which later steps use
-  as the weights' lineage hash. No manifest = not staged (the old one is removed first).
-* Every file is checked after the copy against what the source says it is: the Hub's LFS SHA-256
-  (or git blob id for small files), the SHA-256 of the local source file, or, for gs:// sources,
-  GCS's CRC32C plus the SHA-256 in the source's own ``weights_manifest.json`` when it has one (a
-  folder staged by this step). On a mismatch the error names the file and no manifest is written.
-* A rerun with the same source transfers nothing: when the destination's manifest has the same
-  source fingerprint and the destination still matches it (SHA-256 on disk, size + CRC32C on
-  GCS) the step returns that manifest. Otherwise each file is compared before it is copied.
-* An interrupted run resumes: gs:// copies per chunk (see ``components.gcs``), Hub downloads per
-  file (huggingface_hub keeps finished files and their metadata in ``.cache/huggingface``).
-* The Hub token comes only from the HF_TOKEN environment variable; it is passed to
-  huggingface_hub (which sends it as an Authorization header) and never logged or written.
-
-A local-folder source is hard-linked into a local destination when both are on one filesystem
-(``--hardlink``, the default): weights are read-only inputs, so a link is as good as a copy and
-costs neither time nor disk (a 10 GB model would otherwise be written twice); across
-filesystems, or with ``--no-hardlink``, files are copied.
+Sources: a Hugging Face repo id (at ``--revision``), a local folder, or a gs:// prefix (or its
+/gcs/ FUSE path). Every file is checked against what the source states; ``weights_manifest.json``
+(files, SHA-256s, the resolved revision, ``manifest_sha256``: the weights' lineage hash) is
+written last; a rerun with the same source moves nothing. Guarantees in full: docs/steps.md.
 """
 
 from __future__ import annotations
@@ -49,18 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from components import gcs
+from components.artifacts import WEIGHTS_MANIFEST
 from components.cli import entrypoint, hub_id, parse_config
 from components.files import link_or_copy, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "weights_manifest.json"
 HF_TOKEN_ENV = "HF_TOKEN"
 HF_ENDPOINT_ENV = "HF_ENDPOINT"
 HF_METADATA_DIR = ".cache"  # huggingface_hub's local_dir bookkeeping (.cache/huggingface/...)
 DEFAULT_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken")
 REQUIRED_FILE = "config.json"
-SOURCE_KINDS = ("hf", "local", "gcs")
 HUB_TIMEOUT_S = 10  # seconds per Hub metadata request: an unreachable Hub fails fast
 
 
@@ -88,9 +62,8 @@ class StageWeightsConfig:
     max_workers: int = field(default=8, metadata={
         "help": "parallel transfer threads (chunks of one large file, or small files)"})
     staging_dir: str = field(default="", metadata={
-        "help": "local scratch folder used when --destination is gs:// and --source is not local "
-                "(default: a folder under the system temp dir named after source+destination, "
-                "so an interrupted run resumes; removed after success)"})
+        "help": "scratch folder for a non-local --source staged to gs:// (default: one under the temp "
+                "dir named after source and destination, so a rerun resumes; removed after success)"})
     hardlink: bool = field(default=True, metadata={
         "help": "hard-link a local --source into a local --destination when on one filesystem"})
     fuse_via_api: bool = field(default=True, metadata={
@@ -98,89 +71,23 @@ class StageWeightsConfig:
                 "and move bytes through the GCS API (parallel, resumable) instead of FUSE"})
 
     def __post_init__(self) -> None:
-        if not self.source or not self.source.strip():
-            raise ValueError("--source must not be empty")
-        if not self.destination or not self.destination.strip():
-            raise ValueError("--destination must not be empty")
-        if not self.revision:
-            raise ValueError("--revision must not be empty (use 'main' for the default branch)")
-        if isinstance(self.allow_patterns, str):  # KFP / callers may pass "a,b" as one string
-            self.allow_patterns = [self.allow_patterns]
-        self.allow_patterns = [p.strip() for item in self.allow_patterns
-                               for p in item.split(",") if p.strip()]
-        if not self.allow_patterns:
-            raise ValueError("--allow-patterns must list at least one glob pattern")
-        if not any(fnmatch.fnmatch(REQUIRED_FILE, p) for p in self.allow_patterns):
-            raise ValueError(f"--allow-patterns {self.allow_patterns} must match {REQUIRED_FILE}")
-        if not self.chunk_size_mib > 0:
-            raise ValueError(f"--chunk-size-mib must be > 0, got {self.chunk_size_mib}")
-        if self.parallel_threshold_mib < 0:
-            raise ValueError(f"--parallel-threshold-mib must be >= 0, got {self.parallel_threshold_mib}")
-        if self.max_workers < 1:
-            raise ValueError(f"--max-workers must be >= 1, got {self.max_workers}")
-        kind, location = self.source_kind, self.source_location  # validates --source
-        dest_kind, dest = self.destination_kind, self.destination_location
-        if kind == "local":
-            src_path = Path(location)
-            if not src_path.exists():
-                raise ValueError(f"--source {self.source}: folder does not exist")
-            if not src_path.is_dir():
-                raise ValueError(f"--source {self.source}: not a folder")
-            if not (src_path / REQUIRED_FILE).is_file():
-                what = "is empty" if not any(src_path.iterdir()) else f"has no {REQUIRED_FILE}"
-                raise ValueError(f"--source {self.source}: folder {what}; expected a model "
-                                 f"folder with {REQUIRED_FILE} and weights")
-            if dest_kind == "local":
-                a, b = src_path.resolve(), Path(dest).resolve()
-                if a == b or a in b.parents or b in a.parents:
-                    raise ValueError(f"--destination {self.destination} and --source "
-                                     f"{self.source} must not contain one another")
-        if kind == "gcs" and dest_kind == "gcs":
-            if location.rstrip("/") == dest.rstrip("/"):
-                raise ValueError("--destination must differ from --source")
-        if dest_kind == "local" and Path(dest).exists() and not Path(dest).is_dir():
-            raise ValueError(f"--destination {self.destination}: exists and is not a folder")
-
-    # -- derived -------------------------------------------------------------------------
+        _check_config(self)
 
     @property
     def source_kind(self) -> str:
-        return self._classify_source()[0]
+        return _classify_source(self)[0]
 
     @property
     def source_location(self) -> str:
-        return self._classify_source()[1]
-
-    def _classify_source(self) -> tuple[str, str]:
-        source = self.source.strip()
-        if gcs.is_gcs(source):
-            _check_uri(source, "--source")
-            return "gcs", source
-        if self.fuse_via_api and gcs.is_fuse_path(source):
-            return "gcs", _fuse_to_uri(source, "--source")
-        if hub_id(source):  # owner/name and no such local path: the one shape sent to the Hub
-            return "hf", source
-        if source.startswith(("/", ".", "~")) or "/" in source or os.path.isdir(source):
-            return "local", str(Path(source).expanduser())
-        raise ValueError(f"--source {source!r} is neither a gs:// URI, an existing folder, nor a "
-                         "Hugging Face repo id (owner/name)")
+        return _classify_source(self)[1]
 
     @property
     def destination_kind(self) -> str:
-        return self._classify_destination()[0]
+        return _classify_destination(self)[0]
 
     @property
     def destination_location(self) -> str:
-        return self._classify_destination()[1]
-
-    def _classify_destination(self) -> tuple[str, str]:
-        dest = self.destination.strip()
-        if gcs.is_gcs(dest):
-            _check_uri(dest, "--destination")
-            return "gcs", dest
-        if self.fuse_via_api and gcs.is_fuse_path(dest):
-            return "gcs", _fuse_to_uri(dest, "--destination")
-        return "local", str(Path(dest).expanduser())
+        return _classify_destination(self)[1]
 
     def transfer_options(self) -> gcs.TransferOptions:
         return gcs.TransferOptions(chunk_size=max(1, int(self.chunk_size_mib * gcs.MiB)),
@@ -188,7 +95,74 @@ class StageWeightsConfig:
                                    max_workers=self.max_workers)
 
 
-Config = StageWeightsConfig  # the name every step module exposes
+def _check_config(config: StageWeightsConfig) -> None:
+    if not config.source or not config.source.strip():
+        raise ValueError("--source must not be empty")
+    if not config.destination or not config.destination.strip():
+        raise ValueError("--destination must not be empty")
+    if not config.revision:
+        raise ValueError("--revision must not be empty (use 'main' for the default branch)")
+    if isinstance(config.allow_patterns, str):  # KFP / callers may pass "a,b" as one string
+        config.allow_patterns = [config.allow_patterns]
+    config.allow_patterns = [p.strip() for item in config.allow_patterns
+                             for p in item.split(",") if p.strip()]
+    if not config.allow_patterns:
+        raise ValueError("--allow-patterns must list at least one glob pattern")
+    if not any(fnmatch.fnmatch(REQUIRED_FILE, p) for p in config.allow_patterns):
+        raise ValueError(f"--allow-patterns {config.allow_patterns} must match {REQUIRED_FILE}")
+    if not config.chunk_size_mib > 0:
+        raise ValueError(f"--chunk-size-mib must be > 0, got {config.chunk_size_mib}")
+    if config.parallel_threshold_mib < 0:
+        raise ValueError(f"--parallel-threshold-mib must be >= 0, got {config.parallel_threshold_mib}")
+    if config.max_workers < 1:
+        raise ValueError(f"--max-workers must be >= 1, got {config.max_workers}")
+    kind, location = config.source_kind, config.source_location  # validates --source
+    dest_kind, dest = config.destination_kind, config.destination_location
+    if kind == "local":
+        src_path = Path(location)
+        if not src_path.exists():
+            raise ValueError(f"--source {config.source}: folder does not exist")
+        if not src_path.is_dir():
+            raise ValueError(f"--source {config.source}: not a folder")
+        if not (src_path / REQUIRED_FILE).is_file():
+            what = "is empty" if not any(src_path.iterdir()) else f"has no {REQUIRED_FILE}"
+            raise ValueError(f"--source {config.source}: folder {what}; expected a model "
+                             f"folder with {REQUIRED_FILE} and weights")
+        if dest_kind == "local":
+            a, b = src_path.resolve(), Path(dest).resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise ValueError(f"--destination {config.destination} and --source "
+                                 f"{config.source} must not contain one another")
+    if kind == "gcs" and dest_kind == "gcs":
+        if location.rstrip("/") == dest.rstrip("/"):
+            raise ValueError("--destination must differ from --source")
+    if dest_kind == "local" and Path(dest).exists() and not Path(dest).is_dir():
+        raise ValueError(f"--destination {config.destination}: exists and is not a folder")
+
+
+def _classify_source(config: StageWeightsConfig) -> tuple[str, str]:
+    source = config.source.strip()
+    if gcs.is_gcs(source):
+        _check_uri(source, "--source")
+        return "gcs", source
+    if config.fuse_via_api and gcs.is_fuse_path(source):
+        return "gcs", _fuse_to_uri(source, "--source")
+    if hub_id(source):  # owner/name and no such local path: the one shape sent to the Hub
+        return "hf", source
+    if source.startswith(("/", ".", "~")) or "/" in source or os.path.isdir(source):
+        return "local", str(Path(source).expanduser())
+    raise ValueError(f"--source {source!r} is neither a gs:// URI, an existing folder, nor a "
+                     "Hugging Face repo id (owner/name)")
+
+
+def _classify_destination(config: StageWeightsConfig) -> tuple[str, str]:
+    dest = config.destination.strip()
+    if gcs.is_gcs(dest):
+        _check_uri(dest, "--destination")
+        return "gcs", dest
+    if config.fuse_via_api and gcs.is_fuse_path(dest):
+        return "gcs", _fuse_to_uri(dest, "--destination")
+    return "local", str(Path(dest).expanduser())
 
 
 def _check_uri(uri: str, flag: str) -> None:
@@ -257,7 +231,7 @@ class SourcePlan:
 def _matches(path: str, patterns: list[str]) -> bool:
     # fnmatch on the whole relative path, like huggingface_hub's filter ('*' also matches '/').
     name = path.rsplit("/", 1)[-1]
-    if path == MANIFEST_NAME or name.endswith((gcs.PARTIAL_SUFFIX, gcs.CHUNKS_SUFFIX)):
+    if path == WEIGHTS_MANIFEST or name.endswith((gcs.PARTIAL_SUFFIX, gcs.CHUNKS_SUFFIX)):
         return False
     if path.split("/", 1)[0] == HF_METADATA_DIR:
         return False
@@ -285,7 +259,7 @@ def _stated_sha256(manifest: dict[str, Any] | None, where: str) -> dict[str, dic
     try:
         verify_manifest(manifest)
     except (StageError, KeyError, TypeError, ValueError) as err:
-        raise StageError(f"{where}/{MANIFEST_NAME}: not a valid weights manifest ({err})") from None
+        raise StageError(f"{where}/{WEIGHTS_MANIFEST}: not a valid weights manifest ({err})") from None
     return {f["path"]: f for f in manifest["files"]}
 
 
@@ -293,7 +267,7 @@ def _describe_local(config: StageWeightsConfig) -> SourcePlan:
     root = Path(config.source_location)
     paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     chosen = [p for p in paths if _matches(p, config.allow_patterns)]
-    own_path = root / MANIFEST_NAME  # a folder staged earlier by this step states its hashes
+    own_path = root / WEIGHTS_MANIFEST  # a folder staged earlier by this step states its hashes
     own = read_json(own_path) if own_path.is_file() else None
     stated = _stated_sha256(own, str(root))
     files, digests = [], {}
@@ -303,7 +277,7 @@ def _describe_local(config: StageWeightsConfig) -> SourcePlan:
         if rel in stated and (stated[rel]["sha256"] != digest.sha256
                               or int(stated[rel]["size"]) != digest.size):
             raise StageError(f"--source {config.source}: {rel} does not match the folder's own "
-                             f"{MANIFEST_NAME} (sha256 {digest.sha256}, manifest says "
+                             f"{WEIGHTS_MANIFEST} (sha256 {digest.sha256}, manifest says "
                              f"{stated[rel]['sha256']})")
         files.append(SourceFile(path=rel, size=digest.size, sha256=digest.sha256))
     _require_config(files, f"--source {config.source}")
@@ -320,7 +294,7 @@ def _describe_gcs(config: StageWeightsConfig, client) -> SourcePlan:
     objects = gcs.list_objects(uri, client)
     if not objects:
         raise StageError(f"--source {config.source}: no objects under this prefix")
-    raw = gcs.download_bytes(gcs.join_uri(uri, MANIFEST_NAME), client=client)
+    raw = gcs.download_bytes(gcs.join_uri(uri, WEIGHTS_MANIFEST), client=client)
     own = json.loads(raw) if raw is not None else None
     stated = _stated_sha256(own, uri)
     files = []
@@ -333,7 +307,7 @@ def _describe_gcs(config: StageWeightsConfig, client) -> SourcePlan:
         expected = stated.get(rel)
         if expected is not None and int(expected["size"]) != obj.size:
             raise StageError(f"--source {config.source}: {rel} has {obj.size} bytes but the "
-                             f"source's {MANIFEST_NAME} says {expected['size']}")
+                             f"source's {WEIGHTS_MANIFEST} says {expected['size']}")
         files.append(SourceFile(path=rel, size=obj.size, crc32c=obj.crc32c, obj=obj,
                                 sha256=expected["sha256"] if expected else None))
     _require_config(files, f"--source {config.source}")
@@ -419,13 +393,13 @@ def describe_source(config: StageWeightsConfig, client=None) -> SourcePlan:
 
 def _read_destination_manifest(config: StageWeightsConfig, client) -> dict[str, Any] | None:
     if config.destination_kind == "local":
-        path = Path(config.destination_location) / MANIFEST_NAME
+        path = Path(config.destination_location) / WEIGHTS_MANIFEST
         if not path.is_file():
             return None
         with contextlib.suppress(ValueError, OSError):
             return read_json(path)
         return None
-    raw = gcs.download_bytes(gcs.join_uri(config.destination_location, MANIFEST_NAME),
+    raw = gcs.download_bytes(gcs.join_uri(config.destination_location, WEIGHTS_MANIFEST),
                              client=client)
     with contextlib.suppress(ValueError):
         return json.loads(raw) if raw is not None else None
@@ -462,12 +436,12 @@ def _remove_destination_manifest(config: StageWeightsConfig, client) -> None:
     """Before anything changes: a destination without a manifest reads as 'not staged'."""
     if config.destination_kind == "local":
         with contextlib.suppress(FileNotFoundError):
-            (Path(config.destination_location) / MANIFEST_NAME).unlink()
+            (Path(config.destination_location) / WEIGHTS_MANIFEST).unlink()
         return
     from google.api_core.exceptions import NotFound
 
     with contextlib.suppress(NotFound):
-        gcs.delete_objects([gcs.join_uri(config.destination_location, MANIFEST_NAME)],
+        gcs.delete_objects([gcs.join_uri(config.destination_location, WEIGHTS_MANIFEST)],
                            client=client)
 
 
@@ -654,10 +628,10 @@ def run(config: StageWeightsConfig) -> dict[str, Any]:
         shutil.rmtree(root / HF_METADATA_DIR / "huggingface", ignore_errors=True)
         with contextlib.suppress(OSError):
             (root / HF_METADATA_DIR).rmdir()  # only if nothing else lives there
-        write_json_atomic(Path(config.destination_location) / MANIFEST_NAME, manifest)
+        write_json_atomic(Path(config.destination_location) / WEIGHTS_MANIFEST, manifest)
     else:
         gcs.upload_bytes((json.dumps(manifest, indent=2) + "\n").encode(),
-                         gcs.join_uri(config.destination_location, MANIFEST_NAME),
+                         gcs.join_uri(config.destination_location, WEIGHTS_MANIFEST),
                          client=client, content_type="application/json")
     if scratch is not None and not config.staging_dir:
         shutil.rmtree(scratch, ignore_errors=True)

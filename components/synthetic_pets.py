@@ -1,24 +1,9 @@
 """``gemma-pets synthetic-pets``: an offline stand-in for Oxford-IIIT Pet, in the official layout.
 
-Writes ``images/<Class>_<n>.jpg`` and ``annotations/{list,trainval,test}.txt`` exactly as the
-official archives lay them out (same comment header, same columns, cat breeds capitalised), or
-the two official tarballs ``images.tar.gz`` + ``annotations.tar.gz`` with ``--layout tarballs``.
-So ``prepare-dataset`` reads the synthetic set through the very code path the real one takes.
-
-Each class has a visual signature a small model can learn after the image is shrunk to about
-48x48 px (the tiny stand-in model: 16 px patches pooled 3x3): a background hue, a large shape,
-a foreground lightness and a texture on the shape. Per image, position, size, rotation,
-brightness, hue, background gradient, small distractor blobs and pixel noise are jittered, so
-a class is a distribution rather than one memorisable picture.
-
-Class subset: ``--num-classes N`` takes the first N classes by official class id. The
-signatures are assigned so any such prefix stays well separated: background hues follow the
-golden-ratio sequence (the first N hues are spread around the colour wheel for every N), and
-the classes whose hues land closest together (ids differing by 13, 21 or 34, the Fibonacci
-steps of that sequence) always get different shapes (6 shapes, assigned by id modulo 6).
-
-Deterministic for a seed: every image draws from its own generator seeded by
-(seed, class index, image number), and the split from one seeded by (seed, class index, 0).
+Writes ``images/<Class>_<n>.jpg`` and ``annotations/{list,trainval,test}.txt`` as the official
+archives lay them out (or the two tarballs with ``--layout tarballs``), so ``prepare-dataset``
+reads it through the real code path. Each class has a learnable visual signature, jittered per
+image; deterministic for a seed. How the signatures stay apart: docs/steps.md.
 """
 
 from __future__ import annotations
@@ -97,9 +82,6 @@ class SyntheticPetsConfig:
             raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
         if self.layout not in ("folders", "tarballs"):
             raise ValueError(f"--layout must be folders or tarballs, got {self.layout!r}")
-
-
-Config = SyntheticPetsConfig  # the name every step module also answers to
 
 
 def class_signature(class_index: int) -> dict:

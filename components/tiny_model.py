@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from components.artifacts import TINY_MODEL_INFO
 from components.cli import entrypoint, parse_config
 from components.files import atomic_dir
 
@@ -44,10 +45,8 @@ MEDIA_TOKENS = {
 }
 EXTRA_SPECIAL = [TURN_OPEN, TURN_CLOSE, CHANNEL_OPEN, CHANNEL_CLOSE, "<|think|>", *MEDIA_TOKENS.values()]
 
-# Fine-tuning settings that take the tiny model from chance to >= 90% on 8 synthetic classes in
-# about a minute of CPU (160 train images, 80 optimizer steps). The recipe's own defaults (r=64,
-# lr 5e-5, 3 epochs) are for real checkpoints; a random-init model needs a larger step. Used by
-# the demo and the learning-proof test.
+# Fine-tuning settings for the tiny model on CPU (the demo and the learning test): a random-init
+# model needs a larger step than the recipe's real-checkpoint defaults (docs/steps.md).
 CPU_DEMO_FINETUNE = {
     "lora_r": 16,
     "lora_alpha": 32,
@@ -56,15 +55,8 @@ CPU_DEMO_FINETUNE = {
     "batch_size": 8,
 }
 
-# Chat templates of the official Gemma 4 shape, a subset of it: bos, an optional system turn
-# (with <|think|> when enable_thinking), user and model turns, images as <|image|>, thought
-# channels stripped from past model turns (strip_thinking). Only the generation prompt differs by
-# kind. The 31B / 26B-A4B template, with thinking off (enable_thinking defaults false), opens and
-# closes an empty thought channel after <|turn>model\n, so a served prompt never equals a past
-# model turn (models/templates/google-gemma-4-31B-it.jinja as vendored in llama.cpp forks, e.g.
-# fukuro-kun/fukuro-llama-cpp-turboquant@543233b; older copies, e.g.
-# CompleteTech-LLC-AI-Research/llama.cpp@ff89113, open the channel only with thinking on).
-# Google's E2B/E4B templates end the generation prompt at <|turn>model\n.
+# A subset of the official Gemma 4 chat template; only the generation prompt differs by kind
+# (31B / 26B-A4B open an empty thought channel). Sources of the shape: docs/steps.md.
 CHAT_TEMPLATE = r"""
 {%- macro strip_thinking(text) -%}
     {%- set kept = namespace(text='') -%}
@@ -277,15 +269,8 @@ def set_clip_ranges(model, generator) -> int:
 
 
 def balance_vision_path(model, processor, embedding_std: float, generator) -> float:
-    """Give the random vision path a trained model's proportions; returns the projection's gain.
-
-    Left at transformers' init, the patch embedder's position table is all ones and dominates the
-    pixels (a red and a blue image then give image features with cosine 0.93), and the soft
-    tokens reach the language model about 16x weaker than text embeddings. The LM would barely
-    see the image and no adapter could learn the task in a CPU-sized run. So: small random
-    position embeddings, a patch projection that lets the pixels dominate, and a multimodal
-    projection scaled so image soft tokens have the RMS of text embeddings.
-    """
+    """Give the random vision path a trained model's proportions, so the LM sees the image (at
+    transformers' init it barely does: docs/steps.md); returns the projection's gain."""
     import torch
     from PIL import Image
 
@@ -331,10 +316,8 @@ def run(cfg: TinyModelConfig) -> dict:
     model_config = build_model_config(cfg, tokenizer)
     model = Gemma4ForConditionalGeneration(model_config).eval()
     clipped = set_clip_ranges(model, torch.Generator().manual_seed(cfg.seed))
-    # Wider token embeddings than initializer_range (0.02). The LM head is tied to them and LoRA
-    # leaves it alone; at width 64 a unit-RMS hidden state (norm 8) against 0.02-std rows (norm
-    # 0.16) caps every logit near 1.3, so no adapter could make one answer likely and the loss
-    # stalls near ln(vocab). Trained checkpoints have no such cap; std 0.3 allows logits up to ~19.
+    # Wider token embeddings than initializer_range: with the tied LM head at 0.02 std every logit
+    # is capped near 1.3 and the loss stalls (docs/steps.md).
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, cfg.embedding_std, generator=torch.Generator().manual_seed(cfg.seed))
     # Real checkpoints ship bf16 weights; so does this one (and it halves the folder's size).
@@ -358,7 +341,7 @@ def run(cfg: TinyModelConfig) -> dict:
             "parameters": sum(p.numel() for p in model.parameters()),
             "clipped_linears": clipped,
         }
-        (tmp / "tiny_model.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / TINY_MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
     size = sum(p.stat().st_size for p in Path(cfg.output_dir).rglob("*") if p.is_file())
     info["folder_bytes"] = size
     print(f"wrote {cfg.output_dir}: {info['parameters']:,} parameters, {size / 1e6:.2f} MB")

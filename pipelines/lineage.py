@@ -20,15 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import pipeline as dag
+from pipelines.runtime import LineageError
 
 RECORDS_FILE = "tasks.json"  # written by pipelines.local_run
 _JOB_NAME = re.compile(r"^projects/([^/]+)/locations/([^/]+)/pipelineJobs/([^/]+)$")
 _SUCCEEDED = {"SUCCEEDED", "CACHED"}
 METRIC_KEYS = ("accuracy", "macro_f1", "unknown_rate")
-
-
-class LineageError(ValueError):
-    pass
 
 
 def records_from_run_dir(run_dir: str | Path) -> dict[str, dict[str, Any]]:

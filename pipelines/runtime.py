@@ -15,19 +15,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from components.artifacts import (DATASET_MANIFEST, EVAL_METRICS, EXPORT_METADATA, NO_CHAMPION,
+                                  REGISTRATION, TRAIN_METRICS, WEIGHTS_MANIFEST, fmt)
 from components.files import read_json, sha256_file, write_bytes_atomic
 
 HF_TOKEN_ENV = "HF_TOKEN"
 SECRET_MANAGER_URL = "https://secretmanager.googleapis.com/v1"
-
-# File names the step modules write (see the step contracts).
-WEIGHTS_MANIFEST = "weights_manifest.json"
-DATASET_MANIFEST = "manifest.json"
-TRAIN_METRICS = "train_metrics.json"
-EXPORT_METADATA = "export_metadata.json"
-EVAL_METRICS = "metrics.json"
-NO_CHAMPION = "no_champion.json"  # evaluate-champion's output when the registry has no champion
-REGISTRATION = "registration.json"
 
 UNKNOWN_CLASS = "Unknown"  # the extra predicted column of generate-mode confusion matrices
 LINEAGE_KEYS = ("base_model_id", "base_model_revision", "weights_manifest_sha256",
@@ -36,7 +29,7 @@ LINEAGE_KEYS = ("base_model_id", "base_model_revision", "weights_manifest_sha256
 
 
 class LineageError(ValueError):
-    """A step output lacks the manifest lineage is read from."""
+    """A run's lineage cannot be read (a step output lacks its manifest) or does not agree."""
 
 
 def _require(path: Path, what: str) -> dict[str, Any]:
@@ -180,10 +173,6 @@ REPORT_COLUMNS = {"baseline": "baseline (untuned)", "tuned": "tuned (as trained)
                   "merged": "merged (as served)", "champion": "champion (as served)"}
 
 
-def _fmt(value: Any) -> str:
-    return "" if value is None else f"{float(value):.3f}"
-
-
 def _eval_setting(metrics: Mapping[str, Any]) -> str:
     """How a model was evaluated: quantisation and dtype, as the evaluate step recorded them."""
     return " ".join(str(metrics[k]) for k in ("quantization", "dtype") if metrics.get(k))
@@ -228,11 +217,11 @@ def render_report(evaluations: Mapping[str, Mapping[str, Any]], decision: Mappin
     rows = [f"<tr><th>evaluated as</th>{''.join(f'<td>{html.escape(_eval_setting(evaluations[r]))}</td>' for r in roles)}</tr>"]
     for key in ("accuracy", "macro_f1", "unknown_rate", "num_examples"):
         rows.append(f"<tr><th>{key}</th>"
-                    + "".join(f"<td>{_fmt(evaluations[r].get(key))}</td>" for r in roles) + "</tr>")
+                    + "".join(f"<td>{fmt(evaluations[r].get(key), '.3f', '')}</td>" for r in roles) + "</tr>")
     per_class = []
     names = next((list(evaluations[r].get("class_names", [])) for r in reversed(roles)), [])
     for name in names:
-        cells = "".join(f"<td>{_fmt(evaluations[r].get('per_class', {}).get(name, {}).get('f1'))}</td>"
+        cells = "".join(f"<td>{fmt(evaluations[r].get('per_class', {}).get(name, {}).get('f1'), '.3f', '')}</td>"
                         for r in roles)
         per_class.append(f"<tr><th>{html.escape(str(name))}</th>{cells}</tr>")
     checks = "".join(f"<tr><th>{html.escape(c['check'])}</th><td>{'pass' if c['passed'] else 'FAIL'}</td>"

@@ -47,7 +47,7 @@ def small_pets_dir(tmp_path_factory):
     from components import prepare_dataset, synthetic_pets
 
     root = tmp_path_factory.mktemp("pets")
-    synthetic_pets.run(synthetic_pets.Config(output_dir=str(root / "raw"), num_classes=4, images_per_class=16,
+    synthetic_pets.run(synthetic_pets.SyntheticPetsConfig(output_dir=str(root / "raw"), num_classes=4, images_per_class=16,
                                              image_size=64, seed=1))
     prepare_dataset.run(prepare_dataset.PrepareDatasetConfig(source=str(root / "raw"), output_dir=str(root / "prepared")))
     return root / "prepared"

@@ -46,7 +46,7 @@ MAINS = {
 
 def pets(root: Path = Path("pets")) -> Path:
     """3 classes x 4 images, official layout (list.txt line 7 is the first image)."""
-    synthetic_pets.run(synthetic_pets.Config(output_dir=str(root), num_classes=3, images_per_class=4,
+    synthetic_pets.run(synthetic_pets.SyntheticPetsConfig(output_dir=str(root), num_classes=3, images_per_class=4,
                                              image_size=32, seed=0))
     return root
 
@@ -68,7 +68,7 @@ def pets_with_a_bad_line() -> None:
 
 
 def prepared() -> None:
-    prepare_dataset.run(prepare_dataset.Config(source=str(pets()), output_dir="out"))
+    prepare_dataset.run(prepare_dataset.PrepareDatasetConfig(source=str(pets()), output_dir="out"))
 
 
 def one_class() -> None:

@@ -99,7 +99,7 @@ def test_the_folder_writing_steps_rename_no_folder(tiny_model_dir, small_pets_di
     model = tmp_path / "model"
     tiny_model.run(tiny_model.TinyModelConfig(output_dir=str(model)))
     raw = tmp_path / "raw"
-    synthetic_pets.run(synthetic_pets.Config(output_dir=str(raw), num_classes=2, images_per_class=4, image_size=32))
+    synthetic_pets.run(synthetic_pets.SyntheticPetsConfig(output_dir=str(raw), num_classes=2, images_per_class=4, image_size=32))
     prepare_dataset.run(prepare_dataset.PrepareDatasetConfig(source=str(raw), output_dir=str(tmp_path / "data")))
     stage_weights.run(stage_weights.StageWeightsConfig(source=str(model), destination=str(tmp_path / "staged")))
     adapter = tmp_path / "adapter"

@@ -19,7 +19,7 @@ NUM_CLASSES = 8
 @pytest.mark.parametrize("template", ["tiny_model_dir", "tiny_large_model_dir"])
 def test_tiny_model_learns_synthetic_pets(template, request, tmp_path):
     tiny_model_dir = request.getfixturevalue(template)
-    synthetic_pets.run(synthetic_pets.Config(output_dir=str(tmp_path / "raw"), num_classes=NUM_CLASSES,
+    synthetic_pets.run(synthetic_pets.SyntheticPetsConfig(output_dir=str(tmp_path / "raw"), num_classes=NUM_CLASSES,
                                              images_per_class=40, image_size=64, seed=0))
     data = tmp_path / "prepared"
     manifest = prepare_dataset.run(prepare_dataset.PrepareDatasetConfig(source=str(tmp_path / "raw"),

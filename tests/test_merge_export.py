@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from components import merge_export
 from components.files import read_json, sha256_file, write_json_atomic
@@ -203,6 +204,9 @@ def test_model_card_and_metadata(export, base_dir, adapter_dir, dataset_dir):
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     assert "base_model: google/gemma-4-E2B-it" in front
     assert "library_name: transformers" in front
+    hub_card = ModelCard.load(output / "README.md")  # the header is valid Hub metadata
+    assert (hub_card.data.base_model, hub_card.data.base_model_relation) == ("google/gemma-4-E2B-it", "finetune")
+    assert hub_card.data.pipeline_tag == "image-text-to-text" and "lora" in hub_card.data.tags
     for text in (WEIGHTS_MANIFEST["source"], WEIGHTS_MANIFEST["revision"], WEIGHTS_MANIFEST["manifest_sha256"],
                  meta["dataset"]["manifest_sha256"], meta["adapter"]["adapter_model_sha256"],
                  "| accuracy | 0.8125 |", "| macro_f1 | 0.79 |", "| unknown_rate | 0.0625 |",

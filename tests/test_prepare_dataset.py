@@ -28,7 +28,7 @@ CLASSES4 = ["Abyssinian", "american_bulldog", "american_pit_bull_terrier", "bass
 def raw_pets(tmp_path_factory) -> Path:
     """4 classes x 6 images (3 trainval + 3 test each), official layout, 48 px."""
     root = tmp_path_factory.mktemp("raw") / "pets"
-    synthetic_pets.run(synthetic_pets.Config(output_dir=str(root), num_classes=4, images_per_class=6,
+    synthetic_pets.run(synthetic_pets.SyntheticPetsConfig(output_dir=str(root), num_classes=4, images_per_class=6,
                                              image_size=48, seed=0))
     return root
 
@@ -176,7 +176,7 @@ def test_tarball_sources_match_the_folder_source(raw_pets, tmp_path):
     for manifest in (from_dir, from_pair):
         assert manifest["source"]["format"] == "official"
         assert manifest["splits"] == folder["splits"]  # same shard bytes (sha256) as the folder
-    generated = synthetic_pets.run(synthetic_pets.Config(
+    generated = synthetic_pets.run(synthetic_pets.SyntheticPetsConfig(
         output_dir=str(tmp_path / "gen"), num_classes=4, images_per_class=6, image_size=48, layout="tarballs"))
     assert prepare(generated, tmp_path / "from-gen")["splits"] == folder["splits"]
 

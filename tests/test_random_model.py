@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from components import random_model
+from components.artifacts import RANDOM_MODEL_INFO
 
 PUBLISHED_BILLIONS = {"gemma-4-e2b": 5.10, "gemma-4-e4b": 7.94, "gemma-4-31b": 31.27, "gemma-4-26b-a4b": 25.81}
 
@@ -88,7 +89,7 @@ def test_written_checkpoint_loads_and_runs(tmp_path):
     assert random_model.main(["--variant", "gemma-4-e2b", "--layers", "5", "--output-dir", str(folder),
                               "--max-shard-size", "1GB"]) == 0
     expected = parameters("gemma-4-e2b", 5)
-    info = json.loads((folder / random_model.INFO_FILE).read_text())
+    info = json.loads((folder / RANDOM_MODEL_INFO).read_text())
     assert info["parameters"] == expected and info["layers"] == 5
     shards = sorted(folder.glob("*.safetensors"))
     assert len(shards) > 1

@@ -22,6 +22,7 @@ import pytest
 
 from components import gcs
 from components import stage_weights as sw
+from components.artifacts import WEIGHTS_MANIFEST
 from components.files import sha256_file
 from tests.gcs_emulator import gcs_emulator_fixture
 
@@ -62,7 +63,7 @@ def _model_dir(root: Path, files: dict[str, bytes] = MODEL_FILES, extra: bool = 
 
 def _tree(root: Path, skip_manifest: bool = True) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and not (skip_manifest and p.name == sw.MANIFEST_NAME)}
+            if p.is_file() and not (skip_manifest and p.name == WEIGHTS_MANIFEST)}
 
 
 def _expected_tree(files: dict[str, bytes] = MODEL_FILES) -> dict[str, str]:
@@ -124,7 +125,7 @@ def test_local_to_local_hardlinks_verifies_and_rerun_changes_nothing(tmp_path):
 
     _check_manifest(manifest)
     assert manifest["source_kind"] == "local" and manifest["source"] == str(src)
-    assert sw.read_json(dest / sw.MANIFEST_NAME) == manifest
+    assert sw.read_json(dest / WEIGHTS_MANIFEST) == manifest
     assert _tree(dest) == _expected_tree()  # README, .bin, .gitattributes not staged
     assert all(os.path.samefile(src / rel, dest / rel) for rel in MODEL_FILES)  # hard links
 
@@ -161,7 +162,7 @@ def test_cli_entrypoint(tmp_path):
     src = _model_dir(tmp_path / "src")
     assert gemma_pets(["stage-weights", "--source", str(src), "--destination",
                        str(tmp_path / "out"), "--allow-patterns", "*.json", "*.safetensors"]) == 0
-    manifest = sw.read_json(tmp_path / "out" / sw.MANIFEST_NAME)
+    manifest = sw.read_json(tmp_path / "out" / WEIGHTS_MANIFEST)
     assert {f["path"] for f in manifest["files"]} == {k for k in MODEL_FILES if k.endswith(
         (".json", ".safetensors"))}
 
@@ -175,15 +176,15 @@ def test_local_to_gcs_then_gcs_to_local_and_reruns_transfer_nothing(gcs_env, tmp
     up = sw.run(sw.StageWeightsConfig(source=str(src), destination=staged_uri, **SMALL))
     _check_manifest(up)
     remote = {gcs.relative_name(o, staged_uri): o for o in gcs.list_objects(staged_uri)}
-    assert set(remote) == set(MODEL_FILES) | {sw.MANIFEST_NAME}
-    assert json.loads(gcs.download_bytes(gcs.join_uri(staged_uri, sw.MANIFEST_NAME))) == up
+    assert set(remote) == set(MODEL_FILES) | {WEIGHTS_MANIFEST}
+    assert json.loads(gcs.download_bytes(gcs.join_uri(staged_uri, WEIGHTS_MANIFEST))) == up
     assert any(r.is_compose for r in gcs_env.emulator.snapshot())  # the 40 KiB shard went in pieces
 
     gcs_env.emulator.clear_log()
     assert sw.run(sw.StageWeightsConfig(source=str(src), destination=staged_uri, **SMALL)) == up
     assert gcs_env.emulator.uploads() == [] and gcs_env.emulator.media_downloads() != []
     # (the only download is the destination's manifest, read to decide there is nothing to do)
-    assert all(r.path.split("?")[0].endswith(sw.MANIFEST_NAME)
+    assert all(r.path.split("?")[0].endswith(WEIGHTS_MANIFEST)
                for r in gcs_env.emulator.media_downloads())
 
     dest = tmp_path / "artifact"
@@ -199,7 +200,7 @@ def test_local_to_gcs_then_gcs_to_local_and_reruns_transfer_nothing(gcs_env, tmp
     gcs_env.emulator.clear_log()
     assert sw.run(sw.StageWeightsConfig(source=staged_uri, destination=str(dest), **SMALL)) == down
     weight_downloads = [r for r in gcs_env.emulator.media_downloads()
-                        if not r.path.split("?")[0].endswith(sw.MANIFEST_NAME)]
+                        if not r.path.split("?")[0].endswith(WEIGHTS_MANIFEST)]
     assert weight_downloads == [] and gcs_env.emulator.uploads() == []
 
 
@@ -224,7 +225,7 @@ def test_interrupted_gcs_download_resumes_missing_chunks(gcs_env, tmp_path):
         sw.run(sw.StageWeightsConfig(source=staged_uri, destination=str(dest), **one_worker))
     big = "model-00001-of-00002.safetensors"
     assert calls[:3] == [(f"models/gemma/{big}", i * 4 * KiB) for i in range(3)]
-    assert not (dest / sw.MANIFEST_NAME).exists() and not (dest / big).exists()
+    assert not (dest / WEIGHTS_MANIFEST).exists() and not (dest / big).exists()
 
     gcs_env.emulator.clear_log()
     manifest = sw.run(sw.StageWeightsConfig(source=staged_uri, destination=str(dest), **SMALL))
@@ -252,7 +253,7 @@ def test_interrupted_gcs_upload_resumes_missing_pieces(gcs_env, tmp_path):
     with pytest.MonkeyPatch.context() as fault, pytest.raises(ConnectionResetError):
         fault.setattr(gcs, "_upload_part", flaky)
         sw.run(sw.StageWeightsConfig(source=str(src), destination=uri, **one_worker))
-    assert gcs.stat(gcs.join_uri(uri, sw.MANIFEST_NAME)) is None
+    assert gcs.stat(gcs.join_uri(uri, WEIGHTS_MANIFEST)) is None
 
     gcs_env.emulator.clear_log()
     manifest = sw.run(sw.StageWeightsConfig(source=str(src), destination=uri, **SMALL))
@@ -276,7 +277,7 @@ def test_checksum_mismatch_names_the_file_and_writes_no_manifest(gcs_env, tmp_pa
     dest = tmp_path / "artifact"
     with pytest.raises(sw.StageError, match=rf"{shard}: sha256 .* source states"):
         sw.run(sw.StageWeightsConfig(source=uri, destination=str(dest), **SMALL))
-    assert not (dest / sw.MANIFEST_NAME).exists()
+    assert not (dest / WEIGHTS_MANIFEST).exists()
 
 
 def test_gcs_source_errors(gcs_env, tmp_path):
@@ -441,7 +442,7 @@ def test_hf_interrupted_download_refetches_only_missing_files(fake_hub, tmp_path
     fake_hub.fail_once.add("model-00001-of-00002.safetensors")
     with pytest.raises(Exception, match="500"):
         sw.run(sw.StageWeightsConfig(source=fake_hub.repo, destination=str(dest), max_workers=1))
-    assert not (dest / sw.MANIFEST_NAME).exists()
+    assert not (dest / WEIGHTS_MANIFEST).exists()
     fetched_first = set(fake_hub.file_gets())
 
     fake_hub.requests.clear()
@@ -460,7 +461,7 @@ def test_hf_content_not_matching_the_hub_checksum_is_rejected(fake_hub, tmp_path
     dest = tmp_path / "artifact"
     with pytest.raises(sw.StageError, match=rf"{shard}: sha256 .* source states"):
         sw.run(sw.StageWeightsConfig(source=fake_hub.repo, destination=str(dest)))
-    assert not (dest / sw.MANIFEST_NAME).exists()
+    assert not (dest / WEIGHTS_MANIFEST).exists()
 
 
 def test_hf_to_gcs_through_staging_dir(fake_hub, gcs_env, tmp_path, caplog):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from components import synthetic_pets
 from components.prepare_dataset import LIST_HEADER, OXFORD_PET_CLASSES, annotation_line
-from components.synthetic_pets import Config, render_image
+from components.synthetic_pets import SyntheticPetsConfig, render_image
 
 OFFICIAL_HEADER = """#Image CLASS-ID SPECIES BREED ID
 #ID: 1:37 Class ids
@@ -28,7 +28,7 @@ def make(tmp_path: Path, name: str = "pets", **overrides) -> Path:
     options = dict(output_dir=str(tmp_path / name), num_classes=4, images_per_class=5,
                    image_size=48, seed=0)
     options.update(overrides)
-    return synthetic_pets.run(Config(**options))
+    return synthetic_pets.run(SyntheticPetsConfig(**options))
 
 
 def read_lines(path: Path) -> list[list[str]]:
@@ -85,7 +85,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
 
 
 def test_num_images_spreads_the_total_evenly():
-    config = Config(output_dir="unused", num_classes=37, num_images=7349)
+    config = SyntheticPetsConfig(output_dir="unused", num_classes=37, num_images=7349)
     counts = synthetic_pets.class_counts(config)
     assert sum(counts) == 7349 and max(counts) - min(counts) == 1 and counts[0] == 199
 
