@@ -9,7 +9,7 @@ venv (no container, no pip installs). kfp 2.17.3's local orchestrator executes d
 gate says no, merge-export and evaluate-merged simply do not run. It runs tasks one at a time in
 dependency order, so "baseline evaluation and fine-tuning in parallel" is sequential here; it
 ignores accelerator/CPU/memory limits (Vertex settings) but honours retry policies with their
-backoff, so the local compile uses --fine-tune-retries 0 by default (a local failure is fixed by
+backoff, so the local compile uses --finetune-retries 0 by default (a local failure is fixed by
 hand, not by waiting 60 s + 120 s for the same error).
 
 Without --weights-source/--dataset-source it first builds the offline stand-ins in
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-cache", action="store_true",
                         help="run every task (default: kfp.local's task cache in RUN_DIR/"
                              f"{CACHE_DIR}, keyed like Vertex's on the component and its inputs)")
-    parser.add_argument("--fine-tune-retries", type=int, default=0,
+    parser.add_argument("--finetune-retries", type=int, default=0,
                         help="retries of the fine-tune task (kfp.local honours them, with the "
                              "compiled 60 s doubling backoff); default 0")
     return parser.parse_args(argv)
@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # compile first: it is what ran, and parameters are checked against it before any work
     options = pipeline_options.compile_options(image=pipeline_options.LOCAL_IMAGE,
                                                preset="cpu-smoke",
-                                               fine_tune_retries=args.fine_tune_retries)
+                                               finetune_retries=args.finetune_retries)
     pipeline_func = dag.build_pipeline(options)
     run_dir.mkdir(parents=True, exist_ok=True)
     from kfp import compiler, local

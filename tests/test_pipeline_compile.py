@@ -179,7 +179,7 @@ def test_accelerators_resources_caching_retry(compiled):
 
 def test_small_model_preset_uses_l4(tmp_path):
     path = compile_cli.compile_pipeline(tmp_path / "e4b.yaml", preset="e4b", image=IMAGE,
-                                        fine_tune_retries=1)
+                                        finetune_retries=1)
     spec, deployment = load_spec(path)
     tasks = all_tasks(spec)
     for name in dag.GPU_TASKS:
