@@ -63,6 +63,11 @@ def _fields(step: str) -> dict[str, tuple[dataclasses.Field, Any]]:
             if f.init and f.name not in STEPS[step].wired}
 
 
+def keys(step: str) -> list[str]:
+    """The keys the step's dict parameter takes."""
+    return list(_fields(step))
+
+
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
