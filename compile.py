@@ -1,7 +1,7 @@
 """Compile the pipeline to a KFP v2 YAML (PipelineSpec) for Vertex AI Pipelines.
 
     python compile.py --output pipeline.yaml [--preset 31b-qlora|31b-rtx-pro-6000|e4b|e2b|cpu-smoke]
-        [--image REF] [--finetune-gpus 1|2|4|8]
+        [--image REF] [--finetune-gpus 1|2|4|8] [--finetune-retries N]
 
 Image, resource preset and the code identity (project version, git commit read here, at compile
 time) are baked into the YAML; everything else is a runtime parameter. No secret is read: the

@@ -338,8 +338,8 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    run_dir = Path(args.run_dir).resolve()
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags' own checks (the parameters are checked against the compiled spec)."""
     for flag, value, least in (("--num-classes", args.num_classes, 2),  # 1 class: a trivial 100%
                                ("--images-per-class", args.images_per_class, 2)):  # train + eval
         if value < least:
@@ -353,6 +353,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.margin is not None and not -1.0 <= args.margin <= 1.0:
         raise SubmitError(f"--margin {args.margin}: an accuracy difference, must lie in [-1, 1]")
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    run_dir = Path(args.run_dir).resolve()
+    check_flags(args)
     # compile first: it is what ran, and parameters are checked against it before any work
     options = pipeline_options.compile_options(image=pipeline_options.LOCAL_IMAGE,
                                                preset="cpu-smoke",
