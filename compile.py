@@ -1,7 +1,7 @@
 """Compile the pipeline to a KFP v2 YAML (PipelineSpec) for Vertex AI Pipelines.
 
     python compile.py --output pipeline.yaml [--preset 31b-qlora|31b-rtx-pro-6000|e4b|e2b|cpu-smoke]
-        [--image REF] [--finetune-gpus 1|2|4|8]
+        [--image REF] [--finetune-gpus 1|2|4|8] [--finetune-retries N]
 
 Image, resource preset and the code identity (project version, git commit read here, at compile
 time) are baked into the YAML; everything else is a runtime parameter. No secret is read: the
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image", default=None,
                         help=f"trainer image the tasks run in (default: ${IMAGE_ENV} or the "
                              "Artifact Registry image tagged with the project version)")
-    parser.add_argument("--fine-tune-retries", type=int, default=2,
+    parser.add_argument("--finetune-retries", type=int, default=2,
                         help="retries of the fine-tune task, which resumes from its checkpoints")
     parser.add_argument("--finetune-gpus", type=int, default=None,
                         help="GPUs of the fine-tune task, 1, 2, 4 or 8 as Vertex AI machines carry "
@@ -43,9 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def compile_pipeline(output: str | Path, preset: str = DEFAULT_PRESET, image: str | None = None,
-                     fine_tune_retries: int = 2, finetune_gpus: int | None = None) -> Path:
+                     finetune_retries: int = 2, finetune_gpus: int | None = None) -> Path:
     try:
-        options = compile_options(image=image, preset=preset, fine_tune_retries=fine_tune_retries,
+        options = compile_options(image=image, preset=preset, finetune_retries=finetune_retries,
                                   finetune_gpus=finetune_gpus)
     except ValueError as err:  # the options' own checks name the flag
         raise UserError(str(err)) from err
@@ -60,7 +60,7 @@ def compile_pipeline(output: str | Path, preset: str = DEFAULT_PRESET, image: st
 @entrypoint
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    path = compile_pipeline(args.output, args.preset, args.image, args.fine_tune_retries, args.finetune_gpus)
+    path = compile_pipeline(args.output, args.preset, args.image, args.finetune_retries, args.finetune_gpus)
     print(f"wrote {path}")
     return 0
 

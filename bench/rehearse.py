@@ -33,20 +33,23 @@ from typing import Any
 
 from components import artifacts
 from pipelines import local_run
+from pipelines.submit import merge_parameters
 
 GB = 1e9
 # The rehearsal's run: the recipe's LoRA, a few optimizer steps at an lr whose s·B·A survives a
 # bf16 merge (3 steps at the default 5e-5 does not: docs/merge.md), score-mode evaluations of a
 # bounded number of images, the gate forced open (GATE_OPEN).
 REAL_SIZE_PARAMETERS: dict[str, Any] = {
-    "quantization": "auto", "lora_r": 64, "lora_alpha": 64, "learning_rate": 1e-3, "epochs": 1,
-    "max_steps": 3, "batch_size": 16, "max_length": 2048, "save_every_steps": 2, "eval_mode": "score",
-    "eval_batch_size": 0, "eval_limit": 64, "merge_save_dtype": "bfloat16",
+    "quantization": "auto",
+    "finetune": {"lora_r": 64, "lora_alpha": 64, "learning_rate": 1e-3, "epochs": 1, "max_steps": 3,
+                 "batch_size": 16, "max_length": 2048, "save_every_steps": 2},
+    "evaluate": {"mode": "score", "batch_size": 0, "limit": 64},
+    "merge_export": {"save_dtype": "bfloat16"},
 }
-TINY_PARAMETERS: dict[str, Any] = {"max_steps": 3, "eval_limit": 16, "eval_mode": "score"}
+TINY_PARAMETERS: dict[str, Any] = {"finetune": {"max_steps": 3}, "evaluate": {"limit": 16, "mode": "score"}}
 # The gate forced open by run parameters: any difference passes (margin -1), no accuracy floor
 # (random-init weights score at chance), and any merged-vs-tuned gap is accepted.
-GATE_OPEN = {"margin": -1.0, "min_accuracy": 0.0, "export_tolerance": 1.0}
+GATE_OPEN = {"gate": {"margin": -1.0, "min_accuracy": 0.0, "export_tolerance": 1.0}}
 PHOTO_SIDE = 500  # px, square: 280 soft tokens, the 500x375 photos' 266 rounded up
 DISK_HEADROOM = 0.85  # share of the free disk a plan may use
 
@@ -224,7 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=37)
     parser.add_argument("--images-per-class", type=int, default=8, help="half train, half eval")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="pipeline parameter over the rehearsal's (e.g. max_steps=5)")
+                        help="pipeline parameter over the rehearsal's (e.g. finetune.max_steps=5)")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
     return parser.parse_args(argv)
 
@@ -250,11 +253,11 @@ def run(args: argparse.Namespace) -> dict:
     run_dir = Path(args.run_dir).resolve()
     resolve_layers(args, run_dir)
     weights, pets, model_info = build_inputs(args, run_dir)
-    parameters = {**({} if args.tiny else REAL_SIZE_PARAMETERS), **(TINY_PARAMETERS if args.tiny else {}),
-                  **GATE_OPEN}
+    parameters = merge_parameters(TINY_PARAMETERS if args.tiny else REAL_SIZE_PARAMETERS, GATE_OPEN)
     flags = ["--run-dir", str(run_dir), "--weights-source", weights, "--dataset-source", pets]
-    for name, value in parameters.items():
-        flags += ["--param", f"{name}={value}"]
+    for name, value in parameters.items():  # a step's dict as one STEP.KEY=VALUE per key
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        flags += [a for key, v in items for a in ("--param", f"{name}{'.' + key if key else ''}={v}")]
     for item in args.param:
         flags += ["--param", item]
     (run_dir / "kfp").mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ definitions run under kfp.local's SubprocessRunner (in this venv) and on Vertex 
 ``build`` is a constant input (project version, git commit, image) fixed at compile time, so a
 task's cache key changes with the code and every artifact records the code that made it.
 No ``from __future__ import annotations`` here: KFP reads the annotations as types.
-A 0 / "" parameter means "unset" (the step's None); see pipelines/pipeline.py for why.
+A step's ``config: dict`` holds the keys of its config dataclass the run sets; the rest of the
+fields come from the artifacts (pipelines/params.py says which, and merges the defaults in).
 """
 
 import types
@@ -38,47 +39,36 @@ def resolve_sources(weights_source: str, weights_revision: str, dataset_source: 
 
 
 def stage_weights(source: str, revision: str, source_fingerprint: str, hf_token_secret: str,
-                  build: dict, weights: Output[Model]):
-    from components import stage_weights as step
-    from pipelines import runtime
+                  config: dict, build: dict, weights: Output[Model]):
+    from pipelines import params, runtime
 
     runtime.load_hf_token(hf_token_secret)  # Vertex: Secret Manager -> this task's env only
-    step.run(step.StageWeightsConfig(source=source, destination=weights.path, revision=revision))
+    params.run_step("stage_weights", config, source=source, destination=weights.path,
+                    revision=revision)
     runtime.annotate([weights], runtime.lineage(build, model_dir=weights.path))
     weights.metadata["weights_source_fingerprint"] = source_fingerprint
 
 
-def prepare_dataset(source: str, source_format: str, revision: str, source_fingerprint: str,
-                    train_size: int, eval_size: int, num_classes: int, seed: int, build: dict,
-                    dataset: Output[Dataset]):
-    from components import prepare_dataset as step
-    from pipelines import runtime
+def prepare_dataset(source: str, revision: str, source_fingerprint: str, config: dict,
+                    build: dict, dataset: Output[Dataset]):
+    from pipelines import params, runtime
 
-    step.run(step.PrepareDatasetConfig(source=source, output_dir=dataset.path,
-                                       source_format=source_format, revision=revision or None,
-                                       train_size=train_size or None,
-                                       eval_size=eval_size or None,
-                                       num_classes=num_classes or None, seed=seed))
+    # resolve-sources outputs "" for a source without a revision (a folder, gs://)
+    params.run_step("prepare_dataset", config, source=source, output_dir=dataset.path,
+                    revision=revision or None)
     runtime.annotate([dataset], runtime.lineage(build, dataset_dir=dataset.path))
     dataset.metadata["dataset_source_fingerprint"] = source_fingerprint
 
 
-def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, lora_r: int,
-             lora_alpha: int, lora_dropout: float, learning_rate: float, epochs: int,
-             max_steps: int, warmup_ratio: float, batch_size: int, micro_batch_size: int,
-             memory_preset: str, num_processes: int, max_length: int, seed: int,
-             save_every_steps: int, checkpoint_dir: str, build: dict, adapter: Output[Model],
+def finetune(weights: Input[Model], dataset: Input[Dataset], config: dict, quantization: str,
+             num_processes: int, checkpoint_dir: str, build: dict, adapter: Output[Model],
              train_metrics: Output[Metrics], curve: Output[HTML], loss_series: Output[Artifact]):
-    from components import finetune as step
-    from pipelines import runtime
+    from pipelines import params, runtime
 
-    result = step.run(step.FinetuneConfig(
-        model_dir=weights.path, dataset_dir=dataset.path, output_dir=adapter.path,
-        quantization=quantization, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps or None,
-        warmup_ratio=warmup_ratio, batch_size=batch_size, micro_batch_size=micro_batch_size,
-        memory_preset=memory_preset, num_processes=num_processes, max_length=max_length, seed=seed,
-        save_every_steps=save_every_steps, checkpoint_dir=checkpoint_dir))
+    result = params.run_step(
+        "finetune", config, model_dir=weights.path, dataset_dir=dataset.path,
+        output_dir=adapter.path, checkpoint_dir=checkpoint_dir, quantization=quantization,
+        num_processes=num_processes)
     for key in ("final_loss", "steps", "samples_per_s", "peak_memory_mb"):
         if isinstance(result.get(key), (int, float)):
             train_metrics.log_metric(key, float(result[key]))
@@ -88,48 +78,41 @@ def finetune(weights: Input[Model], dataset: Input[Dataset], quantization: str, 
     runtime.write_metadata_file([train_metrics])
 
 
-def evaluate(weights: Input[Model], dataset: Input[Dataset], mode: str, batch_size: int,
-             limit: int, quantization: str, load_dtype: str, build: dict,
-             evaluation: Output[Artifact],
+def evaluate(weights: Input[Model], dataset: Input[Dataset], config: dict, quantization: str,
+             load_dtype: str, build: dict, evaluation: Output[Artifact],
              metrics: Output[Metrics], confusion: Output[ClassificationMetrics],
              adapter: Optional[Input[Model]] = None):
-    from components import evaluate as step
-    from pipelines import runtime
+    from pipelines import params, runtime
 
     adapter_dir = adapter.path if adapter is not None else None
-    step.run(step.EvaluateConfig(model_dir=weights.path, dataset_dir=dataset.path,
-                                 output_dir=evaluation.path, adapter_dir=adapter_dir, mode=mode,
-                                 batch_size=batch_size, limit=limit or None,
-                                 quantization=quantization, load_dtype=load_dtype))
+    params.run_step("evaluate", config, model_dir=weights.path, dataset_dir=dataset.path,
+                    output_dir=evaluation.path, adapter_dir=adapter_dir,
+                    quantization=quantization, load_dtype=load_dtype)
     runtime.publish_evaluation(evaluation.path, metrics, confusion)
     runtime.annotate([evaluation, metrics, confusion], runtime.lineage(
         build, model_dir=weights.path, dataset_dir=dataset.path, adapter_dir=adapter_dir))
     runtime.write_metadata_file([metrics, confusion])
 
 
-def compare_accuracy(baseline: Input[Artifact], tuned: Input[Artifact], margin: float,
-                     min_accuracy: float, build: dict, report: Output[HTML]) -> bool:
-    from components import gate as rule
-    from pipelines import runtime
+def compare_accuracy(baseline: Input[Artifact], tuned: Input[Artifact], thresholds: dict,
+                     build: dict, report: Output[HTML]) -> bool:
+    from pipelines import params, runtime
 
     tuned_lineage = {k: v for k, v in tuned.metadata.items() if k in runtime.LINEAGE_KEYS}
     return runtime.gate({"baseline": baseline.path, "tuned": tuned.path},
-                        rule.Thresholds(margin=margin, min_accuracy=min_accuracy), report, build,
+                        params.step_config("gate", thresholds), report, build,
                         tuned_lineage, "Gate before the merge: tuned vs baseline")
 
 
 def accept_export(baseline: Input[Artifact], tuned: Input[Artifact], merged: Input[Artifact],
-                  champion: Input[Artifact], margin: float, min_accuracy: float,
-                  export_tolerance: float, build: dict, report: Output[HTML]) -> bool:
-    from components import gate as rule
-    from pipelines import runtime
+                  champion: Input[Artifact], thresholds: dict, build: dict,
+                  report: Output[HTML]) -> bool:
+    from pipelines import params, runtime
 
     merged_lineage = {k: v for k, v in merged.metadata.items() if k in runtime.LINEAGE_KEYS}
     passed = runtime.gate(
         {"baseline": baseline.path, "tuned": tuned.path, "merged": merged.path,
-         "champion": champion.path},
-        rule.Thresholds(margin=margin, min_accuracy=min_accuracy,
-                        export_tolerance=export_tolerance),
+         "champion": champion.path}, params.step_config("gate", thresholds),
         report, build, merged_lineage, "Gate after the merge: the export as served")
     report.metadata["export_status"] = runtime.export_status(
         {"passed": passed, "failed": report.metadata.get("gate_failed", [])})
@@ -147,11 +130,9 @@ def resolve_champion(registry: str, build: dict) -> NamedTuple("Champion", uri=s
 
 
 def evaluate_champion(registry: str, champion_uri: str, champion_version: str,
-                      dataset: Input[Dataset], mode: str, batch_size: int, limit: int,
-                      quantization: str, load_dtype: str, build: dict,
-                      evaluation: Output[Artifact]):
-    from components import evaluate as step
-    from pipelines import runtime
+                      dataset: Input[Dataset], config: dict, quantization: str, load_dtype: str,
+                      build: dict, evaluation: Output[Artifact]):
+    from pipelines import params, runtime
 
     runtime.annotate([evaluation], runtime.lineage(build, dataset_dir=dataset.path))
     if not champion_uri:
@@ -159,10 +140,9 @@ def evaluate_champion(registry: str, champion_uri: str, champion_version: str,
         evaluation.metadata["champion_version"] = ""
         return
     # the champion as served, on this run's held-out shards: past numbers do not count
-    step.run(step.EvaluateConfig(model_dir=runtime.readable_path(champion_uri),
-                                 dataset_dir=dataset.path, output_dir=evaluation.path, mode=mode,
-                                 batch_size=batch_size, limit=limit or None,
-                                 quantization=quantization, load_dtype=load_dtype))
+    params.run_step("evaluate", config, model_dir=runtime.readable_path(champion_uri),
+                    dataset_dir=dataset.path, output_dir=evaluation.path, adapter_dir=None,
+                    quantization=quantization, load_dtype=load_dtype)
     runtime.annotate([evaluation], runtime.lineage(build, model_dir=runtime.readable_path(
         champion_uri), dataset_dir=dataset.path))
     evaluation.metadata.update(champion_uri=champion_uri, champion_version=champion_version)
@@ -180,15 +160,15 @@ def register(registry: str, serving_image: str, run_name: str, export: Input[Mod
 
 
 def merge_export(weights: Input[Model], adapter: Input[Model], dataset: Input[Dataset],
-                 tuned_evaluation: Input[Artifact], tolerance: float, save_dtype: str,
-                 build: dict, export: Output[Model]):
-    from components import merge_export as step
-    from pipelines import runtime
+                 tuned_evaluation: Input[Artifact], config: dict, build: dict,
+                 export: Output[Model]):
+    from components import artifacts
+    from pipelines import params, runtime
 
-    result = step.run(step.MergeExportConfig(
-        model_dir=weights.path, adapter_dir=adapter.path, output_dir=export.path,
-        dataset_dir=dataset.path, metrics_path=f"{tuned_evaluation.path}/metrics.json",
-        tolerance=tolerance or None, save_dtype=save_dtype))
+    result = params.run_step(
+        "merge_export", config, model_dir=weights.path, adapter_dir=adapter.path,
+        output_dir=export.path, dataset_dir=dataset.path,
+        metrics_path=f"{tuned_evaluation.path}/{artifacts.EVAL_METRICS}")
     tuned = runtime.load_metrics(tuned_evaluation.path)
     runtime.annotate([export], runtime.lineage(build, model_dir=weights.path,
                                                dataset_dir=dataset.path, adapter_dir=adapter.path))

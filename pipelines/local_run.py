@@ -2,14 +2,14 @@
 
     python -m pipelines.local_run --run-dir demo-run                 # tiny model + synthetic pets
     python -m pipelines.local_run --run-dir runs/x --weights-source DIR --dataset-source DIR \\
-        [--margin 0.02] [--param epochs=1 --param eval_limit=64 ...]
+        [--margin 0.02] [--param finetune.epochs=1 --param evaluate.limit=64 ...]
 
 The same KFP component definitions as on Vertex run under kfp.local's SubprocessRunner in this
 venv (no container, no pip installs). kfp 2.17.3's local orchestrator executes dsl.If: when the
 gate says no, merge-export and evaluate-merged simply do not run. It runs tasks one at a time in
 dependency order, so "baseline evaluation and fine-tuning in parallel" is sequential here; it
 ignores accelerator/CPU/memory limits (Vertex settings) but honours retry policies with their
-backoff, so the local compile uses --fine-tune-retries 0 by default (a local failure is fixed by
+backoff, so the local compile uses --finetune-retries 0 by default (a local failure is fixed by
 hand, not by waiting 60 s + 120 s for the same error).
 
 Without --weights-source/--dataset-source it first builds the offline stand-ins in
@@ -45,7 +45,7 @@ from components.files import is_complete, read_json, write_json_atomic
 from components.tiny_model import CPU_DEMO_FINETUNE  # a dict; the module imports no torch
 from pipelines import options as pipeline_options
 from pipelines import pipeline as dag
-from pipelines.submit import SubmitError, check_parameters, load_parameters
+from pipelines.submit import SubmitError, check_parameters, load_parameters, merge_parameters
 
 # Embedded demo defaults: the tiny model's CPU recipe (components.tiny_model.CPU_DEMO_FINETUNE:
 # chance -> >= 90% on 8 synthetic classes in about a minute of CPU), 8 classes of 40 images at
@@ -54,15 +54,15 @@ DEMO_NUM_CLASSES = 8
 DEMO_IMAGES_PER_CLASS = 40
 DEMO_IMAGE_SIZE = 64  # px
 DEMO_PARAMETERS: dict[str, Any] = {
-    **CPU_DEMO_FINETUNE,
     "quantization": "none",  # NF4 needs CUDA; the demo runs on CPU
-    "max_length": 512,  # tokens; the tiny model's prompts are ~100
-    "save_every_steps": 40,
-    "eval_batch_size": 16,
+    "finetune": {**CPU_DEMO_FINETUNE,
+                 "max_length": 512,  # tokens; the tiny model's prompts are ~100
+                 "save_every_steps": 40},
+    "evaluate": {"batch_size": 16},
     # The demo computes in fp32 on CPU; an fp32 export is verified against it at the step's fp32
     # bound (1e-3). A bf16 export of the tiny model, whose trained logits reach the +-30 softcap,
     # measured max |logit diff| 0.62-0.82 against the step's 0.5 bf16-export bound.
-    "merge_save_dtype": "float32",
+    "merge_export": {"save_dtype": "float32"},
 }
 CACHE_DIR = "kfp-cache"
 REGISTRY_DIR = "registry"
@@ -85,13 +85,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="images per synthetic class, half train half eval "
                              "(only without --dataset-source)")
     parser.add_argument("--margin", type=float, default=None,
-                        help="gate: tuned accuracy must beat baseline by more than 0 and at least "
+                        help="gate.margin: tuned accuracy must beat baseline by more than 0 and at least "
                              "this (default: the pipeline's); negative: accept a regression down "
                              "to it (wiring smoke tests)")
     parser.add_argument("--parameters", default=None,
                         help="JSON/YAML file of pipeline parameter values")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="one pipeline parameter (YAML scalar); overrides the demo defaults")
+                        help="one pipeline parameter (YAML scalar), or one key of a step's dict "
+                             "as STEP.KEY=VALUE (finetune.epochs=1); overrides the demo defaults")
     parser.add_argument("--registry", default=None,
                         help=f"model registry: a folder (default RUN_DIR/{REGISTRY_DIR}: later "
                              "runs in RUN_DIR find its champion), projects/P/locations/L/models/ID "
@@ -99,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-cache", action="store_true",
                         help="run every task (default: kfp.local's task cache in RUN_DIR/"
                              f"{CACHE_DIR}, keyed like Vertex's on the component and its inputs)")
-    parser.add_argument("--fine-tune-retries", type=int, default=0,
+    parser.add_argument("--finetune-retries", type=int, default=0,
                         help="retries of the fine-tune task (kfp.local honours them, with the "
                              "compiled 60 s doubling backoff); default 0")
     return parser.parse_args(argv)
@@ -135,12 +136,12 @@ def demo_inputs(run_dir: Path, num_classes: int, images_per_class: int) -> tuple
 
 def arguments_for(args: argparse.Namespace, spec: dict[str, Any], weights: str,
                   dataset: str) -> dict[str, Any]:
-    values = {**DEMO_PARAMETERS, "registry": str(Path(args.run_dir).resolve() / REGISTRY_DIR)
-              if args.registry is None else args.registry}
-    values.update(load_parameters(args.parameters, args.param))
-    if args.margin is not None:
-        values["margin"] = args.margin
-    values.update(weights_source=weights, dataset_source=dataset)
+    registry = (str(Path(args.run_dir).resolve() / REGISTRY_DIR) if args.registry is None
+                else args.registry)
+    values = merge_parameters(DEMO_PARAMETERS, {"registry": registry},
+                              load_parameters(args.parameters, args.param),
+                              {} if args.margin is None else {"gate.margin": args.margin},
+                              {"weights_source": weights, "dataset_source": dataset})
     return check_parameters(values, spec)
 
 
@@ -337,8 +338,8 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    run_dir = Path(args.run_dir).resolve()
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags' own checks (the parameters are checked against the compiled spec)."""
     for flag, value, least in (("--num-classes", args.num_classes, 2),  # 1 class: a trivial 100%
                                ("--images-per-class", args.images_per_class, 2)):  # train + eval
         if value < least:
@@ -352,18 +353,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.margin is not None and not -1.0 <= args.margin <= 1.0:
         raise SubmitError(f"--margin {args.margin}: an accuracy difference, must lie in [-1, 1]")
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    run_dir = Path(args.run_dir).resolve()
+    check_flags(args)
     # compile first: it is what ran, and parameters are checked against it before any work
     options = pipeline_options.compile_options(image=pipeline_options.LOCAL_IMAGE,
                                                preset="cpu-smoke",
-                                               fine_tune_retries=args.fine_tune_retries)
+                                               finetune_retries=args.finetune_retries)
     pipeline_func = dag.build_pipeline(options)
     run_dir.mkdir(parents=True, exist_ok=True)
     from kfp import compiler, local
 
     compiler.Compiler().compile(pipeline_func, str(run_dir / "pipeline.yaml"))
     spec = yaml.safe_load((run_dir / "pipeline.yaml").read_text())
-    check_parameters({**DEMO_PARAMETERS, **load_parameters(args.parameters, args.param),
-                      "weights_source": "x", "dataset_source": "x"}, spec)
+    check_parameters(merge_parameters(DEMO_PARAMETERS, load_parameters(args.parameters, args.param),
+                                      {"weights_source": "x", "dataset_source": "x"}), spec)
 
     def absolute(source: str | None) -> str | None:
         # tasks may run from another working directory: pass local paths absolute

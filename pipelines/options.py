@@ -186,15 +186,15 @@ class CompileOptions:
     preset: Preset
     project_version: str
     git_commit: str
-    fine_tune_retries: int = 2
+    finetune_retries: int = 2
     finetune_gpus: int | None = None  # None: the preset's accelerator count
 
     def __post_init__(self) -> None:
         if not self.image or any(c.isspace() for c in self.image):
             raise ValueError(f"image {self.image!r}: must be a non-empty image reference "
                              "without spaces (flag --image or $GEMMA_PETS_IMAGE)")
-        if not 0 <= self.fine_tune_retries <= 10:
-            raise ValueError(f"fine_tune_retries {self.fine_tune_retries}: must be in 0..10")
+        if not 0 <= self.finetune_retries <= 10:
+            raise ValueError(f"--finetune-retries {self.finetune_retries}: must be in 0..10")
         if self.finetune_gpus is not None:
             if not self.preset.gpu_task.accelerator_type:
                 raise ValueError(f"--finetune-gpus {self.finetune_gpus}: preset {self.preset.name} has no "
@@ -219,9 +219,9 @@ class CompileOptions:
 
 
 def compile_options(image: str | None = None, preset: str = DEFAULT_PRESET,
-                    fine_tune_retries: int = 2, finetune_gpus: int | None = None) -> CompileOptions:
+                    finetune_retries: int = 2, finetune_gpus: int | None = None) -> CompileOptions:
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} (flag --preset): choose one of {', '.join(PRESETS)}")
     return CompileOptions(image=image or default_image(), preset=PRESETS[preset],
                           project_version=project_version(), git_commit=git_commit(),
-                          fine_tune_retries=fine_tune_retries, finetune_gpus=finetune_gpus)
+                          finetune_retries=finetune_retries, finetune_gpus=finetune_gpus)

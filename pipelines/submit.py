@@ -2,12 +2,14 @@
 
     python -m pipelines.submit --template pipeline.yaml --project P --region us-central1 \\
         --pipeline-root gs://BUCKET/pipeline-root --service-account SA@P.iam.gserviceaccount.com \\
-        --parameters params.yaml [--param margin=0.02] [--label team=vision] [--no-caching]
+        --parameters params.yaml [--param gate.margin=0.02] [--label team=vision] [--no-caching]
     ... --schedule-cron "0 3 * * 1" [--schedule-name weekly] [--max-concurrent-run-count 1] \\
         [--start-time 2026-01-01T00:00:00Z] [--end-time ...] [--max-run-count N]
 
 Everything is checked before any network call: the template parses, each parameter exists in it
-with the right type, required parameters are given, nothing looks like a token (the Hugging Face
+with the right type, each key of a step's dict (``--param finetune.epochs=1``) is a field of the
+step's config with the right type and passes the config's own checks (pipelines/params.py),
+required parameters are given, nothing looks like a token (the Hugging Face
 token never travels as a parameter: pass ``hf_token_secret``, the Secret Manager resource name).
 The template is archived next to the run's artifacts (``<pipeline-root>/templates/<name>-<sha>.yaml``,
 content-addressed) and the job is created from that copy, so a run always points at the exact YAML
@@ -28,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from components import gate as rule
 from components.cli import entrypoint
+from pipelines import params
 
 # Parameter types of the PipelineSpec (pipeline_spec_pb2.ParameterType names).
 _PY_TYPES = {"STRING": (str,), "NUMBER_INTEGER": (int,), "NUMBER_DOUBLE": (int, float),
@@ -79,8 +81,23 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def load_parameters(path: str | None, overrides: list[str]) -> dict[str, Any]:
+def merge_parameters(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Later layers over earlier ones; a step's dict is merged key by key, and ``step.key``
+    names one key of it (``finetune.epochs``)."""
     values: dict[str, Any] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            step, dot, key = name.partition(".")
+            if dot:
+                name, value = step, {key: value}
+            if isinstance(value, dict) and isinstance(values.get(name), dict):
+                value = {**values[name], **value}
+            values[name] = value
+    return values
+
+
+def load_parameters(path: str | None, overrides: list[str]) -> dict[str, Any]:
+    loaded: dict[str, Any] = {}
     if path:
         file = Path(path)
         if not file.is_file():
@@ -91,46 +108,63 @@ def load_parameters(path: str | None, overrides: list[str]) -> dict[str, Any]:
             raise SubmitError(f"--parameters {path}: not YAML/JSON: {err}") from err
         if not isinstance(loaded, dict):
             raise SubmitError(f"--parameters {path}: must hold a mapping name -> value")
-        values.update(loaded)
+    given = {}
     for item in overrides:
         name, sep, raw = item.partition("=")
         if not sep or not name:
-            raise SubmitError(f"--param {item!r}: expected NAME=VALUE")
-        values[name] = _scalar(raw)
-    return values
+            raise SubmitError(f"--param {item!r}: expected NAME=VALUE or STEP.KEY=VALUE")
+        given[name] = _scalar(raw)
+    return merge_parameters(loaded, given)
+
+
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (dict, list)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _strings(item)
+
+
+def _unknown(name: str, declared: dict[str, Any]) -> SubmitError:
+    steps = [f"{s}.{name}" for s in params.STEPS if s in declared and name in params.keys(s)]
+    hint = f"; did you mean {' or '.join(steps)}?" if steps else ""
+    return SubmitError(f"parameter {name!r} is not in the pipeline{hint} known: "
+                       f"{', '.join(sorted(declared))}")
 
 
 def check_parameters(values: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    """Refuse unknown names, wrong types, missing required parameters and token-like values."""
-    declared = template_parameters(spec)
+    """Refuse unknown names and keys, wrong types, bad step values, missing required parameters
+    and token-like values. Returns the values to send."""
+    declared, checked = template_parameters(spec), {}
     for name, value in values.items():
         if name not in declared:
-            raise SubmitError(f"parameter {name!r} is not in the pipeline; known: "
-                              f"{', '.join(sorted(declared))}")
+            raise _unknown(name, declared)
         if "token" in name.lower() and name != "hf_token_secret":
             raise SubmitError(f"parameter {name!r}: tokens are never pipeline parameters")
-        if isinstance(value, str) and _TOKEN_VALUE.search(value):
+        if any(_TOKEN_VALUE.search(text) for text in _strings(value)):
             raise SubmitError(f"parameter {name!r} holds what looks like a Hugging Face token; "
                               "store it in Secret Manager and pass hf_token_secret="
                               "projects/P/secrets/NAME instead")
         kind = declared[name].get("parameterType", "STRING")
         if value is None:
+            # An explicit null is dropped so the spec's default applies instead.
             if not declared[name].get("isOptional"):
                 raise SubmitError(f"parameter {name!r} may not be null")
             continue
         allowed = _PY_TYPES.get(kind, (object,))
         if isinstance(value, bool) and kind != "BOOLEAN" or not isinstance(value, allowed):
             raise SubmitError(f"parameter {name!r}={value!r}: expected {kind}")
+        if name in params.STEPS:  # before any GPU time: the step config's own checks
+            value = params.check(name, value)
+            params.check_values(name, value)
+        # kfp.local refuses an int for a NUMBER_DOUBLE (`min_accuracy=0`)
+        checked[name] = float(value) if kind == "NUMBER_DOUBLE" else value
     missing = [n for n, d in declared.items()
                if n not in values and "defaultValue" not in d and not d.get("isOptional")]
     if missing:
         raise SubmitError(f"required parameters missing: {', '.join(sorted(missing))} "
                           "(--parameters FILE or --param NAME=VALUE)")
-    # Optional parameters left out stay unset; an explicit null is dropped so the spec's
-    # default (None) applies instead of being sent as a value. A whole number given for a
-    # NUMBER_DOUBLE (`min_accuracy=0`) becomes a float: kfp.local refuses an int there.
-    return {k: float(v) if declared[k].get("parameterType") == "NUMBER_DOUBLE" else v
-            for k, v in values.items() if v is not None}
+    return checked
 
 
 def parse_labels(items: list[str], build: dict[str, str]) -> dict[str, str]:
@@ -182,7 +216,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "hf_token_secret, Secret Manager accessor)")
     parser.add_argument("--parameters", default=None, help="JSON/YAML file of parameter values")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="one parameter value (YAML scalar), overrides --parameters")
+                        help="one parameter value (YAML scalar), or one key of a step's dict as "
+                             "STEP.KEY=VALUE; overrides --parameters")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                         help="label of the job (the project version and git commit are added)")
     parser.add_argument("--display-name", default=None, help="job display name")
@@ -218,11 +253,6 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                           f"{build['image']}; recompile with --image (or $GEMMA_PETS_IMAGE) "
                           "naming your project's Artifact Registry image")
     values = check_parameters(load_parameters(args.parameters, args.param), spec)
-    try:  # else the gate task fails at run time, after hours of GPU time
-        rule.Thresholds(**{k: values[k] for k in ("margin", "min_accuracy", "export_tolerance")
-                           if k in values})
-    except ValueError as err:
-        raise SubmitError(f"parameter {err}") from None
     labels = parse_labels(args.label, build)
     schedule = None
     if args.schedule_cron is not None:

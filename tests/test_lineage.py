@@ -37,10 +37,10 @@ def run_dir(tmp_path_factory) -> Path:
     run = root / "run"
     result = subprocess.run(
         [sys.executable, "-m", "pipelines.local_run", "--run-dir", str(run), "--margin", "-1",
-         "--param", "min_accuracy=0", "--weights-source", weights, "--dataset-source", dataset,
-         "--param", "max_steps=1",
-         "--param", "epochs=1", "--param", "micro_batch_size=2", "--param", "lora_r=4",
-         "--param", "eval_batch_size=8"],
+         "--param", "gate.min_accuracy=0", "--weights-source", weights, "--dataset-source", dataset,
+         "--param", "finetune.max_steps=1",
+         "--param", "finetune.epochs=1", "--param", "finetune.micro_batch_size=2",
+         "--param", "finetune.lora_r=4", "--param", "evaluate.batch_size=8"],
         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
         timeout=1200)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

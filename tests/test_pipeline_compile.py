@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,10 @@ from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 import compile as compile_cli
+from components import finetune as finetune_step
+from pipelines import components as pipeline_components
 from pipelines import options as pipeline_options
+from pipelines import params as step_params
 from pipelines import pipeline as dag
 
 from tests.helpers import REPO, is_commit_of_this_checkout
@@ -143,11 +145,11 @@ def test_gate_condition_compares_gate_output(compiled):
     gate_component = spec.components[tasks[dag.GATE][1].component_ref.name]
     assert (gate_component.output_definitions.parameters["Output"].parameter_type
             == pipeline_spec_pb2.ParameterType.BOOLEAN)
-    params = spec.root.input_definitions.parameters
+    gate = spec.root.input_definitions.parameters["gate"]
+    assert gate.parameter_type == pipeline_spec_pb2.ParameterType.STRUCT
     # the gate needs a strict improvement: the defaults are above zero
     for name in ("margin", "min_accuracy", "export_tolerance"):
-        assert params[name].parameter_type == pipeline_spec_pb2.ParameterType.NUMBER_DOUBLE
-        assert params[name].default_value.number_value > 0, name
+        assert gate.default_value.struct_value.fields[name].number_value > 0, name
 
 
 def test_accelerators_resources_caching_retry(compiled):
@@ -179,7 +181,7 @@ def test_accelerators_resources_caching_retry(compiled):
 
 def test_small_model_preset_uses_l4(tmp_path):
     path = compile_cli.compile_pipeline(tmp_path / "e4b.yaml", preset="e4b", image=IMAGE,
-                                        fine_tune_retries=1)
+                                        finetune_retries=1)
     spec, deployment = load_spec(path)
     tasks = all_tasks(spec)
     for name in dag.GPU_TASKS:
@@ -244,7 +246,7 @@ def test_tasks_run_the_image_without_installing_anything(compiled):
         assert "pip install" not in command, name
         assert "kfp.dsl.executor_main" in command, name
     finetune = executor_of(spec, deployment, all_tasks(spec)[dag.FINETUNE][1]).container
-    assert "from components import finetune as step" in "\n".join(finetune.command)
+    assert 'params.run_step(\n        "finetune", config' in "\n".join(finetune.command)
 
 
 def test_build_identity_is_a_constant_input_of_every_task(compiled):
@@ -261,54 +263,103 @@ def test_build_identity_is_a_constant_input_of_every_task(compiled):
 def test_runtime_parameters(compiled):
     spec, _ = load_spec(compiled)
     params = spec.root.input_definitions.parameters
+    # the pipeline-wide parameters and one dict per step, nothing else
+    assert set(params) == set(dag.PIPELINE_WIDE) | set(step_params.STEPS)
     # no public default exists offline for the weights and data: the caller must name them
     assert not params["weights_source"].HasField("default_value")
     assert not params["dataset_source"].HasField("default_value")
-    assert params["train_size"].is_optional and params["eval_limit"].is_optional
     assert params["hf_token_secret"].default_value.string_value == ""
     assert params["registry"].default_value.string_value == ""  # no registry unless named
     assert "pytorch-vllm-serve" in params["serving_image"].default_value.string_value
+    assert params["quantization"].default_value.string_value == "auto"
     assert not any("token" in p and p != "hf_token_secret" for p in params)
+    # every parameter says what it is in the YAML (the Vertex UI shows it)
+    assert all(params[name].description for name in params)
+    assert "unset by default (null): max_steps" in params["finetune"].description
 
 
-def test_step_config_defaults_match_pipeline_defaults(compiled):
-    """The pipeline's defaults are the steps' defaults, so a run with no overrides is the
-    documented configuration. Checked per step module that has landed."""
+def test_step_parameters_are_the_step_configs_defaults(compiled):
+    """Each step's dict parameter defaults to its config dataclass's defaults, key for key: no
+    0 / "" stands for "unset" (a None default is left out: the task fills it in), and the fields
+    the pipeline sets itself are not keys."""
     spec, _ = load_spec(compiled)
     params = spec.root.input_definitions.parameters
-    checks = {
-        "components.finetune": ("FinetuneConfig", {
-            "quantization": "quantization", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
-            "lora_dropout": "lora_dropout", "learning_rate": "learning_rate", "epochs": "epochs",
-            "warmup_ratio": "warmup_ratio", "max_steps": "max_steps",
-            "batch_size": "batch_size", "micro_batch_size": "micro_batch_size", "memory_preset": "memory_preset",
-            "max_length": "max_length", "seed": "seed", "save_every_steps": "save_every_steps"}),
-        "components.evaluate": ("EvaluateConfig", {"mode": "eval_mode", "limit": "eval_limit",
-                                                   "batch_size": "eval_batch_size",
-                                                   "quantization": "quantization"}),
-        "components.stage_weights": ("StageWeightsConfig", {"revision": "weights_revision"}),
-        "components.prepare_dataset": ("PrepareDatasetConfig", {
-            "source_format": "dataset_format", "revision": "dataset_revision", "seed": "seed",
-            "train_size": "train_size", "eval_size": "eval_size", "num_classes": "num_classes"}),
-        "components.merge_export": ("MergeExportConfig", {"tolerance": "merge_tolerance",
-                                                          "save_dtype": "merge_save_dtype"}),
-    }
-    checked = 0
-    for module_name, (class_name, mapping) in checks.items():
-        if importlib.util.find_spec(module_name) is None:
-            continue
-        fields = {f.name: f for f in dataclasses.fields(
-            getattr(importlib.import_module(module_name), class_name))}
-        for field_name, param in mapping.items():
-            default = fields[field_name].default
-            value = json_format.MessageToDict(params[param].default_value)
-            if default is None:  # the pipeline spells "unset" 0 / "" (see pipelines/pipeline.py)
-                assert value in (0, ""), (module_name, field_name, value)
+    for step, wiring in step_params.STEPS.items():
+        assert params[step].parameter_type == pipeline_spec_pb2.ParameterType.STRUCT, step
+        compiled_default = json_format.MessageToDict(params[step].default_value)
+        fields = {f.name: f for f in dataclasses.fields(step_params.config_class(step))}
+        assert set(wiring.wired) <= set(fields), step
+        tunable = {n for n in fields if n not in wiring.wired}
+        assert set(compiled_default) <= tunable, step
+        for name in tunable:
+            f = fields[name]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if default is None:
+                assert name not in compiled_default, (step, name)
             else:
-                assert value == default, (module_name, field_name, value, default)
-            checked += 1
-    if not checked:
-        pytest.skip("no step module has landed yet")
+                assert compiled_default[name] == default, (step, name, compiled_default[name])
+    finetune = json_format.MessageToDict(params["finetune"].default_value)
+    assert finetune["lora_r"] == 64 and "max_steps" not in finetune and "model_dir" not in finetune
+    merge = json_format.MessageToDict(params["merge_export"].default_value)
+    assert "tolerance" not in merge and merge["save_dtype"] == "bfloat16"
+
+
+@dataclasses.dataclass
+class WithNewFlag(finetune_step.FinetuneConfig):
+    """FinetuneConfig with one more field, as a new flag of the step would add it."""
+
+    new_flag: int = dataclasses.field(default=7, metadata={"help": "a flag added to the step"})
+
+
+class Captured(Exception):
+    pass
+
+
+def test_a_new_finetune_field_is_a_pipeline_key_with_no_other_edit(tmp_path, monkeypatch):
+    """A field added to FinetuneConfig (here by a subclass standing in for the edit) is in the
+    compiled finetune defaults, and the fine-tune task's body hands it to the step."""
+    monkeypatch.setattr(finetune_step, "FinetuneConfig", WithNewFlag)
+    spec, _ = load_spec(compile_cli.compile_pipeline(tmp_path / "p.yaml", image=IMAGE))
+    finetune = json_format.MessageToDict(spec.root.input_definitions.parameters["finetune"].default_value)
+    assert finetune["new_flag"] == 7
+
+    def run(config):
+        raise Captured(config)
+
+    monkeypatch.setattr(finetune_step, "run", run)
+    folder = types.SimpleNamespace(path=str(tmp_path), metadata={})
+    for given, want in (({"new_flag": 9.0, "epochs": 1.0}, 9), ({}, 7)):  # KFP hands ints as floats
+        with pytest.raises(Captured) as caught:
+            pipeline_components.finetune(
+                weights=folder, dataset=folder, config=given, quantization="none",
+                num_processes=1, checkpoint_dir="", build={}, adapter=folder,
+                train_metrics=folder, curve=folder, loss_series=folder)
+        (config,) = caught.value.args
+        assert isinstance(config, WithNewFlag) and config.new_flag == want
+        assert config.epochs == given.get("epochs", 3) and isinstance(config.epochs, int)
+        assert config.model_dir == str(tmp_path) and config.quantization == "none"
+
+
+def test_step_keys_are_checked_naming_the_step_and_the_key():
+    with pytest.raises(ValueError, match=r"parameter finetune.lora_rank: finetune has no key "
+                                         r"'lora_rank'; its keys: .*lora_r"):
+        step_params.check("finetune", {"lora_rank": 8})
+    with pytest.raises(ValueError, match="parameter evaluate.model_dir: the pipeline sets"):
+        step_params.check("evaluate", {"model_dir": "x"})
+    with pytest.raises(ValueError, match=r"parameter finetune.epochs='two': expected int"):
+        step_params.check("finetune", {"epochs": "two"})
+    with pytest.raises(ValueError, match=r"parameter finetune.epochs=1.5: expected int"):
+        step_params.check("finetune", {"epochs": 1.5})
+    with pytest.raises(ValueError, match="parameter finetune.epochs may not be null"):
+        step_params.check("finetune", {"epochs": None})
+    with pytest.raises(ValueError, match="parameter finetune: --lora-dropout must be in"):
+        step_params.check_values("finetune", {"lora_dropout": 1.5})
+    # a value the 0 / "" spelling could not carry: a tolerance of 0, and null = the default
+    assert step_params.check("merge_export", {"tolerance": 0, "device": "cpu"}) == {
+        "tolerance": 0.0, "device": "cpu"}
+    assert step_params.check("finetune", {"max_steps": None, "lora_r": 8.0}) == {"lora_r": 8}
+    with pytest.raises(TypeError, match="the component sets"):  # components.py and STEPS disagree
+        step_params.step_config("gate", {}, margin=0.1)
 
 
 def test_bad_options_fail_naming_the_flag(tmp_path, capsys):

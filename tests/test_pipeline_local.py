@@ -24,8 +24,9 @@ from tests.helpers import REPO, is_commit_of_this_checkout
 PLANTED = "hf_plantedSECRETlocalrun0123456789"
 # Small enough for minutes on 2 cores: 3 classes x (2 train + 2 eval) images, 2 optimizer steps
 # (a checkpoint after the first).
-SMALL = ["--param", "max_steps=2", "--param", "epochs=1", "--param", "batch_size=4", "--param", "micro_batch_size=2",
-         "--param", "eval_batch_size=8", "--param", "save_every_steps=1"]
+SMALL = ["--param", "finetune.max_steps=2", "--param", "finetune.epochs=1", "--param", "finetune.batch_size=4",
+         "--param", "finetune.micro_batch_size=2", "--param", "evaluate.batch_size=8",
+         "--param", "finetune.save_every_steps=1"]
 
 
 def run_pipeline(run_dir: Path, inputs: tuple[str, str], *extra: str) -> subprocess.CompletedProcess:
@@ -57,7 +58,7 @@ def inputs(tmp_path_factory) -> tuple[str, str]:
 @pytest.mark.slow
 def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_pipeline(run_dir, inputs, "--margin", "-1", "--param", "min_accuracy=0")
+    result = run_pipeline(run_dir, inputs, "--margin", "-1", "--param", "gate.min_accuracy=0")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "succeeded"
@@ -142,7 +143,7 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
 
     # the same sources again: ingest and training come from the cache, the sources were
     # resolved anew, and the champion was evaluated on this run's shards
-    again = run_pipeline(run_dir, inputs, "--margin", "-1", "--param", "min_accuracy=0")
+    again = run_pipeline(run_dir, inputs, "--margin", "-1", "--param", "gate.min_accuracy=0")
     assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-2000:]
     second = read_json(run_dir / "summary.json")
     assert {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.FINETUNE} <= set(second["cached"])
@@ -180,7 +181,9 @@ def test_gate_holds_the_export_back(inputs, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--margin", "2"], "--margin 2.0: an accuracy difference"),
     (["--param", "lora_rank=8"], "parameter 'lora_rank' is not in the pipeline"),
-    (["--param", "epochs=two"], "parameter 'epochs'='two': expected NUMBER_INTEGER"),
+    (["--param", "epochs=2"], "parameter 'epochs' is not in the pipeline; did you mean finetune.epochs?"),
+    (["--param", "finetune.epochs=two"], "parameter finetune.epochs='two': expected int"),
+    (["--param", "finetune.learning_rate=0"], "parameter finetune: --learning-rate must be positive"),
     (["--weights-source", "/no/such/model"], "--weights-source /no/such/model: no such"),
     (["--num-classes", "1"], "--num-classes must be >= 2"),
     (["--dataset-source", "data/oxford-pets/"], "--dataset-source data/oxford-pets/: no such"),

@@ -66,8 +66,8 @@ def base_args(template, gcs, fake, *extra):
 
 def write_params(tmp_path, **overrides):
     params = {"weights_source": "gs://acme-models/gemma-4-e4b-it",
-              "dataset_source": "gs://acme-data/oxford-pets", "margin": 0.02,
-              "eval_limit": None, **overrides}
+              "dataset_source": "gs://acme-data/oxford-pets", "gate": {"margin": 0.02},
+              "evaluate": {"limit": None, "mode": "score"}, **overrides}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -78,7 +78,8 @@ def test_submit_sends_spec_parameters_labels_and_service_account(template, gcs, 
                                                                  project_numbers):
     params = write_params(tmp_path)
     assert submit.main(base_args(
-        template, gcs, fake, "--parameters", str(params), "--param", "lora_r=16",
+        template, gcs, fake, "--parameters", str(params), "--param", "finetune.lora_r=16",
+        "--param", "merge_export.tolerance=0", "--param", "gate.min_accuracy=0.5",
         "--label", "team=vision", "--service-account", SERVICE_ACCOUNT, "--no-caching",
         "--job-id", "pets-run-1", "--display-name", "pets nightly")) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -90,9 +91,12 @@ def test_submit_sends_spec_parameters_labels_and_service_account(template, gcs, 
     assert body["displayName"] == "pets nightly"
     assert body["serviceAccount"] == SERVICE_ACCOUNT
     assert body["runtimeConfig"]["gcsOutputDirectory"] == gcs.uri("root")
+    # only the keys given travel (the task merges them over the step's defaults); a null is the
+    # default, and a tolerance of 0 is a value
     assert body["runtimeConfig"]["parameterValues"] == {
         "weights_source": "gs://acme-models/gemma-4-e4b-it",
-        "dataset_source": "gs://acme-data/oxford-pets", "margin": 0.02, "lora_r": 16}
+        "dataset_source": "gs://acme-data/oxford-pets", "gate": {"margin": 0.02, "min_accuracy": 0.5},
+        "evaluate": {"mode": "score"}, "finetune": {"lora_r": 16}, "merge_export": {"tolerance": 0.0}}
     compiled = yaml.safe_load(template.read_text())
     assert body["labels"]["team"] == "vision"
     assert body["labels"]["gemma-pets-version"] == "0-1-0"
@@ -151,7 +155,7 @@ def test_schedule_sends_cron_window_and_concurrency(template, gcs, fake, tmp_pat
     assert request["parent"] == f"projects/{PROJECT}/locations/{REGION}"
     job = request["pipelineJob"]
     assert job["serviceAccount"] == SERVICE_ACCOUNT
-    assert job["runtimeConfig"]["parameterValues"]["margin"] == 0.02
+    assert job["runtimeConfig"]["parameterValues"]["gate"]["margin"] == 0.02
     assert job["runtimeConfig"]["gcsOutputDirectory"] == gcs.uri("root")
     assert job["pipelineSpec"]["pipelineInfo"]["name"] == "gemma-pets-finetune"
     assert printed["schedule"] == f"projects/{PROJECT}/locations/{REGION}/schedules/1"
@@ -159,10 +163,15 @@ def test_schedule_sends_cron_window_and_concurrency(template, gcs, fake, tmp_pat
 
 @pytest.mark.parametrize("extra, message", [
     (["--param", "no_such=1"], "parameter 'no_such' is not in the pipeline"),
-    (["--param", "lora_r=sixteen"], "parameter 'lora_r'='sixteen': expected NUMBER_INTEGER"),
+    (["--param", "lora_r=16"], "parameter 'lora_r' is not in the pipeline; did you mean finetune.lora_r?"),
+    (["--param", "finetune.lora_rank=8"], "parameter finetune.lora_rank: finetune has no key 'lora_rank'"),
+    (["--param", "finetune.lora_r=sixteen"], "parameter finetune.lora_r='sixteen': expected int"),
+    (["--param", "finetune.lora_dropout=1.5"], "parameter finetune: --lora-dropout must be in [0, 1)"),
+    (["--param", "finetune=8"], "parameter 'finetune'=8: expected STRUCT"),
     (["--param", "weights_source=hf_abcdefghijklmnop"], "looks like a Hugging Face token"),
-    (["--param", "margin=5"], "parameter margin 5.0: an accuracy difference"),
-    (["--param", "min_accuracy=-0.1"], "parameter min_accuracy -0.1: an accuracy"),
+    (["--param", "prepare_dataset.hf_cache_dir=hf_abcdefghijklmnop"], "looks like a Hugging Face token"),
+    (["--param", "gate.margin=5"], "parameter gate: margin 5.0: an accuracy difference"),
+    (["--param", "gate.min_accuracy=-0.1"], "parameter gate: min_accuracy -0.1: an accuracy"),
     (["--schedule-cron", "every monday"], "--schedule-cron 'every monday'"),
     (["--schedule-cron", "0 3 * * 1", "--start-time", "2026-03-01T00:00:00Z",
       "--end-time", "2026-02-01T00:00:00Z"], "is not after --start-time"),
@@ -178,7 +187,7 @@ def test_bad_input_is_refused_before_any_request(template, gcs, fake, tmp_path, 
 
 def test_missing_required_parameters_and_bad_root_and_template(template, gcs, fake, tmp_path, capsys):
     params = tmp_path / "p.json"
-    params.write_text(json.dumps({"margin": 0.1}))
+    params.write_text(json.dumps({"gate": {"margin": 0.1}}))
     assert submit.main(base_args(template, gcs, fake, "--parameters", str(params))) == 2
     assert "required parameters missing: dataset_source, weights_source" in capsys.readouterr().err
     args = base_args(template, gcs, fake, "--parameters", str(write_params(tmp_path)))
