@@ -184,7 +184,7 @@ def test_repeats_are_interleaved_and_reported_as_medians():
 def test_presets_come_from_the_medians_and_the_card_memory():
     rows = {
         "default": {"id": "default", "kind": "train", "loop": "project", "phase": "main", "lora_r": 64,
-                    "samples_per_s": 3.0, "peak_reserved_gib": 36.0, "micro_batch_size": 16, "recompute_every": 1},
+                    "samples_per_s": 3.0, "peak_reserved_gib": 41.0, "micro_batch_size": 16, "recompute_every": 1},
         "keep": {"id": "keep", "kind": "train", "loop": "project", "phase": "main", "lora_r": 64,
                  "samples_per_s": 3.3, "peak_reserved_gib": 110.0, "micro_batch_size": 4, "recompute_every": 0},
         "40": {"id": "40", "kind": "train", "loop": "project", "phase": "main", "lora_r": 64,
@@ -232,7 +232,7 @@ def test_harness_runs_every_row_on_the_tiny_model(tiny_model_dir, tmp_path, monk
     assert result["summary"]["recipe_job_minutes"] > 0 and "ratio" in summary["trl_vs_project"]
     assert set(summary["goals"]) == set(bench_gpu.GOALS) and summary["presets"]["24gb"]["row"] in rows
     table = bench_gpu.render_markdown(saved)
-    assert "| recipe (none) | transformers.Trainer |" in table and "n=1" in table
+    assert "| recipe (fp32) | transformers.Trainer |" in table and "n=1" in table
 
 
 def test_rows_flag_selects_ids_and_groups_and_plan_needs_no_gpu(capsys):
