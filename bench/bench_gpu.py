@@ -311,8 +311,11 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
     reset_memory(device)
     before = model.config._attn_implementation
     if attention:
-        model.set_attn_implementation(attention)
         row["attention"] = attention
+        try:
+            model.set_attn_implementation(attention)
+        except (ImportError, ValueError) as error:  # this model or install cannot use it
+            return model, {**row, "skipped": f"{attention}: {str(error).splitlines()[0]}"}
     torch.manual_seed(cfg.seed)
     peft_model, targets = finetune.attach_lora(model, ft, recompute_every)
     row["lora_layers"] = len(targets)
@@ -327,6 +330,11 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
             row.update(time_project_steps(peft_model, ctx, ft, micro))
     except torch.OutOfMemoryError as error:
         row = out_of_memory(row, error, device)
+    except (RuntimeError, ValueError) as error:
+        if not (compile_layers or attention):
+            raise
+        # A lever this software stack cannot run (a compiler or kernel error) is a result, not a crash.
+        row = {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
     finally:
         for layer in decoder_layers(causal_lm):
             layer._compiled_call_impl = None  # what nn.Module.compile set
@@ -512,6 +520,10 @@ def eval_row(model, ctx: Context, *, name: str, mode: str, batch_size: int | Non
                    **peaks(device))
     except torch.OutOfMemoryError as error:
         row = out_of_memory(row, error, device)
+    except (RuntimeError, ValueError) as error:
+        if not static_cache:
+            raise
+        row = {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
     modeling.fuse_rms_norms(model, enabled=device.type == "cuda")
     reset_memory(device)
     return row

@@ -281,3 +281,15 @@ def test_scaling_flags_are_checked(tmp_path, capsys):
 
     assert bench_scaling.main(["--output", str(tmp_path / "s.json"), "--model-dir", "x", "--processes", "2,1"]) == 2
     assert "error: --processes '2,1': start with 1" in capsys.readouterr().err
+
+
+def test_a_lever_the_stack_cannot_run_is_recorded_not_fatal(tiny_model_dir, tmp_path):
+    """An attention kernel this install cannot use is a skipped row with the reason, and the
+    model comes back unchanged for the next row."""
+    cfg = bench_gpu.BenchConfig(output=str(tmp_path / "x.json"), model_dir=str(tiny_model_dir), device="cpu",
+                                batch_size=2, rows="lever-attention", attention="no-such-kernel")
+    model = modeling.load_model(str(tiny_model_dir), torch.device("cpu"))
+    before = model.config._attn_implementation
+    ctx = bench_gpu.Context(cfg, torch.device("cpu"), None, [], [], [], 3)
+    model, row = bench_gpu.train_row_project(model, ctx, name="lever", attention="no-such-kernel")
+    assert row["skipped"].startswith("no-such-kernel: ") and model.config._attn_implementation == before
