@@ -1,15 +1,22 @@
-"""Training and evaluation speed and memory of Gemma 4: the recipe vs the project's defaults.
+"""Training and evaluation speed and memory of Gemma 4: the recipe, TRL and the project's loop.
 
-    python -m bench.bench_gpu --variant gemma-4-31b --output runs/bench-31b.json   # one H200
-    python -m bench.bench_gpu --variant gemma-4-e4b --output runs/bench-e4b.json
-    python -m bench.bench_gpu --model-dir runs/tiny-gemma4 --device cpu             # harness smoke run
+    python -m bench.bench_gpu --variant gemma-4-31b --output runs/bench-31b.json --plan   # rows, steps, time estimate
+    python -m bench.bench_gpu --variant gemma-4-31b --output runs/bench-31b.json          # one H200
+    python -m bench.bench_gpu --variant gemma-4-31b --output runs/train-31b.json --rows train
+    python -m bench.bench_gpu --variant gemma-4-e4b --output runs/bench-e4b.json --rows recipe,default,generate
+    python -m bench.bench_gpu --model-dir runs/tiny-gemma4 --device cpu --output x.json   # harness smoke run
 
-One process, one model, one set of inputs: the recipe (``bench/recipe.py``) and the project's
-configurations are timed one after the other on the same weights, so every ratio comes from
-one run. The model is a random-init real-size Gemma 4 (``bench/real_size.py``) or a model folder.
+One process, one model, one set of inputs: every row is timed on the same weights, so every ratio
+comes from one run. The model is a random-init real-size Gemma 4 (``bench/real_size.py``) or a
+model folder. Rows are timed ``--repeats`` times, interleaved (round 1 runs every selected row
+once, then round 2, ...), and reported as the median with its spread; docs/benchmarks.md says
+how. Each repeat of a row sets the row up afresh (LoRA attached, optimizer made), runs an
+untimed warm-up and then the timed steps.
 
 Training rows run the project's own code (``finetune.memory_plan``, ``attach_lora``,
-``encode_step``, ``train_step``, with the next step prefetched as ``finetune.run`` does); evaluation rows run ``evaluate``'s ``generate`` and ``score`` paths,
+``encode_step``, ``train_step``, with the next step prefetched as ``finetune.run`` does), the
+recipe's ``transformers.Trainer`` (``bench/recipe.py``) or TRL's ``SFTTrainer`` set up at its best
+(``bench/trl_peer.py``); evaluation rows run ``evaluate``'s ``generate`` and ``score`` paths,
 image preprocessing included, on the base model. Memory presets run under a cap on the caching
 allocator (``torch.cuda.set_per_process_memory_fraction``) equal to the card they are for.
 
@@ -22,16 +29,19 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.util
 import json
 import math
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from components.cli import UserError, entrypoint, parse_config
 from components.files import write_json_atomic
@@ -42,47 +52,65 @@ GIB = 2**30
 # Memory cap (GiB of allocator memory) each preset is timed under: about the smallest card it is
 # meant for. The CUDA context (~0.5 GiB) comes on top, and an L4 shows ~22 GiB, not 24.
 PRESET_CARDS_GIB = {"fast": 78, "40gb": 40, "24gb": 24}
+# Cards the presets are derived for from the medians: (allocator GiB a row may peak at, LoRA
+# rank). "over-100gb" is the card the bench runs on when it has more than 100 GB.
+CARDS = {"over-100gb": (None, 64), "80gb": (PRESET_CARDS_GIB["fast"], 64), "40gb": (PRESET_CARDS_GIB["40gb"], 64),
+         "24gb": (PRESET_CARDS_GIB["24gb"], 16)}
+# Issue 16's goals (31B, r=64, one H200, medians), checked in the summary.
+GOALS = {"train_speedup": 8.0, "generate_speedup": 4.0, "project_job_minutes": 8.0}
+TRL_MOVE_WITHIN = 0.10  # move the fine-tune step onto TRL if it is within this of the project's loop
+# Attention kernels tried by the attention lever (--attention auto), fastest first, by the module
+# each needs: the row is skipped when none installs.
+ATTENTION_KERNELS = {"flash_attention_3": "flash_attn_interface", "flash_attention_2": "flash_attn"}
+# For the time estimate only (--plan and the plan printed before a run): rough model-FLOP
+# utilisations by kind of row, from the runs in docs/benchmarks.md; after round 1 the bench
+# prints the measured time instead.
+ROUGH_MFU = {"project": 0.33, "small-micro": 0.15, "recipe": 0.06, "trl": 0.25, "eval": 0.35,
+             "recipe-eval": 0.12, "long-eval": 0.02}
+ROUGH_SETUP_S = 6.0  # attach LoRA, optimizer, release: per row and repeat
+ROUGH_COMPILE_S = 120.0  # torch.compile on the first repeat of a compiled row
 
 
 @dataclass
 class BenchConfig:
-    """Time the recipe and the project's defaults on one model, in one process."""
+    """Time the recipe, TRL and the project's loop on one model, in one process."""
 
     output: str = field(metadata={"help": "JSON file to write (rows, environment, derived figures)"})
     variant: str = field(default="", metadata={"help": "random-init real-size model: gemma-4-31b, gemma-4-e4b, gemma-4-e2b"})
     model_dir: str = field(default="", metadata={"help": "or a model folder (the tiny stand-in, for a smoke run)"})
     device: str = field(default="auto", metadata={"help": "auto, cuda or cpu"})
     quantization: str = field(default="auto", metadata={"help": "nf4 or none; auto: nf4 on CUDA", "choices": ["auto", "nf4", "none"]})
+    rows: str = field(default="train,eval", metadata={"help": "rows to time: comma-separated row ids or groups "
+                                                           "(--plan lists them; 'all' adds the bf16-base and 128-token rows)"})
+    repeats: int = field(default=3, metadata={"help": "times each row is timed, interleaved; the table shows medians"})
+    plan: bool = field(default=False, metadata={"help": "print the rows, their steps and a rough GPU time, then stop"})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank of the recipe and the project's rows"})
     batch_size: int = field(default=16, metadata={"help": "samples per optimizer step (the recipe's 1 x 16)"})
-    timed_steps: int = field(default=2, metadata={"help": "optimizer steps timed per project row, after one warm-up micro-batch"})
-    recipe_micro_batches: int = field(default=16, metadata={"help": "recipe micro-batches run; the first 2 are warm-up"})
-    presets: str = field(default="fast,40gb,24gb", metadata={"help": "memory presets to time, each under its card's memory"})
-    levers: bool = field(default=True, metadata={"help": "also time levers one at a time against the default"})
-    evaluation: bool = field(default=True, metadata={"help": "time evaluation (generate, score) too"})
-    bf16_base: bool = field(default=False, metadata={"help": "first time training and evaluation on the bf16 base, then quantise"})
-    eval_batches: int = field(default=2, metadata={"help": "timed batches per evaluation row, after one warm-up batch"})
-    eval_batch_sizes: str = field(default="64", metadata={"help": "project evaluation batch sizes to time"})
-    recipe_long_generation: bool = field(default=True, metadata={"help": "also time the recipe's generate at 128 new tokens"})
+    timed_steps: int = field(default=1, metadata={"help": "optimizer steps timed per training row and repeat, after a warm-up"})
+    recipe_micro_batches: int = field(default=16, metadata={"help": "recipe micro-batches per repeat; the first 2 are warm-up"})
+    eval_batches: int = field(default=2, metadata={"help": "timed batches per evaluation row and repeat, after one warm-up batch"})
+    eval_batch_sizes: str = field(default="", metadata={"help": "extra project evaluation batch sizes to time, besides the card's default"})
+    attention: str = field(default="auto", metadata={"help": "attention lever's implementation; auto: the first of "
+                                                             + ", ".join(ATTENTION_KERNELS) + " that installs"})
     seed: int = field(default=0, metadata={"help": "seed of weights, images and LoRA init"})
 
     def __post_init__(self) -> None:
         if bool(self.variant) == bool(self.model_dir):
             raise ValueError("give exactly one of --variant and --model-dir")
-        for name in ("lora_r", "batch_size", "timed_steps", "eval_batches"):
+        for name in ("lora_r", "batch_size", "timed_steps", "eval_batches", "repeats"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.recipe_micro_batches < 3:
             raise ValueError("--recipe-micro-batches must be at least 3 (2 are warm-up)")
+        if self.batch_size % 2:
+            raise ValueError("--batch-size must be even (the 24gb preset's micro-batch is 2)")
         try:
-            sizes = [int(x) for x in self.eval_batch_sizes.split(",")]
+            sizes = [int(x) for x in filter(None, self.eval_batch_sizes.split(","))]
         except ValueError:
             raise ValueError(f"--eval-batch-sizes {self.eval_batch_sizes!r}: give comma-separated integers") from None
-        if not sizes or min(sizes) <= 0:
+        if sizes and min(sizes) <= 0:
             raise ValueError(f"--eval-batch-sizes {self.eval_batch_sizes!r}: give positive integers")
-        unknown = set(filter(None, self.presets.split(","))) - set(PRESET_CARDS_GIB)
-        if unknown:
-            raise ValueError(f"--presets: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PRESET_CARDS_GIB)})")
+        select_rows(row_specs(self), self.rows)  # names an unknown row or group
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +138,14 @@ def peak_gib(device) -> float | None:
     import torch
 
     return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def peaks(device) -> dict:
+    """Peak allocated memory, and peak reserved by the caching allocator (what must fit a card)."""
+    import torch
+
+    reserved = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
+    return {"peak_gib": peak_gib(device), "peak_reserved_gib": reserved}
 
 
 class MemoryCap:
@@ -185,8 +221,22 @@ class Sample:
 
 
 # --------------------------------------------------------------------------------------------
-# Training rows
+# Training rows: one repeat each (set up, untimed warm-up, timed steps, release)
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What every row of a run shares: the inputs, the device and the config."""
+
+    cfg: BenchConfig
+    device: object
+    processor: object
+    class_names: list
+    photos: list
+    samples: list
+    generate_cap: int  # new tokens a generate row runs to (longest answer + 1)
+    trl_micro: dict = field(default_factory=dict)  # the TRL row's micro-batch once one fitted
 
 
 def detach_lora(peft_model):
@@ -222,65 +272,118 @@ def finetune_config(lora_r: int, batch_size: int, seed: int, **overrides):
     return finetune.FinetuneConfig(**values)
 
 
-def train_row_project(model, processor, samples, class_names, cfg: BenchConfig, device, *, name: str,
-                      cap_gib: float | None = None, fused_norms: bool = True, lora_r: int | None = None,
+def out_of_memory(row: dict, error, device) -> dict:
+    return {**row, "error": f"out of memory: {str(error).splitlines()[0]}", "peak_gib": peak_gib(device)}
+
+
+def decoder_layers(causal_lm):
+    return causal_lm.model.language_model.layers
+
+
+def attention_kernel(choice: str) -> tuple[str | None, str]:
+    """(implementation, why): the attention lever's kernel, or None and the reason it is skipped."""
+    if choice != "auto":
+        return choice, "asked for (--attention)"
+    for implementation, module in ATTENTION_KERNELS.items():
+        if importlib.util.find_spec(module) is not None:
+            return implementation, f"{module} installed"
+    return None, f"none of {', '.join(ATTENTION_KERNELS.values())} installs here"
+
+
+def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None = None, fused_norms: bool = True,
+                      lora_r: int | None = None, compile_layers: bool = False, attention: str | None = None,
                       **overrides) -> tuple[object, dict]:
-    """Time the project's loop: one warm-up micro-batch, then ``timed_steps`` optimizer steps.
-    ``lora_r`` (alpha the same) replaces the bench's rank; ``overrides`` are FinetuneConfig fields."""
+    """One repeat of the project's loop: one warm-up micro-batch, then ``timed_steps`` optimizer
+    steps. ``lora_r`` (alpha the same) replaces the bench's rank; ``compile_layers`` compiles each
+    decoder layer (regional torch.compile); ``attention`` switches the attention kernel;
+    ``overrides`` are FinetuneConfig fields."""
     import torch
 
-    from components import finetune, modeling, prompting
+    from components import finetune, modeling
 
+    cfg, device = ctx.cfg, ctx.device
     modeling.fuse_rms_norms(model, enabled=fused_norms and device.type == "cuda")
-
     ft = finetune_config(lora_r or cfg.lora_r, cfg.batch_size, cfg.seed, **overrides)
     preset, micro, recompute_every = finetune.memory_plan(ft, device)
     row = {"row": name, "kind": "train", "loop": "project", "memory_preset": preset, "micro_batch_size": micro,
            "batch_size": ft.batch_size, "recompute_every": recompute_every, "lora_r": ft.lora_r,
-           "memory_cap_gib": cap_gib}
+           "memory_cap_gib": cap_gib, "fused_norms": fused_norms and device.type == "cuda"}
     reset_memory(device)
+    before = model.config._attn_implementation
+    if attention:
+        row["attention"] = attention
+        try:
+            model.set_attn_implementation(attention)
+        except (ImportError, ValueError) as error:  # this model or install cannot use it
+            return model, {**row, "skipped": f"{attention}: {str(error).splitlines()[0]}"}
     torch.manual_seed(cfg.seed)
     peft_model, targets = finetune.attach_lora(model, ft, recompute_every)
     row["lora_layers"] = len(targets)
+    causal_lm = peft_model.get_base_model()
+    if compile_layers:
+        # Inductor fuses each layer's elementwise work; CPU runs trace only (the eager backend).
+        row["compile_backend"] = "inductor" if device.type == "cuda" else "eager"
+        for layer in decoder_layers(causal_lm):
+            layer.compile(backend=row["compile_backend"])
     try:
         with MemoryCap(device, cap_gib):
-            peft_model.train()
-            causal_lm = peft_model.get_base_model()
-            trainable = [p for p in peft_model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(trainable, lr=ft.learning_rate, fused=device.type == "cuda")
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-            def step(batches):
-                return finetune.train_step(causal_lm, batches, device, optimizer, scheduler, trainable, ft.max_grad_norm)
-
-            def encode(window):
-                return finetune.encode_step(processor, [window[i : i + micro] for i in range(0, len(window), micro)],
-                                            class_names, ft)
-
-            step(encode(samples[:micro]))  # warm-up: kernels, allocator, autotuning
-            timed_steps = 1 if micro == 1 else cfg.timed_steps  # micro-batch 1 is slow; one step is 16 samples
-            windows = [samples[(i + 1) * ft.batch_size : (i + 2) * ft.batch_size] for i in range(timed_steps)]
-            sync(device)
-            start = time.perf_counter()
-            # As finetune.run: the next step is encoded on a CPU thread while this one runs.
-            losses = [step(batches) for batches in prompting.prefetched(encode, windows)]
-            sync(device)
-            seconds = time.perf_counter() - start
-            row.update(samples_per_s=timed_steps * ft.batch_size / seconds, seconds=seconds,
-                       timed_samples=timed_steps * ft.batch_size, losses=losses, peak_gib=peak_gib(device))
+            row.update(time_project_steps(peft_model, ctx, ft, micro))
     except torch.OutOfMemoryError as error:
-        row.update(error=f"out of memory: {str(error).splitlines()[0]}", peak_gib=peak_gib(device))
+        row = out_of_memory(row, error, device)
+    except (RuntimeError, ValueError) as error:
+        if not (compile_layers or attention):
+            raise
+        # A lever this software stack cannot run (a compiler or kernel error) is a result, not a crash.
+        row = {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
     finally:
+        for layer in decoder_layers(causal_lm):
+            layer._compiled_call_impl = None  # what nn.Module.compile set
         model = release(peft_model, device)
+        if attention:
+            model.set_attn_implementation(before)
     return model, row
 
 
-def train_row_recipe(model, processor, samples, class_names, cfg: BenchConfig, device) -> tuple[object, dict]:
-    """Time the recipe's Trainer loop over ``recipe_micro_batches`` micro-batches of 1 sample."""
+def time_project_steps(peft_model, ctx: Context, ft, micro: int) -> dict:
+    """Warm-up micro-batch, then the timed optimizer steps with the next step prefetched."""
+    import torch
+
+    from components import finetune, prompting
+
+    cfg, device, samples = ctx.cfg, ctx.device, ctx.samples
+    peft_model.train()
+    causal_lm = peft_model.get_base_model()
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=ft.learning_rate, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def step(batches):
+        return finetune.train_step(causal_lm, batches, device, optimizer, scheduler, trainable, ft.max_grad_norm)
+
+    def encode(window):
+        return finetune.encode_step(processor=ctx.processor, class_names=ctx.class_names, cfg=ft,
+                                    micro_batches=[window[i : i + micro] for i in range(0, len(window), micro)])
+
+    step(encode(samples[:micro]))  # warm-up: kernels, allocator, autotuning, compilation
+    windows = [samples[(i + 1) * ft.batch_size : (i + 2) * ft.batch_size] for i in range(cfg.timed_steps)]
+    sync(device)
+    start = time.perf_counter()
+    # As finetune.run: the next step is encoded on a CPU thread while this one runs.
+    losses = [step(batches) for batches in prompting.prefetched(encode, windows)]
+    sync(device)
+    seconds = time.perf_counter() - start
+    return dict(samples_per_s=cfg.timed_steps * ft.batch_size / seconds, seconds=seconds,
+                timed_samples=cfg.timed_steps * ft.batch_size, losses=losses, **peaks(device))
+
+
+def train_row_recipe(model, ctx: Context) -> tuple[object, dict]:
+    """One repeat of the recipe's Trainer loop over ``recipe_micro_batches`` micro-batches of 1."""
     import torch
 
     from bench import recipe
     from components import finetune, modeling
 
+    cfg, device, samples = ctx.cfg, ctx.device, ctx.samples
     ft = finetune_config(cfg.lora_r, cfg.batch_size, cfg.seed)
     n = cfg.recipe_micro_batches
     row = {"row": "recipe", "kind": "train", "loop": "transformers.Trainer", "micro_batch_size": recipe.RECIPE_MICRO_BATCH,
@@ -292,8 +395,8 @@ def train_row_recipe(model, processor, samples, class_names, cfg: BenchConfig, d
     row["lora_layers"] = len(targets)
     modeling.fuse_rms_norms(model, enabled=False)  # the recipe runs transformers' own modules
     try:
-        tensors = recipe.sample_tensors(processor, [s.photo for s in samples[:n]],
-                                        [s.label_name for s in samples[:n]], class_names)
+        tensors = recipe.sample_tensors(ctx.processor, [s.photo for s in samples[:n]],
+                                        [s.label_name for s in samples[:n]], ctx.class_names)
         with tempfile.TemporaryDirectory() as out:
             result = recipe.train(peft_model, tensors, out, max_steps=math.ceil(n / recipe.RECIPE_GRAD_ACCUM),
                                   learning_rate=ft.learning_rate, grad_accum_steps=min(n, recipe.RECIPE_GRAD_ACCUM),
@@ -301,11 +404,63 @@ def train_row_recipe(model, processor, samples, class_names, cfg: BenchConfig, d
         marks = result["marks"]  # marks[i]: end of micro-batch i (marks[0]: start)
         seconds = marks[-1] - marks[2]  # micro-batches 3.. n; the optimizer step falls inside
         row.update(samples_per_s=(len(marks) - 3) / seconds, seconds=seconds, timed_samples=len(marks) - 3,
-                   losses=result["losses"], peak_gib=peak_gib(device))
+                   losses=result["losses"], **peaks(device))
     except torch.OutOfMemoryError as error:
-        row.update(error=f"out of memory: {str(error).splitlines()[0]}", peak_gib=peak_gib(device))
+        row = out_of_memory(row, error, device)
     finally:
         model = release(peft_model, device)
+    return model, row
+
+
+def trl_micro_batches(ctx: Context) -> list[int]:
+    """Per-device batches the TRL row tries, largest first: the whole step, then halves."""
+    if "fits" in ctx.trl_micro:
+        return [ctx.trl_micro["fits"]]
+    micro, sizes = ctx.cfg.batch_size, []
+    while micro >= 1 and ctx.cfg.batch_size % micro == 0:
+        sizes.append(micro)
+        micro //= 2
+    return sizes
+
+
+def train_row_trl(model, ctx: Context) -> tuple[object, dict]:
+    """One repeat of TRL's SFTTrainer at its best (bench/trl_peer.py): the first optimizer step is
+    the warm-up, then ``timed_steps`` steps; per-device batch 16, or the largest that fits."""
+    import torch
+
+    from bench import trl_peer
+    from components import finetune, modeling
+
+    cfg, device, samples = ctx.cfg, ctx.device, ctx.samples
+    ft = finetune_config(cfg.lora_r, cfg.batch_size, cfg.seed)
+    liger = trl_peer.liger_available()
+    row = {"row": "peer: TRL SFTTrainer", "kind": "train", "loop": "trl.SFTTrainer", "batch_size": cfg.batch_size,
+           "recompute_every": 1, "lora_r": ft.lora_r, "liger": liger}
+    for micro in trl_micro_batches(ctx):
+        reset_memory(device)
+        torch.manual_seed(cfg.seed)
+        peft_model, targets = finetune.attach_lora(model, ft, recompute_every=0)  # the trainer recomputes
+        modeling.fuse_rms_norms(model, enabled=False)  # transformers' own modules (Liger's, if installed)
+        accum = cfg.batch_size // micro
+        row.update(micro_batch_size=micro, lora_layers=len(targets))
+        try:
+            with tempfile.TemporaryDirectory() as out:
+                result = trl_peer.train(peft_model, ctx.processor, [s.photo for s in samples],
+                                        [s.label_name for s in samples], ctx.class_names, out,
+                                        max_steps=1 + cfg.timed_steps, learning_rate=ft.learning_rate,
+                                        micro_batch_size=micro, grad_accum_steps=accum, liger=liger,
+                                        workers=2 if device.type == "cuda" else 0, seed=cfg.seed)
+            marks = result["marks"]  # marks[i]: end of micro-batch i; step 1 (accum of them) is warm-up
+            seconds = marks[-1] - marks[accum]
+            timed = (len(marks) - 1 - accum) * micro
+            row.update(samples_per_s=timed / seconds, seconds=seconds, timed_samples=timed,
+                       losses=result["losses"], **peaks(device))
+            row.pop("error", None)
+            ctx.trl_micro["fits"] = micro
+            return release(peft_model, device), row
+        except torch.OutOfMemoryError as error:
+            row = out_of_memory(row, error, device)
+            model = release(peft_model, device)
     return model, row
 
 
@@ -314,35 +469,42 @@ def train_row_recipe(model, processor, samples, class_names, cfg: BenchConfig, d
 # --------------------------------------------------------------------------------------------
 
 
-def eval_row(model, processor, photos, class_names, cfg: BenchConfig, device, *, name: str, mode: str,
-             batch_size: int, max_new_tokens: int | None = None, batches: int | None = None,
-             fused_norms: bool = True) -> dict:
-    """Images/s of ``evaluate``'s generate or score path, preprocessing included."""
+def eval_row(model, ctx: Context, *, name: str, mode: str, batch_size: int | None = None,
+             max_new_tokens: int | None = None, batches: int | None = None, fused_norms: bool = True,
+             static_cache: bool = False) -> dict:
+    """Images/s of ``evaluate``'s generate or score path, preprocessing included: one warm-up
+    batch, then ``batches`` timed ones. ``batch_size`` None: the card's default (evaluate)."""
     import torch
 
     from components import evaluate, modeling, prompting
 
+    cfg, device, photos = ctx.cfg, ctx.device, ctx.photos
+    batch_size = batch_size or evaluate.default_batch_size(device)
+    max_new_tokens = (max_new_tokens or ctx.generate_cap) if mode == "generate" else None
     modeling.fuse_rms_norms(model, enabled=fused_norms and device.type == "cuda")
-
-    row = {"row": name, "kind": "eval", "mode": mode, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    model.eval()
+    row = {"row": name, "kind": "eval", "mode": mode, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+           "static_cache": static_cache}
     batches = batches or cfg.eval_batches
     reset_memory(device)
     dtype = modeling.compute_dtype(device)
-    tokenizer = processor.tokenizer
     if mode == "score":
-        run_batch = evaluate.CandidateScorer(model, evaluate.answer_token_ids(processor, class_names),
-                                             tokenizer.pad_token_id, device)
+        run_batch = evaluate.CandidateScorer(model, evaluate.answer_token_ids(ctx.processor, ctx.class_names),
+                                             ctx.processor.tokenizer.pad_token_id, device)
     else:
-        gen_config = evaluate.generation_config(tokenizer, max_new_tokens)
+        gen_config = evaluate.generation_config(ctx.processor.tokenizer, max_new_tokens)
         # Random weights rarely say <turn|>: make every row run to the cap, as an untuned baseline does.
         gen_config.min_new_tokens = max_new_tokens
+        if static_cache:
+            # A static KV cache; on CUDA transformers then compiles the decoding step (CUDA graphs).
+            gen_config.cache_implementation = "static"
 
         def run_batch(batch):
-            return evaluate.generate_answers(model, tokenizer, batch, gen_config)
+            return evaluate.generate_answers(model, ctx.processor.tokenizer, batch, gen_config)
 
     def encode(i):
         chunk = [photos[(i * batch_size + j) % len(photos)] for j in range(batch_size)]
-        return prompting.encode_prompt_batch(processor, chunk, class_names)
+        return prompting.encode_prompt_batch(ctx.processor, chunk, ctx.class_names)
 
     try:
         # As evaluate.run: inference mode, bf16 autocast on CUDA, the next batch encoded on a thread.
@@ -355,12 +517,240 @@ def eval_row(model, processor, photos, class_names, cfg: BenchConfig, device, *,
             sync(device)
         seconds = time.perf_counter() - start
         row.update(images_per_s=batches * batch_size / seconds, seconds=seconds, timed_images=batches * batch_size,
-                   peak_gib=peak_gib(device))
+                   **peaks(device))
     except torch.OutOfMemoryError as error:
-        row.update(error=f"out of memory: {str(error).splitlines()[0]}", peak_gib=peak_gib(device))
+        row = out_of_memory(row, error, device)
+    except (RuntimeError, ValueError) as error:
+        if not static_cache:
+            raise
+        row = {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
     modeling.fuse_rms_norms(model, enabled=device.type == "cuda")
     reset_memory(device)
     return row
+
+
+# --------------------------------------------------------------------------------------------
+# The rows, their selection and the interleaved repeats
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowSpec:
+    """One row: how to time one repeat of it, and what it runs per repeat (for the plan)."""
+
+    id: str  # what --rows names
+    groups: tuple[str, ...]  # and the groups it belongs to
+    measure: Callable  # (model, Context) -> (model, measured dict)
+    kind: str  # train or eval
+    per_repeat: int  # samples (train) or images (eval) run per repeat, warm-up included
+    steps: str  # what one repeat runs, in words
+    mfu: str  # ROUGH_MFU key, for the time estimate
+    phase: str = "main"  # "bf16": timed on the unquantised base, before it is quantised
+    compiles: bool = False  # pays torch.compile on its first repeat
+
+
+def _train(fn, **kwargs):
+    return lambda model, ctx: fn(model, ctx, **kwargs)
+
+
+def _eval(**kwargs):
+    return lambda model, ctx: (model, eval_row(model, ctx, **kwargs))
+
+
+def _attention_row(model, ctx: Context):
+    kernel, why = attention_kernel(ctx.cfg.attention)
+    if kernel is None:
+        return model, {"row": "lever: attention kernel", "kind": "train", "loop": "project", "skipped": why}
+    return train_row_project(model, ctx, name=f"lever: attention {kernel}", attention=kernel)
+
+
+def row_specs(cfg: BenchConfig) -> list[RowSpec]:
+    """Every row the bench knows, in the order a round runs them."""
+    from components import finetune
+
+    b, t = cfg.batch_size, cfg.timed_steps
+    step = f"warm-up micro-batch + {t} step(s) of {b}"
+    specs = [
+        RowSpec("recipe", ("train", "peers"), lambda m, c: train_row_recipe(m, c), "train", cfg.recipe_micro_batches,
+                f"{cfg.recipe_micro_batches} micro-batches of 1, first 2 untimed", "recipe"),
+        RowSpec("trl", ("train", "peers"), lambda m, c: train_row_trl(m, c), "train", b * (1 + t),
+                f"1 warm-up step + {t} step(s) of {b}", "trl"),
+        RowSpec("default", ("train",), _train(train_row_project, name="project default"), "train", b * (1 + t),
+                step, "project"),
+    ]
+    for preset, gib in PRESET_CARDS_GIB.items():
+        rank = 16 if preset == "24gb" else cfg.lora_r  # the 24 GB preset is for r=16
+        micro = finetune.MEMORY_PRESETS[preset].micro_batch_size
+        specs.append(RowSpec(f"preset-{preset}", ("train", "presets"),
+                             _train(train_row_project, name=f"preset {preset}", cap_gib=gib, memory_preset=preset,
+                                    lora_r=rank), "train", b * t + micro, step,
+                             "small-micro" if preset == "24gb" else "project"))
+    # Configurations that keep activations (for cards over 100 GB) with the reference norms, with
+    # which such rows ran faster in runs 3-5 (docs/benchmarks.md); then one lever at a time.
+    for micro, recompute in ((8, "every-2"), (4, "off")):
+        specs.append(RowSpec(f"keep-m{micro}-{recompute}", ("train", "levers", "keep"),
+                             _train(train_row_project, name=f"keep: micro-batch {micro}, recompute {recompute}",
+                                    micro_batch_size=micro, gradient_checkpointing=recompute, fused_norms=False),
+                             "train", b * t + micro, step, "project"))
+    specs += [
+        RowSpec("lever-reference-norms", ("train", "levers"),
+                _train(train_row_project, name="lever: default, reference norms", fused_norms=False), "train",
+                b * (1 + t), step, "project"),
+        RowSpec("lever-compile", ("train", "levers"),
+                _train(train_row_project, name="lever: default, decoder layers compiled", compile_layers=True),
+                "train", b * (1 + t), step + "; compiles on the first repeat", "project", compiles=True),
+        RowSpec("lever-attention", ("train", "levers"), _attention_row, "train", b * (1 + t), step, "project"),
+    ]
+    return specs + eval_specs(cfg)
+
+
+def eval_specs(cfg: BenchConfig) -> list[RowSpec]:
+    from bench import recipe
+
+    n = cfg.eval_batches
+    recipe_eval = dict(mode="generate", batch_size=recipe.RECIPE_EVAL_BATCH, fused_norms=False)
+    batches = f"1 warm-up + {n} batches"
+    default = 64  # the images a default-batch row runs per batch on 80 GB+ (for the estimate only)
+    specs = [
+        RowSpec("recipe-generate", ("eval", "peers"), _eval(name="recipe generate", **recipe_eval), "eval",
+                recipe.RECIPE_EVAL_BATCH * (1 + n), f"{batches} of {recipe.RECIPE_EVAL_BATCH}", "recipe-eval"),
+        RowSpec("generate", ("eval",), _eval(name="project generate (default)", mode="generate"), "eval",
+                default * (1 + n), f"{batches} of the card's default", "eval"),
+        RowSpec("score", ("eval",), _eval(name="project score (default)", mode="score"), "eval",
+                default * (1 + n), f"{batches} of the card's default", "eval"),
+    ]
+    for size in [int(x) for x in filter(None, cfg.eval_batch_sizes.split(","))]:
+        for mode in ("generate", "score"):
+            specs.append(RowSpec(f"{mode}-b{size}", ("eval",),
+                                 _eval(name=f"project {mode} (batch {size})", mode=mode, batch_size=size), "eval",
+                                 size * (1 + n), f"{batches} of {size}", "eval"))
+    specs += [
+        RowSpec("generate-static", ("eval", "levers"),
+                _eval(name="lever: generate, static cache", mode="generate", static_cache=True), "eval",
+                default * (1 + n), f"{batches} of the card's default; compiles on CUDA", "eval", compiles=True),
+        RowSpec("recipe-generate-128", ("extra",), _eval(name="recipe generate, 128 tokens", max_new_tokens=recipe.RECIPE_MAX_NEW_TOKENS,
+                                                          batches=1, **recipe_eval), "eval",
+                recipe.RECIPE_EVAL_BATCH * 2, f"1 warm-up + 1 batch of {recipe.RECIPE_EVAL_BATCH}, 128 tokens", "long-eval"),
+    ]
+    # The unquantised base (bf16 on CUDA, fp32 on CPU), timed before the model is quantised.
+    for micro in (2, 4):
+        specs.append(RowSpec(f"bf16-m{micro}", ("bf16",),
+                             _train(train_row_project, name=f"bf16 base, micro-batch {micro}, no recompute",
+                                    micro_batch_size=micro, gradient_checkpointing="off"),
+                             "train", cfg.batch_size * cfg.timed_steps + micro, "warm-up micro-batch + steps", "project",
+                             phase="bf16"))
+    for mode in ("generate", "score"):
+        specs.append(RowSpec(f"bf16-{mode}", ("bf16",), _eval(name=f"{mode}, bf16 base", mode=mode), "eval",
+                             default * (1 + n), f"{batches} of the card's default", "eval", phase="bf16"))
+    return specs
+
+
+def select_rows(specs: list[RowSpec], rows: str) -> list[RowSpec]:
+    """The specs ``--rows`` names (ids or groups; 'all': every row), in round order."""
+    wanted = set(filter(None, (x.strip() for x in rows.split(","))))
+    groups = {g for s in specs for g in s.groups}
+    unknown = wanted - groups - {s.id for s in specs} - {"all"}
+    if unknown or not wanted:
+        raise ValueError(f"--rows {rows!r}: unknown {', '.join(sorted(unknown)) or '(none given)'}; row ids: "
+                         f"{', '.join(s.id for s in specs)}; groups: all, {', '.join(sorted(groups))}")
+    return [s for s in specs if "all" in wanted or s.id in wanted or wanted & set(s.groups)]
+
+
+MEASURED = ("samples_per_s", "images_per_s", "seconds", "timed_samples", "timed_images", "losses", "peak_gib",
+            "peak_reserved_gib", "wall_s")
+
+
+def rate_key(kind: str) -> str:
+    return "samples_per_s" if kind == "train" else "images_per_s"
+
+
+def aggregate(spec: RowSpec, repeats: list[dict]) -> dict:
+    """A row from its repeats: the settings, every repeat's measurements, and the median rate
+    with its spread (min, max, (max - min) / median). A row that failed once reports the error."""
+    row = {k: v for k, v in repeats[0].items() if k not in MEASURED}
+    row["id"] = spec.id
+    row["repeats"] = [{k: r[k] for k in MEASURED if k in r} for r in repeats]
+    failed = [r for r in repeats if "error" in r or "skipped" in r]
+    if failed:
+        row.update({k: failed[0][k] for k in ("error", "skipped") if k in failed[0]})
+    key = rate_key(spec.kind)
+    rates = [r[key] for r in repeats if key in r]
+    if rates and not failed:
+        median = statistics.median(rates)
+        row[key] = median
+        row["seconds"] = statistics.median(r["seconds"] for r in repeats)
+        row["spread"] = {"min": min(rates), "max": max(rates), "relative": (max(rates) - min(rates)) / median}
+    peaks_seen = [r["peak_gib"] for r in repeats if r.get("peak_gib") is not None]
+    reserved = [r["peak_reserved_gib"] for r in repeats if r.get("peak_reserved_gib") is not None]
+    row["peak_gib"] = max(peaks_seen) if peaks_seen else None
+    row["peak_reserved_gib"] = max(reserved) if reserved else None
+    return row
+
+
+def run_rounds(specs: list[RowSpec], model, ctx, repeats: int, record: Callable[[list[dict], int], None]):
+    """Time every spec ``repeats`` times, interleaved: round r runs each spec once, in order. A
+    row that errs or is skipped is not run again. ``record(rows, round)`` after each round."""
+    measured: dict[str, list[dict]] = {s.id: [] for s in specs}
+    for round_index in range(repeats):
+        for spec in specs:
+            done = measured[spec.id]
+            if any("error" in m or "skipped" in m for m in done):
+                continue
+            started = time.perf_counter()
+            model, m = spec.measure(model, ctx)
+            m["wall_s"] = time.perf_counter() - started
+            done.append(m)
+            log({"id": spec.id, "repeat": round_index + 1, **m})
+        record([aggregate(s, measured[s.id]) for s in specs if measured[s.id]], round_index)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The time estimate
+# --------------------------------------------------------------------------------------------
+
+
+def rough_seconds(spec: RowSpec, flops_per_sample: float, first: bool) -> float:
+    """Rough GPU seconds of one repeat of ``spec`` (an evaluation image: a third of a training
+    sample's 6N, the forward pass)."""
+    flops = flops_per_sample if spec.kind == "train" else flops_per_sample / 3
+    work = spec.per_repeat * flops / (PEAK_BF16_FLOPS * ROUGH_MFU[spec.mfu])
+    return ROUGH_SETUP_S + work + (ROUGH_COMPILE_S if first and spec.compiles else 0.0)
+
+
+def plan_lines(specs: list[RowSpec], flops_per_sample: float, repeats: int) -> list[str]:
+    lines = [f"{'row':<24} {'per repeat':<58} {'est. s':>8}  (rough GPU seconds: all {repeats} repeats)"]
+    total = 0.0
+    for spec in specs:
+        seconds = sum(rough_seconds(spec, flops_per_sample, r == 0) for r in range(repeats))
+        total += seconds
+        lines.append(f"{spec.id:<24} {spec.steps:<58} {seconds:8.0f}")
+    lines.append(f"{'total (model build not included)':<83} {total:8.0f}")
+    return lines
+
+
+def meta_flops_per_sample(cfg: BenchConfig) -> float:
+    """Model FLOPs per training sample from the model's shapes alone (no weights), for --plan."""
+    import torch
+
+    from bench import real_size
+    from components import modeling, prompting, random_model
+    from components.prepare_dataset import OXFORD_PET_CLASSES
+
+    if cfg.variant:
+        processor = random_model.stand_in_processor(cfg.variant)
+        config = random_model.variant_config(cfg.variant, processor.tokenizer)
+    else:
+        from transformers import AutoConfig
+
+        processor, config = modeling.load_processor(cfg.model_dir), AutoConfig.from_pretrained(cfg.model_dir)
+    from transformers import Gemma4ForConditionalGeneration
+
+    with torch.device("meta"):
+        counts = real_size.parameter_counts(Gemma4ForConditionalGeneration(config))
+    names = list(OXFORD_PET_CLASSES)
+    probe = prompting.encode_training_batch(processor, random_photos(1, cfg.seed), [names[0]], names)
+    return model_flops_per_sample(counts, int(probe["attention_mask"].sum()), int(probe["pixel_values"].shape[1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,18 +763,52 @@ def model_flops_per_sample(counts: dict, tokens: int, patches: int) -> float:
 
 
 def log(row: dict) -> None:
-    shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "losses"}
+    shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k not in ("losses", "repeats")}
     print(json.dumps(shown), flush=True)
+
+
+def build(cfg: BenchConfig, device, quantization: str):
+    """(model, processor): the real-size random-init model or the model folder's, on ``device``."""
+    from bench import real_size
+    from components import modeling, random_model
+
+    if cfg.variant:
+        processor = random_model.stand_in_processor(cfg.variant)
+        config = random_model.variant_config(cfg.variant, processor.tokenizer)
+        return real_size.build_model(config, device, quantization), processor
+    model = modeling.load_model(cfg.model_dir, device, quantization)
+    model.requires_grad_(False)
+    return model, modeling.load_processor(cfg.model_dir)
+
+
+def describe_model(cfg: BenchConfig, model, processor, class_names, built_s: float) -> dict:
+    from bench import real_size
+    from components import evaluate, prompting
+
+    counts = real_size.parameter_counts(model)
+    probe = prompting.encode_training_batch(processor, random_photos(1, cfg.seed), [class_names[0]], class_names)
+    tokens = int(probe["attention_mask"].sum())
+    patches = int(probe["pixel_values"].shape[1])
+    candidates = evaluate.answer_token_ids(processor, class_names)
+    return {"source": cfg.variant or cfg.model_dir, "parameters": counts, "parameters_total": sum(counts.values()),
+            "sample_tokens": tokens, "image_patches": patches,
+            "image_soft_tokens": int((probe["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image|>")).sum()),
+            "generate_cap_new_tokens": max(len(c) for c in candidates) + 1,  # longest answer (name + <turn|>) + 1
+            "build_seconds": built_s, "model_flops_per_sample": model_flops_per_sample(counts, tokens, patches)}
 
 
 def run(cfg: BenchConfig) -> dict:
     import torch
 
-    from bench import real_size, recipe
-    from components import random_model
-    from components import evaluate, finetune, modeling, prompting
+    from bench import real_size
+    from components import modeling
     from components.prepare_dataset import OXFORD_PET_CLASSES
 
+    specs = select_rows(row_specs(cfg), cfg.rows)
+    if cfg.plan:
+        lines = plan_lines(specs, meta_flops_per_sample(cfg), cfg.repeats)
+        print("\n".join(lines))
+        return {"plan": lines}
     device = modeling.pick_device(cfg.device)
     if cfg.variant and device.type != "cuda":
         raise ValueError(f"--variant {cfg.variant} builds a real-size model and needs a CUDA GPU "
@@ -394,110 +818,38 @@ def run(cfg: BenchConfig) -> dict:
     torch.manual_seed(cfg.seed)
     class_names = list(OXFORD_PET_CLASSES)
     result = {"config": dataclasses.asdict(cfg), "environment": environment(device), "rows": []}
-    output = Path(cfg.output)
-
-    began = time.perf_counter()
-
-    def record(row):
-        row["at_s"] = round(time.perf_counter() - began, 1)  # when the row finished, for the log
-        result["rows"].append(row)
-        log(row)
-        write_json_atomic(output, result)  # after every row: a run cut off keeps what it measured
-
+    output, began = Path(cfg.output), time.perf_counter()
+    bf16_first = any(s.phase == "bf16" for s in specs)
     built = time.perf_counter()
-    if cfg.variant:
-        processor = random_model.stand_in_processor(cfg.variant)
-        config = random_model.variant_config(cfg.variant, processor.tokenizer)
-        model = real_size.build_model(config, device, "none" if cfg.bf16_base else quantization)
-    else:
-        processor = modeling.load_processor(cfg.model_dir)
-        model = modeling.load_model(cfg.model_dir, device, "none" if cfg.bf16_base else quantization)
-        model.requires_grad_(False)
-    counts = real_size.parameter_counts(model)
-    photos = random_photos(cfg.batch_size * (cfg.timed_steps + 1), cfg.seed)
-    samples = [Sample(p, random.choice(class_names)) for p in photos]
-    probe = prompting.encode_training_batch(processor, photos[:1], [class_names[0]], class_names)
-    tokens = int(probe["attention_mask"].sum())
-    soft_tokens = int((probe["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image|>")).sum())
-    patches = int(probe["pixel_values"].shape[1])
-    candidates = evaluate.answer_token_ids(processor, class_names)
-    cap = max(len(c) for c in candidates) + 1  # longest answer (name + <turn|>) plus one
-    result["model"] = {"source": cfg.variant or cfg.model_dir, "parameters": counts,
-                       "parameters_total": sum(counts.values()), "sample_tokens": tokens,
-                       "image_soft_tokens": soft_tokens, "image_patches": patches,
-                       "generate_cap_new_tokens": cap, "build_seconds": time.perf_counter() - built,
-                       "model_flops_per_sample": model_flops_per_sample(counts, tokens, patches)}
+    model, processor = build(cfg, device, "none" if bf16_first else quantization)
+    result["model"] = describe_model(cfg, model, processor, class_names, time.perf_counter() - built)
     print(json.dumps(result["model"]), flush=True)
-    sizes = [int(x) for x in cfg.eval_batch_sizes.split(",")]
+    photos = random_photos(cfg.batch_size * (cfg.timed_steps + 1), cfg.seed)
+    ctx = Context(cfg, device, processor, class_names, photos, [Sample(p, random.choice(class_names)) for p in photos],
+                  result["model"]["generate_cap_new_tokens"])
+    print("\n".join(plan_lines(specs, result["model"]["model_flops_per_sample"], cfg.repeats)), flush=True)
 
-    if cfg.bf16_base:
-        # Lever: the unquantised base (bf16 on CUDA, fp32 on CPU). Same rows, then quantise in
-        # place for the nf4 rows.
-        plain = "bf16" if device.type == "cuda" else "fp32"
-        for micro in (2, 4):
-            model, row = train_row_project(model, processor, samples, class_names, cfg, device,
-                                           name=f"bf16 base, micro-batch {micro}, no recompute",
-                                           micro_batch_size=micro, gradient_checkpointing="off")
-            record({**row, "base": plain})
-        record({**eval_row(model, processor, photos, class_names, cfg, device, name="generate, bf16 base",
-                           mode="generate", batch_size=sizes[-1], max_new_tokens=cap), "base": plain})
-        record({**eval_row(model, processor, photos, class_names, cfg, device, name="score, bf16 base",
-                           mode="score", batch_size=sizes[-1]), "base": plain})
-        if quantization == "nf4":
-            real_size.quantize_nf4_(model)
+    for phase in ("bf16", "main"):
+        phase_specs = [s for s in specs if s.phase == phase]
+        if phase == "main" and bf16_first and quantization == "nf4":
+            real_size.quantize_nf4_(model)  # the bf16-base rows are done: quantise in place
             reset_memory(device)
-    base = quantization
+        base = ("bf16" if device.type == "cuda" else "fp32") if phase == "bf16" or quantization == "none" else quantization
+        first = len(result["rows"])
 
-    # Training: the recipe, then the project's defaults for this GPU, then each memory preset
-    # under its card's memory, then levers one at a time.
-    model, row = train_row_recipe(model, processor, samples, class_names, cfg, device)
-    record({**row, "base": base})
-    model, row = train_row_project(model, processor, samples, class_names, cfg, device, name="project default")
-    record({**row, "base": base})
-    # Each preset under the memory of the smallest card it is for (the CUDA context, ~0.5 GiB,
-    # comes on top); the 24 GB preset at r=16, as it is meant for. On CPU the rows still run (the
-    # CPU plan, no cap), so a CPU run exercises every row's code (tests/test_bench.py).
-    for preset in filter(None, cfg.presets.split(",")):
-        rank = 16 if preset == "24gb" else cfg.lora_r
-        model, row = train_row_project(model, processor, samples, class_names, cfg, device,
-                                       name=f"preset {preset}", cap_gib=PRESET_CARDS_GIB[preset],
-                                       memory_preset=preset, lora_r=rank)
-        record({**row, "base": base})
-    if cfg.levers:
-        # One lever at a time against the default; docs/benchmarks.md lists the others, measured
-        # in earlier runs of this harness.
-        model, row = train_row_project(model, processor, samples, class_names, cfg, device,
-                                       name="lever: default without fused norms", fused_norms=False)
-        record({**row, "base": base})
-        for micro, recompute in ((8, "every-2"), (4, "off")):
-            if cfg.batch_size % micro == 0:
-                model, row = train_row_project(model, processor, samples, class_names, cfg, device,
-                                               name=f"lever: micro-batch {micro}, recompute {recompute}",
-                                               micro_batch_size=micro, gradient_checkpointing=recompute)
-                record({**row, "base": base})
+        def record(rows, round_index, first=first, base=base, phase_specs=phase_specs):
+            result["rows"][first:] = [{**row, "base": base, "phase": phase} for row in rows]
+            result["summary"] = summarize(result)
+            write_json_atomic(output, result)  # after every round: a run cut off keeps what it measured
+            if round_index == 0 and cfg.repeats > 1:
+                walls = {r["id"]: r["repeats"][0]["wall_s"] for r in rows}
+                print(f"round 1 of {phase} rows took {sum(walls.values()):.0f} s; the next {cfg.repeats - 1} should "
+                      f"take about {(cfg.repeats - 1) * sum(walls.values()):.0f} s (less the first repeats' "
+                      f"compilation); per row: {json.dumps({k: round(v) for k, v in walls.items()})}", flush=True)
 
-    # Evaluation on the base model: the recipe's (transformers' own modules), then the project's
-    # at its default batch for this GPU and at the largest asked for.
-    if not cfg.evaluation:
-        result["summary"] = summarize(result)
-        write_json_atomic(output, result)
-        print(render_markdown(result))
-        return result
-    model.eval()
-    recipe_eval = dict(mode="generate", batch_size=recipe.RECIPE_EVAL_BATCH, fused_norms=False)
-    record({**eval_row(model, processor, photos, class_names, cfg, device, name="recipe generate",
-                       max_new_tokens=cap, **recipe_eval), "base": base})
-    if cfg.recipe_long_generation:
-        record({**eval_row(model, processor, photos, class_names, cfg, device, name="recipe generate, 128 tokens",
-                           max_new_tokens=recipe.RECIPE_MAX_NEW_TOKENS, batches=1, **recipe_eval), "base": base})
-    default_size = evaluate.default_batch_size(device)
-    for size in sorted(set(sizes + [default_size])):
-        tag = " (default)" if size == default_size else f" (batch {size})"
-        record({**eval_row(model, processor, photos, class_names, cfg, device, name=f"project generate{tag}",
-                           mode="generate", batch_size=size, max_new_tokens=cap), "base": base})
-        record({**eval_row(model, processor, photos, class_names, cfg, device, name=f"project score{tag}",
-                           mode="score", batch_size=size), "base": base})
-
+        if phase_specs:
+            model = run_rounds(phase_specs, model, ctx, cfg.repeats, record)
+    result["wall_seconds"] = time.perf_counter() - began
     result["summary"] = summarize(result)
     write_json_atomic(output, result)
     print(render_markdown(result))
@@ -505,13 +857,46 @@ def run(cfg: BenchConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Derived figures and the table
+# Derived figures (from the medians) and the table
 # --------------------------------------------------------------------------------------------
 
 
+def derive_presets(rows: dict, card_gib: float | None) -> dict:
+    """For each card, the fastest project-loop row (median) on the quantised base whose peak
+    reserved memory fits it and that trains at the card's rank; the card the bench ran on counts
+    when over 100 GB."""
+    presets = {}
+    for card, (gib, rank) in CARDS.items():
+        if gib is None:
+            gib = card_gib if card_gib and card_gib > 100 else None
+        fits = [r for r in rows.values() if r["kind"] == "train" and r.get("loop") == "project" and r["phase"] == "main"
+                and r["lora_r"] == rank and gib is not None
+                and (r.get("peak_reserved_gib") is None or r["peak_reserved_gib"] <= gib)]
+        best = max(fits, key=lambda r: r["samples_per_s"], default=None)
+        presets[card] = None if best is None else {
+            "row": best["id"], "samples_per_s": best["samples_per_s"], "peak_reserved_gib": best.get("peak_reserved_gib"),
+            "micro_batch_size": best["micro_batch_size"], "recompute_every": best["recompute_every"],
+            "fused_norms": best.get("fused_norms"), "card_gib": gib}
+    return presets
+
+
+def check_goals(summary: dict, rows: dict) -> dict:
+    """Issue 16's goals from this run's medians: the project default against the recipe."""
+    measured = {"train_speedup": summary.get("train_speedup", {}).get("project default"),
+                "generate_speedup": summary.get("eval_speedup", {}).get("project generate (default)"),
+                "project_job_minutes": summary.get("project_job_minutes")}
+    goals = {}
+    for name, value in measured.items():
+        if value is not None:
+            met = value <= GOALS[name] if name.endswith("minutes") else value >= GOALS[name]
+            goals[name] = {"goal": GOALS[name], "measured": value, "met": met}
+    return goals
+
+
 def summarize(result: dict) -> dict:
-    """Ratios against the recipe and the recipe job's wall time, from this run's rows."""
-    rows = {r["row"]: r for r in result["rows"] if "error" not in r}
+    """Ratios against the recipe, the recipe job's wall time, presets, TRL vs the project's loop
+    and the goals, all from this run's medians."""
+    rows = {r["row"]: r for r in result["rows"] if rate_key(r["kind"]) in r}
     flops = result["model"]["model_flops_per_sample"]
     summary = {"mfu": {name: r["samples_per_s"] * flops / PEAK_BF16_FLOPS
                        for name, r in rows.items() if r["kind"] == "train"}}
@@ -528,12 +913,18 @@ def summarize(result: dict) -> dict:
         return (RECIPE_JOB["train_samples"] / train_rate + RECIPE_JOB["eval_images"] / eval_rate) / 60
 
     project_train = rows.get("project default", {}).get("samples_per_s")
-    project_eval = max((r["images_per_s"] for n, r in rows.items() if n.startswith("project generate")), default=None)
-    default_eval = next((r["images_per_s"] for n, r in rows.items() if n == "project generate (default)"), project_eval)
+    default_eval = rows.get("project generate (default)", {}).get("images_per_s")
     if recipe_train and recipe_eval:
         summary["recipe_job_minutes"] = job_minutes(recipe_train, recipe_eval)
     if project_train and default_eval:
         summary["project_job_minutes"] = job_minutes(project_train, default_eval)
+    trl = rows.get("peer: TRL SFTTrainer", {}).get("samples_per_s")
+    if trl and project_train:
+        summary["trl_vs_project"] = {"trl": trl, "project": project_train, "ratio": trl / project_train,
+                                     "within": TRL_MOVE_WITHIN, "move_to_trl": trl >= (1 - TRL_MOVE_WITHIN) * project_train}
+    by_id = {r["id"]: r for r in rows.values()}
+    summary["presets"] = derive_presets(by_id, result["environment"].get("gpu_memory_gib"))
+    summary["goals"] = check_goals(summary, rows)
     return summary
 
 
@@ -541,44 +932,54 @@ def recompute_label(every: int) -> str:
     return {0: "no", 1: "every layer"}.get(every, f"every {every}th layer" if every > 2 else "every 2nd layer")
 
 
+def rate_cell(r: dict) -> str:
+    """Median (min-max, n) of a row's rate, or why there is none."""
+    if "error" in r or "skipped" in r:
+        return (r.get("error") or f"skipped: {r['skipped']}")[:48]
+    spread = r["spread"]
+    return f"{r[rate_key(r['kind'])]:.2f} ({spread['min']:.2f}-{spread['max']:.2f}, n={len(r['repeats'])})"
+
+
 def render_markdown(result: dict) -> str:
     env, model, summary = result["environment"], result["model"], result.get("summary", {})
     lines = [f"**{model['source']}**, {model['parameters_total'] / 1e9:.2f} B parameters, "
              f"{model['sample_tokens']}-token samples ({model['image_soft_tokens']} soft tokens), "
-             f"{env.get('gpu', env['device'])}, {env['date']}",
-             "", "| training | loop | micro x accum | recompute | r | cap | samples/s | vs recipe | MFU (6N) | peak GiB |",
+             f"{env.get('gpu', env['device'])}, {env['date']}, medians of {result['config']['repeats']} interleaved repeats",
+             "", "| training | loop | micro x accum | recompute | r | cap | samples/s median (min-max, n) | vs recipe | MFU (6N) | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        if r["kind"] != "train":
+    for r in (r for r in result["rows"] if r["kind"] == "train"):
+        if "skipped" in r:
+            lines.append(f"| {r['row']} | {r['loop']} | - | - | - | - | {rate_cell(r)} | - | - | - |")
             continue
         accum = r["batch_size"] // r["micro_batch_size"]
         cap = f"{r['memory_cap_gib']} GiB" if r.get("memory_cap_gib") else "-"
-        if "error" in r:
-            speed = speedup = mfu = r["error"][:40]
-        else:
-            speed = f"{r['samples_per_s']:.2f}"
-            speedup = f"{summary.get('train_speedup', {}).get(r['row'], float('nan')):.2f}x"
-            mfu = f"{summary['mfu'][r['row']]:.1%}"
+        speedup = summary.get("train_speedup", {}).get(r["row"])
+        mfu = summary.get("mfu", {}).get(r["row"])
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         lines.append(f"| {r['row']} ({r.get('base', '')}) | {r['loop']} | {r['micro_batch_size']} x {accum} | "
-                     f"{recompute_label(r['recompute_every'])} | {r['lora_r']} | {cap} | {speed} | {speedup} | "
-                     f"{mfu} | {peak} |")
-    lines += ["", "| evaluation | mode | batch | new tokens | images/s | vs recipe | peak GiB |", "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        if r["kind"] != "eval":
-            continue
-        if "error" in r:
-            speed = speedup = r["error"][:40]
-        else:
-            speed = f"{r['images_per_s']:.2f}"
-            speedup = f"{summary.get('eval_speedup', {}).get(r['row'], float('nan')):.2f}x"
+                     f"{recompute_label(r['recompute_every'])} | {r['lora_r']} | {cap} | {rate_cell(r)} | "
+                     f"{'-' if speedup is None else f'{speedup:.2f}x'} | {'-' if mfu is None else f'{mfu:.1%}'} | {peak} |")
+    lines += ["", "| evaluation | mode | batch | new tokens | images/s median (min-max, n) | vs recipe | peak GiB |",
+              "|---|---|---|---|---|---|---|"]
+    for r in (r for r in result["rows"] if r["kind"] == "eval"):
+        speedup = summary.get("eval_speedup", {}).get(r["row"])
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         lines.append(f"| {r['row']} ({r.get('base', '')}) | {r['mode']} | {r['batch_size']} | {r['max_new_tokens'] or '-'} | "
-                     f"{speed} | {speedup} | {peak} |")
+                     f"{rate_cell(r)} | {'-' if speedup is None else f'{speedup:.2f}x'} | {peak} |")
     for key, label in (("recipe_job_minutes", "recipe job (2,100 training samples + 400 eval images), recipe"),
                        ("project_job_minutes", "same job, project defaults")):
         if key in summary:
             lines.append(f"\n{label}: {summary[key]:.1f} min")
+    if "trl_vs_project" in summary:
+        t = summary["trl_vs_project"]
+        lines.append(f"\nTRL SFTTrainer / project default: {t['ratio']:.2f} (move to TRL if >= {1 - t['within']:.2f}: "
+                     f"{'yes' if t['move_to_trl'] else 'no'})")
+    for card, best in summary.get("presets", {}).items():
+        if best:
+            lines.append(f"preset for {card}: {best['row']} ({best['samples_per_s']:.2f} samples/s, "
+                         f"micro-batch {best['micro_batch_size']}, {recompute_label(best['recompute_every'])} recomputed)")
+    for name, goal in summary.get("goals", {}).items():
+        lines.append(f"goal {name} {goal['goal']}: {goal['measured']:.2f} ({'met' if goal['met'] else 'missed'})")
     return "\n".join(lines)
 
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         _, t = timed(device, lambda: evaluate.select_cache_rows(out.past_key_values, rows.repeat(64 // len(rows))))
         print(f"  select_cache_rows (64 rows): {t:.3f} s")
         print(top_kernels(lambda: scorer(batch)))
-    del out, scorer
+    out = scorer = None  # the prompt cache and the scorer's buffers: freed before quantising
     torch.cuda.empty_cache()
 
     real_size.quantize_nf4_(model)

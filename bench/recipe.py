@@ -32,16 +32,11 @@ def sample_tensors(processor, images, answers, class_names) -> list[dict]:
     return samples
 
 
-def train(peft_model, samples: list[dict], output_dir: str, *, max_steps: int, learning_rate: float,
-          micro_batch_size: int = RECIPE_MICRO_BATCH, grad_accum_steps: int = RECIPE_GRAD_ACCUM,
-          gradient_checkpointing: bool = True, max_grad_norm: float = 1.0, seed: int = 0) -> dict:
-    """Train with ``transformers.Trainer`` as the recipe does; returns its per-step losses and the
-    host clock (synchronised) at the end of each micro-batch, for timing."""
+def clock(marks: list[float], cuda: bool):
+    """A Trainer callback appending the host clock (synchronised) to ``marks``: once at the start,
+    then at the end of every micro-batch (``marks[i]``: end of micro-batch i)."""
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
-
-    cuda = next(peft_model.parameters()).device.type == "cuda"
-    marks: list[float] = []
+    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def _mark(self):
@@ -59,6 +54,19 @@ def train(peft_model, samples: list[dict], output_dir: str, *, max_steps: int, l
         def on_step_end(self, args, state, control, **kwargs):
             self._mark()
 
+    return Clock()
+
+
+def train(peft_model, samples: list[dict], output_dir: str, *, max_steps: int, learning_rate: float,
+          micro_batch_size: int = RECIPE_MICRO_BATCH, grad_accum_steps: int = RECIPE_GRAD_ACCUM,
+          gradient_checkpointing: bool = True, max_grad_norm: float = 1.0, seed: int = 0) -> dict:
+    """Train with ``transformers.Trainer`` as the recipe does; returns its per-step losses and the
+    host clock (synchronised) at the end of each micro-batch, for timing."""
+    import torch
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    cuda = next(peft_model.parameters()).device.type == "cuda"
+    marks: list[float] = []
     args = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=micro_batch_size,
@@ -83,7 +91,7 @@ def train(peft_model, samples: list[dict], output_dir: str, *, max_steps: int, l
         disable_tqdm=True,
     )
     trainer = Trainer(model=peft_model, args=args, train_dataset=samples,
-                      data_collator=default_data_collator, callbacks=[Clock()])
+                      data_collator=default_data_collator, callbacks=[clock(marks, cuda)])
     # Keep the data in the given order: the project's loop is compared step for step.
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(samples)
     trainer.train()

@@ -55,12 +55,11 @@ def test_bench_samples_are_shaped_like_the_real_task():
     assert 5 <= max(map(len, candidates)) <= 12
 
 
-def test_recipe_trainer_and_project_loop_train_the_same(tiny_model_dir, tmp_path):
-    """Same rank, targets, effective batch and data: HF Trainer at micro-batch 1 x 4 and the
-    project's loop at micro-batch 2 x 2 give the same losses and (nearly) the same adapter."""
+def _two_step_setup(tiny_model_dir):
+    """Class names, 8 images and answers, a fine-tune config and a fresh LoRA model maker, shared
+    by the tests that compare a Trainer loop with the project's over 2 steps of 4 samples."""
     from PIL import Image
 
-    processor = modeling.load_processor(str(tiny_model_dir))
     names = ["pug", "Bengal", "beagle", "Persian"]
     generator = torch.Generator().manual_seed(0)
     images = [Image.new("RGB", (64 + 8 * i, 64), tuple(torch.randint(0, 256, (3,), generator=generator).tolist()))
@@ -74,17 +73,30 @@ def test_recipe_trainer_and_project_loop_train_the_same(tiny_model_dir, tmp_path
         torch.manual_seed(1)
         return finetune.attach_lora(model, cfg, 0)[0]
 
-    ours = fresh()
-    trainable = [p for p in ours.parameters() if p.requires_grad]
+    return names, images, answers, cfg, fresh
+
+
+def _project_losses(model, processor, samples, names, cfg) -> list[float]:
+    """The project's loop over 2 steps of 4 samples, each split into micro-batches of 2."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    samples = [bench_gpu.Sample(image, answer) for image, answer in zip(images, answers)]
-    our_losses = [
-        finetune.train_step(ours.get_base_model(),
+    return [
+        finetune.train_step(model.get_base_model(),
                             finetune.encode_step(processor, [samples[s:s + 2], samples[s + 2:s + 4]], names, cfg),
                             torch.device("cpu"), optimizer, scheduler, trainable, cfg.max_grad_norm)
         for s in (0, 4)
     ]
+
+
+def test_recipe_trainer_and_project_loop_train_the_same(tiny_model_dir, tmp_path):
+    """Same rank, targets, effective batch and data: HF Trainer at micro-batch 1 x 4 and the
+    project's loop at micro-batch 2 x 2 give the same losses and (nearly) the same adapter."""
+    processor = modeling.load_processor(str(tiny_model_dir))
+    names, images, answers, cfg, fresh = _two_step_setup(tiny_model_dir)
+    ours = fresh()
+    samples = [bench_gpu.Sample(image, answer) for image, answer in zip(images, answers)]
+    our_losses = _project_losses(ours, processor, samples, names, cfg)
     theirs = fresh()
     start = {n: p.detach().clone() for n, p in theirs.named_parameters() if p.requires_grad}
     result = recipe.train(theirs, recipe.sample_tensors(processor, images, answers, names), str(tmp_path),
@@ -101,36 +113,142 @@ def test_recipe_trainer_and_project_loop_train_the_same(tiny_model_dir, tmp_path
     assert moved > 1e-2 and diff < 0.01 * moved
 
 
+def test_trl_peer_trains_on_the_project_loss_tokens(tiny_model_dir, tmp_path):
+    """TRL's SFTTrainer as the bench sets it up (per-device batch 4 x 1, the project's collator,
+    TRL's fused LM head) gives the project loop's losses (micro-batch 2 x 2): the same loss tokens,
+    normalised per optimizer step; and it leaves the model's own forward in place afterwards."""
+    from bench import trl_peer
+    from components import prompting
+
+    processor = modeling.load_processor(str(tiny_model_dir))
+    names, images, answers, cfg, fresh = _two_step_setup(tiny_model_dir)
+    ours = fresh()
+    samples = [bench_gpu.Sample(image, answer) for image, answer in zip(images, answers)]
+    our_losses = _project_losses(ours, processor, samples, names, cfg)
+    batch = trl_peer.collator(processor, images, answers, names)([{"index": i} for i in range(4)])
+    expected = prompting.encode_training_batch(processor, images[:4], answers[:4], names)["labels"]
+    assert torch.equal(batch["labels"], expected)  # -100 on the prompt: loss on answer + <turn|> only
+    theirs = fresh()
+    result = trl_peer.train(theirs, processor, images, answers, names, str(tmp_path), max_steps=2,
+                            learning_rate=cfg.learning_rate, micro_batch_size=4, grad_accum_steps=1, liger=False,
+                            workers=0)
+    assert result["losses"] == pytest.approx(our_losses, rel=1e-4)
+    assert len(result["marks"]) == 1 + 2
+    assert "forward" not in theirs.get_base_model().__dict__  # TRL's fused-head forward undone
+
+
+def test_patches_undone_restores_instance_forwards_and_module_names(tiny_model_dir):
+    """What Liger does to a model in place (GPU only, so not run here): instance forwards, a class
+    renamed, names in modeling_gemma4 rebound; the bench's other rows need them back."""
+    from transformers.models.gemma4 import modeling_gemma4
+
+    from bench import trl_peer
+
+    model = modeling.load_model(str(tiny_model_dir), torch.device("cpu"))
+    norm = next(m for m in model.modules() if isinstance(m, modeling_gemma4.Gemma4RMSNorm))
+    cls, original = modeling_gemma4.Gemma4RMSNorm, modeling_gemma4.Gemma4RMSNorm.__name__
+    with trl_peer.patches_undone(model):
+        norm.forward = lambda x: x
+        cls.__name__ = "LigerRMSNorm"
+        modeling_gemma4.Gemma4RMSNorm = object
+    assert "forward" not in norm.__dict__ and cls.__name__ == original and modeling_gemma4.Gemma4RMSNorm is cls
+
+
+def test_repeats_are_interleaved_and_reported_as_medians():
+    """Round r runs every row once, in order; a row's rate is the median of its repeats, with
+    min, max and (max - min) / median; a row that fails is not run again and reports the error."""
+    calls = []
+    rates = {"a": iter([1.0, 3.0, 2.0]), "b": iter([10.0, 10.0, 16.0])}
+
+    def measure(row_id):
+        def fn(model, ctx):
+            calls.append(row_id)
+            if row_id == "c":
+                return model, {"row": row_id, "kind": "train", "error": "out of memory: x"}
+            rate = next(rates[row_id])
+            return model, {"row": row_id, "kind": "train", "samples_per_s": rate, "seconds": 16 / rate, "peak_gib": rate}
+        return fn
+
+    specs = [bench_gpu.RowSpec(i, ("train",), measure(i), "train", 16, "-", "project") for i in "abc"]
+    rounds = []
+    bench_gpu.run_rounds(specs, "model", None, 3, lambda rows, r: rounds.append((r, rows)))
+    assert calls == ["a", "b", "c", "a", "b", "a", "b"]
+    final = {row["id"]: row for row in rounds[-1][1]}
+    assert [r for r, _ in rounds] == [0, 1, 2]
+    assert final["a"]["samples_per_s"] == 2.0 and final["a"]["spread"] == {"min": 1.0, "max": 3.0, "relative": 1.0}
+    assert final["b"]["samples_per_s"] == 10.0 and final["b"]["spread"]["relative"] == pytest.approx(0.6)
+    assert final["a"]["seconds"] == 8.0 and final["a"]["peak_gib"] == 3.0 and len(final["a"]["repeats"]) == 3
+    assert final["c"]["error"].startswith("out of memory") and "samples_per_s" not in final["c"]
+
+
+def test_presets_come_from_the_medians_and_the_card_memory():
+    rows = {
+        "default": {"id": "default", "kind": "train", "loop": "project", "phase": "main", "lora_r": 64,
+                    "samples_per_s": 3.0, "peak_reserved_gib": 41.0, "micro_batch_size": 16, "recompute_every": 1},
+        "keep": {"id": "keep", "kind": "train", "loop": "project", "phase": "main", "lora_r": 64,
+                 "samples_per_s": 3.3, "peak_reserved_gib": 110.0, "micro_batch_size": 4, "recompute_every": 0},
+        "40": {"id": "40", "kind": "train", "loop": "project", "phase": "main", "lora_r": 64,
+               "samples_per_s": 2.8, "peak_reserved_gib": 32.0, "micro_batch_size": 8, "recompute_every": 1},
+        "24": {"id": "24", "kind": "train", "loop": "project", "phase": "main", "lora_r": 16,
+               "samples_per_s": 1.3, "peak_reserved_gib": 21.0, "micro_batch_size": 2, "recompute_every": 1},
+        "bf16": {"id": "bf16", "kind": "train", "loop": "project", "phase": "bf16", "lora_r": 64,
+                 "samples_per_s": 9.0, "peak_reserved_gib": 30.0, "micro_batch_size": 2, "recompute_every": 0},
+        "trl": {"id": "trl", "kind": "train", "loop": "trl.SFTTrainer", "phase": "main", "lora_r": 64,
+                "samples_per_s": 9.0, "peak_reserved_gib": 30.0, "micro_batch_size": 16, "recompute_every": 1},
+    }
+    presets = bench_gpu.derive_presets(rows, card_gib=139.8)
+    assert {card: p["row"] for card, p in presets.items()} == {"over-100gb": "keep", "80gb": "default",
+                                                               "40gb": "40", "24gb": "24"}
+    assert bench_gpu.derive_presets(rows, card_gib=79.2)["over-100gb"] is None  # an 80 GB card: no such preset
+
+
 def test_harness_runs_every_row_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
-    """Every row kind the GPU run makes (bf16 base, recipe, default, each preset, each lever, each
-    evaluation row) runs on CPU, so no row can break unnoticed until device time is spent."""
+    """Every row kind the GPU run makes (bf16 base, recipe, TRL, default, each preset, each lever,
+    each evaluation row) runs on CPU, so no row can break unnoticed until device time is spent.
+    Liger is GPU-only (Triton): the TRL row runs without it here. The attention lever runs with
+    eager attention, as no faster kernel installs on CPU; torch.compile traces with the eager backend."""
     monkeypatch.setattr(recipe, "RECIPE_MAX_NEW_TOKENS", 8)  # the row's code, not its 128 tokens of CPU time
     out = tmp_path / "bench.json"
-    result = bench_gpu.run(bench_gpu.BenchConfig(
-        output=str(out), model_dir=str(tiny_model_dir), device="cpu", batch_size=8, timed_steps=1,
-        recipe_micro_batches=3, eval_batch_sizes="2", eval_batches=1, bf16_base=True))
+    cfg = bench_gpu.BenchConfig(output=str(out), model_dir=str(tiny_model_dir), device="cpu", batch_size=8,
+                                recipe_micro_batches=3, eval_batch_sizes="2", eval_batches=1, rows="all", repeats=1,
+                                attention="eager")
+    result = bench_gpu.run(cfg)
     saved = json.loads(out.read_text())
-    rows = {r["row"]: r for r in saved["rows"]}
-    expected = {"bf16 base, micro-batch 2, no recompute", "bf16 base, micro-batch 4, no recompute",
-                "generate, bf16 base", "score, bf16 base", "recipe", "project default",
-                *(f"preset {p}" for p in bench_gpu.PRESET_CARDS_GIB), "lever: default without fused norms",
-                "lever: micro-batch 8, recompute every-2", "lever: micro-batch 4, recompute off",
-                "recipe generate", "recipe generate, 128 tokens",
-                *(f"project {mode} ({size})" for mode in ("generate", "score") for size in ("default", "batch 2"))}
-    assert set(rows) == expected and len(saved["rows"]) == len(expected)
-    assert [name for name, r in rows.items() if "error" in r] == []
-    assert rows["recipe"]["loop"] == "transformers.Trainer" and rows["project default"]["loop"] == "project"
-    assert rows["project default"]["lora_layers"] == rows["recipe"]["lora_layers"]
-    assert rows["preset 24gb"]["lora_r"] == 16 and rows["preset fast"]["lora_r"] == 64  # the 24 GB preset's rank
-    assert rows["lever: micro-batch 4, recompute off"]["micro_batch_size"] == 4
-    assert saved["summary"]["train_speedup"]["recipe"] == pytest.approx(1.0)
-    assert result["summary"]["recipe_job_minutes"] > 0
-    assert "| recipe (none) | transformers.Trainer |" in bench_gpu.render_markdown(saved)
+    rows = {r["id"]: r for r in saved["rows"]}
+    assert list(rows) == [s.id for s in sorted(bench_gpu.row_specs(cfg), key=lambda s: s.phase != "bf16")]
+    assert len(rows) == len(saved["rows"]) == 22
+    assert [i for i, r in rows.items() if "error" in r or "skipped" in r] == []
+    assert all(len(r["repeats"]) == 1 and r["spread"]["relative"] == 0 for r in rows.values())
+    assert saved["config"]["repeats"] == 1
+    assert rows["recipe"]["loop"] == "transformers.Trainer" and rows["default"]["loop"] == "project"
+    assert rows["trl"]["loop"] == "trl.SFTTrainer" and rows["trl"]["micro_batch_size"] == 8
+    assert rows["default"]["lora_layers"] == rows["recipe"]["lora_layers"] == rows["trl"]["lora_layers"]
+    assert rows["preset-24gb"]["lora_r"] == 16 and rows["preset-fast"]["lora_r"] == 64  # the 24 GB preset's rank
+    assert rows["keep-m4-off"]["micro_batch_size"] == 4 and rows["keep-m4-off"]["recompute_every"] == 0
+    assert rows["lever-compile"]["compile_backend"] == "eager" and rows["lever-attention"]["attention"] == "eager"
+    assert rows["generate-static"]["static_cache"] and rows["bf16-m2"]["phase"] == "bf16"
+    summary = saved["summary"]
+    assert summary["train_speedup"]["recipe"] == pytest.approx(1.0)
+    assert result["summary"]["recipe_job_minutes"] > 0 and "ratio" in summary["trl_vs_project"]
+    assert set(summary["goals"]) == set(bench_gpu.GOALS) and summary["presets"]["24gb"]["row"] in rows
+    table = bench_gpu.render_markdown(saved)
+    assert "| recipe (fp32) | transformers.Trainer |" in table and "n=1" in table
+
+
+def test_rows_flag_selects_ids_and_groups_and_plan_needs_no_gpu(capsys):
+    specs = bench_gpu.row_specs(bench_gpu.BenchConfig(output="-", variant="gemma-4-31b"))
+    assert [s.id for s in bench_gpu.select_rows(specs, "recipe,presets")] == [
+        "recipe", "preset-fast", "preset-40gb", "preset-24gb"]
+    assert not {s.id for s in bench_gpu.select_rows(specs, "train,eval")} & {"bf16-m2", "recipe-generate-128"}
+    result = bench_gpu.run(bench_gpu.BenchConfig(output="-", variant="gemma-4-31b", rows="default,generate", plan=True))
+    printed = capsys.readouterr().out
+    assert "default" in printed and "generate" in printed and "total" in printed and result["plan"]
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--variant", "gemma-4-31b", "--model-dir", "x"], "exactly one of --variant and --model-dir"),
-    (["--variant", "gemma-4-31b", "--presets", "fast,48gb"], "--presets: unknown 48gb"),
+    (["--variant", "gemma-4-31b", "--rows", "default,preset-48gb"], "--rows 'default,preset-48gb': unknown preset-48gb"),
+    (["--variant", "gemma-4-31b", "--repeats", "0"], "--repeats must be positive"),
     (["--variant", "gemma-4-31b", "--eval-batch-sizes", "8,x"], "--eval-batch-sizes"),
     (["--variant", "gemma-4-31b", "--device", "cpu"], "needs a CUDA GPU"),
 ])
@@ -163,3 +281,15 @@ def test_scaling_flags_are_checked(tmp_path, capsys):
 
     assert bench_scaling.main(["--output", str(tmp_path / "s.json"), "--model-dir", "x", "--processes", "2,1"]) == 2
     assert "error: --processes '2,1': start with 1" in capsys.readouterr().err
+
+
+def test_a_lever_the_stack_cannot_run_is_recorded_not_fatal(tiny_model_dir, tmp_path):
+    """An attention kernel this install cannot use is a skipped row with the reason, and the
+    model comes back unchanged for the next row."""
+    cfg = bench_gpu.BenchConfig(output=str(tmp_path / "x.json"), model_dir=str(tiny_model_dir), device="cpu",
+                                batch_size=2, rows="lever-attention", attention="no-such-kernel")
+    model = modeling.load_model(str(tiny_model_dir), torch.device("cpu"))
+    before = model.config._attn_implementation
+    ctx = bench_gpu.Context(cfg, torch.device("cpu"), None, [], [], [], 3)
+    model, row = bench_gpu.train_row_project(model, ctx, name="lever", attention="no-such-kernel")
+    assert row["skipped"].startswith("no-such-kernel: ") and model.config._attn_implementation == before
