@@ -1,23 +1,14 @@
 """Evaluate step: accuracy, macro-F1, per-class scores and a confusion matrix on the eval split.
 
-Any model folder can be measured the same way: the staged base (the baseline), base + a LoRA
-adapter (``--adapter-dir``), or a merged export. The prompt is the one fine-tuning trains on
-(components.prompting), greedy and deterministic.
+Any model folder is measured the same way: the staged base (the baseline), base + a LoRA adapter
+(``--adapter-dir``), or a merged export, with the prompt fine-tuning trains on (components.prompting).
 
-Two modes:
+* ``generate`` (the recipe's way): a greedy answer of a few tokens, mapped to a class by name;
+  an answer that names no class is ``Unknown``.
+* ``score``: every class ranked by the model's log-likelihood of its answer (the tokens
+  fine-tuning puts its loss on) after the prompt; never Unknown, and gives top-5 accuracy.
 
-* ``generate`` (the recipe's way): greedy generation of a few tokens per image, mapped to a class
-  by name (case, underscores, hyphens and spaces ignored; the first class named, whole words
-  only); an answer that names no class is ``Unknown``.
-* ``score``: every class name is ranked by the model's log-likelihood of the answer (the class
-  name and the closing ``<turn|>``, the very tokens fine-tuning puts its loss on) after the
-  prompt. The prompt (image included) runs once per image; then all 37 candidate answers run
-  in one packed pass over the prompt's KV cache, each seeing the prompt and its own earlier
-  tokens only, so 37 classes cost about 1.3 prompt passes, not 37. Never Unknown; also gives
-  top-5 accuracy.
-
-Writes ``<output_dir>/predictions.jsonl`` and then ``<output_dir>/metrics.json`` (last: its
-presence marks a finished evaluation), both atomically.
+Writes the predictions, then the metrics (last: their presence marks a finished evaluation).
 
     gemma-pets evaluate --model-dir weights/ --adapter-dir adapter/ --dataset-dir data/ --output-dir eval/
 """
@@ -32,17 +23,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from components import metrics
+from components.artifacts import ADAPTER_CONFIG, DATASET_MANIFEST, EVAL_METRICS, PREDICTIONS
 from components.cli import UserError, entrypoint, parse_config
 from components.files import sha256_file, write_bytes_atomic, write_json_atomic
 
 MODES = ("generate", "score")
 UNKNOWN_NAME = "Unknown"
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.jsonl"
 TOP_K = 5
+# Images per pass by the card's total memory (GiB, at least): the larger the batch, the more the
+# prompt pass runs on the matmul units (docs/benchmarks.md#evaluation-batch).
+BATCH_BY_GPU_GIB = ((75, 64), (38, 16), (0, 4))
+CPU_BATCH = 8
 
 
 @dataclass
@@ -50,27 +44,26 @@ class EvaluateConfig:
     """Evaluate a model folder (base, base + adapter, or merged export) on a prepared dataset's eval split."""
 
     model_dir: str = field(metadata={"help": "model folder (staged base or merged export: config.json, weights, processor)"})
-    dataset_dir: str = field(metadata={"help": "prepared dataset folder (manifest.json + Parquet shards)"})
-    output_dir: str = field(metadata={"help": "where metrics.json and predictions.jsonl go"})
-    adapter_dir: str | None = field(
-        default=None, metadata={"help": "LoRA adapter folder (adapter_config.json) to put over --model-dir"}
-    )
+    dataset_dir: str = field(metadata={"help": f"prepared dataset folder ({DATASET_MANIFEST} + Parquet shards)"})
+    output_dir: str = field(metadata={"help": f"where {EVAL_METRICS} and {PREDICTIONS} go"})
+    adapter_dir: str | None = field(default=None, metadata={
+        "help": f"LoRA adapter folder ({ADAPTER_CONFIG}) to put over --model-dir"})
     mode: str = field(
         default="generate",
         metadata={"help": "generate: greedy answer mapped to a class name; score: rank classes by likelihood",
                   "choices": list(MODES)},
     )
     batch_size: int = field(
-        default=0, metadata={"help": "images per forward pass; 0: from the GPU's memory (64 on 80 GB and more, "
-                                     "16 on 40 GB, 4 below; 8 on CPU)"})
+        default=0, metadata={"help": "images per forward pass; 0: from the GPU's memory ("
+                                     + ", ".join(f"{b} from {g} GiB" for g, b in BATCH_BY_GPU_GIB[:-1])
+                                     + f", else {BATCH_BY_GPU_GIB[-1][1]}; {CPU_BATCH} on CPU)"})
     limit: int | None = field(default=None, metadata={"help": "evaluate only the first N eval examples"})
     max_new_tokens: int | None = field(
         default=None,
         metadata={"help": "generate mode: tokens to generate; default: the longest answer's tokens + --extra-new-tokens"},
     )
-    extra_new_tokens: int = field(
-        default=4, metadata={"help": "generate mode: tokens allowed past the longest class name's answer"}
-    )
+    extra_new_tokens: int = field(default=4, metadata={
+        "help": "generate mode: tokens allowed past the longest class name's answer"})
     score_reduction: str = field(
         default="sum",
         metadata={"help": "score mode: sum (log-likelihood of the whole answer) or mean (per answer token)",
@@ -179,9 +172,8 @@ def answer_token_ids(processor, class_names: Sequence[str], check_prefix: bool =
 
 def check_training_extends_prompt(processor, class_names: Sequence[str], answers: Sequence[Sequence[int]]) -> None:
     """Raise unless, on a probe image, the first class's training sequence is the prompt's tokens
-    followed by that class's candidate ids. True by construction in ``prompting``; this keeps
-    score mode honest should either recipe change. One class suffices (every row is the same
-    concatenation) and keeps the cost at two processor calls, not one image per class."""
+    followed by its candidate ids: true by construction in ``prompting``, checked so score mode
+    stays honest should either change. One class suffices: every row is the same concatenation."""
     from PIL import Image
 
     from components import prompting
@@ -220,15 +212,58 @@ def select_cache_rows(cache, rows):
     return selected
 
 
-class CandidateScorer:
-    """Log-likelihood of every candidate answer after each prompt of a batch.
+@dataclass(frozen=True)
+class PackedCandidates:
+    """Every candidate's fed tokens (all but its last, which is only predicted) one after another,
+    no padding; per packed position: the token, the token it predicts, its candidate, and its
+    step within the candidate (0: right after the prompt)."""
 
-    Score of a candidate ``t_0 .. t_{n-1}`` (its last token is ``<turn|>``) after prompt ``p``:
-    ``sum_j log P(t_j | p, t_<j)``. The sum is the log-probability of the whole answer, the
-    quantity greedy generation tries to maximise and fine-tuning's loss drives up, and the
-    closing ``<turn|>`` in it keeps a name that is a prefix of a longer one (or stops early)
-    from scoring as the longer answer. ``mean`` (per token) is offered for comparison: it removes
-    the bias towards short answers but is no longer a probability of the answer.
+    inputs: Any
+    targets: Any
+    candidate: Any
+    step: Any
+
+    @classmethod
+    def of(cls, candidates: Sequence[Sequence[int]], device) -> PackedCandidates:
+        import torch
+
+        def column(values: list[int]):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(column([t for ids in candidates for t in ids[:-1]]),
+                   column([t for ids in candidates for t in ids[1:]]),
+                   column([c for c, ids in enumerate(candidates) for _ in ids[:-1]]),
+                   column([j for ids in candidates for j in range(len(ids) - 1)]))
+
+
+@dataclass(frozen=True)
+class PaddedCandidates:
+    """One row per candidate: its fed tokens padded on the right, the tokens they predict (target
+    j is token j + 1), and a mask of the real positions."""
+
+    inputs: Any
+    targets: Any
+    mask: Any
+
+    @classmethod
+    def of(cls, candidates: Sequence[Sequence[int]], pad_token_id: int, device) -> PaddedCandidates:
+        import torch
+
+        fed = max(len(c) for c in candidates) - 1
+        inputs = torch.full((len(candidates), fed), pad_token_id, dtype=torch.long)
+        targets, mask = torch.zeros_like(inputs), torch.zeros_like(inputs)
+        for c, ids in enumerate(candidates):
+            n = len(ids) - 1
+            inputs[c, :n], targets[c, :n], mask[c, :n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:]), 1
+        return cls(inputs.to(device), targets.to(device), mask.to(device))
+
+
+class CandidateScorer:
+    """Log-likelihood of every candidate answer (its last token ``<turn|>``) after each prompt.
+
+    ``sum``: the log-probability of the whole answer, what greedy generation maximises and
+    fine-tuning drives up; the closing ``<turn|>`` keeps a name that is a prefix of a longer one
+    from scoring as the longer answer. ``mean`` (per token), for comparison, is no probability.
     """
 
     def __init__(self, model, candidates: Sequence[Sequence[int]], pad_token_id: int, device,
@@ -240,40 +275,15 @@ class CandidateScorer:
         if any(len(c) < 2 for c in candidates):
             raise ValueError("every candidate answer needs at least a name token and the closing <turn|>")
         self.model, self.reduction, self.chunk_size, self.device = model, reduction, chunk_size, device
-        self.num_candidates = len(candidates)
-        # Fed tokens: all but the last (the last is only predicted). Target j: token j + 1.
-        fed = max(len(c) for c in candidates) - 1
-        self.inputs = torch.full((len(candidates), fed), pad_token_id, dtype=torch.long)
-        self.targets = torch.zeros((len(candidates), fed), dtype=torch.long)
-        self.mask = torch.zeros((len(candidates), fed), dtype=torch.long)
-        for c, ids in enumerate(candidates):
-            n = len(ids) - 1
-            self.inputs[c, :n] = torch.tensor(ids[:-1])
-            self.targets[c, :n] = torch.tensor(ids[1:])
-            self.mask[c, :n] = 1
-        self.first = torch.tensor([ids[0] for ids in candidates])
+        self.first = torch.tensor([ids[0] for ids in candidates], device=device)
         self.lengths = torch.tensor([len(ids) for ids in candidates], dtype=torch.float32)
-        # Packed: every candidate's fed tokens one after another (no padding); for each packed
-        # position its candidate, its step within the candidate (0 = right after the prompt) and
-        # the token it predicts.
-        self.packed_inputs = torch.tensor([t for ids in candidates for t in ids[:-1]])
-        self.packed_targets = torch.tensor([t for ids in candidates for t in ids[1:]])
-        self.packed_candidate = torch.tensor([c for c, ids in enumerate(candidates) for _ in ids[:-1]])
-        self.packed_step = torch.tensor([j for ids in candidates for j in range(len(ids) - 1)])
-        (self.inputs, self.targets, self.mask, self.first, self.packed_inputs, self.packed_targets,
-         self.packed_candidate, self.packed_step) = (
-            t.to(device) for t in (self.inputs, self.targets, self.mask, self.first, self.packed_inputs,
-                                   self.packed_targets, self.packed_candidate, self.packed_step)
-        )
+        self.packed = PackedCandidates.of(candidates, device)
+        self.padded = PaddedCandidates.of(candidates, pad_token_id, device)
         self.causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        text_config = self.causal_lm.config.get_text_config()
-        self.sliding_window = getattr(text_config, "sliding_window", None)
-        self.attn_implementation = self.causal_lm.config._attn_implementation
+        self.sliding_window = getattr(self.causal_lm.config.get_text_config(), "sliding_window", None)
 
     def __call__(self, batch: dict):
         """Scores [images, candidates] (float32, on CPU) for a prompt batch padded on the left."""
-        import torch
-
         attention_mask = batch["attention_mask"]
         out = self.model(**batch, position_ids=prompt_position_ids(attention_mask), use_cache=True,
                          logits_to_keep=1)
@@ -283,7 +293,7 @@ class CandidateScorer:
         del out
         # The packed pass needs every prompt token still in the sliding layers' caches (they keep
         # the last window - 1); a longer prompt goes through per-row cache copies instead.
-        packable = self.attn_implementation in ("sdpa", "eager") and (
+        packable = self.causal_lm.config._attn_implementation in ("sdpa", "eager") and (
             self.sliding_window is None or attention_mask.shape[1] <= self.sliding_window - 1)
         rest = self._packed(attention_mask, cache) if packable else self._chunked(attention_mask, cache)
         scores = (first_logprobs + rest).cpu()
@@ -291,78 +301,88 @@ class CandidateScorer:
             scores = scores / self.lengths
         return scores
 
-    def packed_masks(self, attention_mask):
-        """Attention masks of the packed pass, [images, 1, packed, prompt + packed], per layer type.
-
-        A packed token of candidate c at step j sees the prompt's real tokens (within the
-        sliding window on sliding layers, by position) and tokens of c at steps <= j: exactly
-        what it sees in the training sequence "prompt, answer c". Also returns the packed
-        tokens' positions, [images, packed].
-        """
-        import torch
-
-        images, prompt = attention_mask.shape
-        prompt_positions = prompt_position_ids(attention_mask)  # [images, prompt]
-        query_positions = attention_mask.sum(dim=1, keepdim=True) + self.packed_step  # [images, packed]
-        own = (self.packed_candidate[:, None] == self.packed_candidate[None, :]) & (
-            self.packed_step[None, :] <= self.packed_step[:, None])  # [packed, packed]
-        packed = own.shape[0]
-        sees_prompt = attention_mask.bool()[:, None, :].expand(images, packed, prompt)
-        masks = {"full_attention": torch.cat([sees_prompt, own.expand(images, packed, packed)], dim=-1)}
-        if self.sliding_window is not None:
-            in_window = (query_positions[:, :, None] - prompt_positions[:, None, :]) < self.sliding_window
-            masks["sliding_attention"] = torch.cat([sees_prompt & in_window, own.expand(images, packed, packed)], dim=-1)
-        if self.attn_implementation == "eager":  # eager attention adds the mask to the scores
-            dtype = next(self.causal_lm.parameters()).dtype
-            masks = {k: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
-                     for k, m in masks.items()}
-        return {k: m[:, None] for k, m in masks.items()}, query_positions
-
     def _packed(self, attention_mask, cache):
-        """Sum of log-probs of each candidate's tokens after its first, [images, candidates]."""
-        import torch
-
-        from components import modeling
-
-        images = attention_mask.shape[0]
-        masks, positions = self.packed_masks(attention_mask)
-        hidden = self.causal_lm.model(
-            input_ids=self.packed_inputs.expand(images, -1), attention_mask=masks, position_ids=positions,
-            past_key_values=cache, use_cache=True,
-        ).last_hidden_state
-        rest = torch.zeros(images, self.num_candidates, dtype=torch.float32, device=self.device)
-        for row in range(images):  # one image's logits at a time: [packed, vocab] in fp32
-            logprobs = modeling.output_logits(self.causal_lm, hidden[row]).log_softmax(-1)
-            token_logprobs = logprobs.gather(-1, self.packed_targets[:, None]).squeeze(-1)
-            rest[row].index_add_(0, self.packed_candidate, token_logprobs)
-        return rest
+        return packed_scores(self.causal_lm, self.packed, len(self.first), attention_mask, cache, self.sliding_window)
 
     def _chunked(self, attention_mask, cache):
-        """As ``_packed``, for prompts longer than the sliding window: per (image, candidate)
-        rows, each with its own copy of the prompt's cache, ``chunk_size`` rows per pass."""
-        import torch
+        return chunked_scores(self.model, self.padded, attention_mask, cache, self.chunk_size)
 
-        images = attention_mask.shape[0]
-        prompt_lengths = attention_mask.sum(dim=1)
-        rows_all = torch.arange(images, device=self.device).repeat_interleave(self.num_candidates)
-        cols_all = torch.arange(self.num_candidates, device=self.device).repeat(images)
-        rest = torch.empty(images * self.num_candidates, dtype=torch.float32, device=self.device)
-        for start in range(0, rows_all.numel(), self.chunk_size):
-            rows = rows_all[start : start + self.chunk_size]
-            cols = cols_all[start : start + self.chunk_size]
-            fed = self.inputs.shape[1]
-            logits = self.model(
-                input_ids=self.inputs[cols],
-                attention_mask=torch.cat([attention_mask[rows], self.mask[cols]], dim=1),
-                position_ids=prompt_lengths[rows, None] + torch.arange(fed, device=self.device),
-                past_key_values=select_cache_rows(cache, rows),
-                use_cache=True,
-            ).logits.float()
-            target_logits = logits.gather(-1, self.targets[cols, :, None]).squeeze(-1)
-            token_logprobs = target_logits - torch.logsumexp(logits, dim=-1)
-            rest[start : start + rows.numel()] = (token_logprobs * self.mask[cols]).sum(dim=-1)
-            del logits
-        return rest.view(images, self.num_candidates)
+
+def packed_masks(causal_lm, packed: PackedCandidates, attention_mask, sliding_window: int | None):
+    """Attention masks of the packed pass, [images, 1, packed, prompt + packed], per layer type,
+    and the packed tokens' positions, [images, packed].
+
+    A packed token of candidate c at step j sees the prompt's real tokens (within the sliding
+    window on sliding layers, by position) and tokens of c at steps <= j: exactly what it sees in
+    the training sequence "prompt, answer c".
+    """
+    import torch
+
+    images, prompt = attention_mask.shape
+    prompt_positions = prompt_position_ids(attention_mask)  # [images, prompt]
+    query_positions = attention_mask.sum(dim=1, keepdim=True) + packed.step  # [images, packed]
+    own = (packed.candidate[:, None] == packed.candidate[None, :]) & (
+        packed.step[None, :] <= packed.step[:, None])  # [packed, packed]
+    n = own.shape[0]
+    sees_prompt = attention_mask.bool()[:, None, :].expand(images, n, prompt)
+    masks = {"full_attention": torch.cat([sees_prompt, own.expand(images, n, n)], dim=-1)}
+    if sliding_window is not None:
+        in_window = (query_positions[:, :, None] - prompt_positions[:, None, :]) < sliding_window
+        masks["sliding_attention"] = torch.cat([sees_prompt & in_window, own.expand(images, n, n)], dim=-1)
+    if causal_lm.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
+        dtype = next(causal_lm.parameters()).dtype
+        masks = {k: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+                 for k, m in masks.items()}
+    return {k: m[:, None] for k, m in masks.items()}, query_positions
+
+
+def packed_scores(causal_lm, packed: PackedCandidates, num_candidates: int, attention_mask, cache,
+                  sliding_window: int | None):
+    """Sum of log-probs of each candidate's tokens after its first, [images, candidates]: all
+    candidates in one pass over the prompt's KV cache (docs/benchmarks.md#score-mode)."""
+    import torch
+
+    from components import modeling
+
+    images = attention_mask.shape[0]
+    masks, positions = packed_masks(causal_lm, packed, attention_mask, sliding_window)
+    hidden = causal_lm.model(
+        input_ids=packed.inputs.expand(images, -1), attention_mask=masks, position_ids=positions,
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state
+    rest = torch.zeros(images, num_candidates, dtype=torch.float32, device=packed.inputs.device)
+    for row in range(images):  # one image's logits at a time: [packed, vocab] in fp32
+        logprobs = modeling.output_logits(causal_lm, hidden[row]).log_softmax(-1)
+        token_logprobs = logprobs.gather(-1, packed.targets[:, None]).squeeze(-1)
+        rest[row].index_add_(0, packed.candidate, token_logprobs)
+    return rest
+
+
+def chunked_scores(model, padded: PaddedCandidates, attention_mask, cache, chunk_size: int):
+    """As ``packed_scores``, for prompts longer than the sliding window: per (image, candidate)
+    rows, each with its own copy of the prompt's cache, ``chunk_size`` rows per pass."""
+    import torch
+
+    device = padded.inputs.device
+    images, num_candidates, fed = attention_mask.shape[0], padded.inputs.shape[0], padded.inputs.shape[1]
+    prompt_lengths = attention_mask.sum(dim=1)
+    rows_all = torch.arange(images, device=device).repeat_interleave(num_candidates)
+    cols_all = torch.arange(num_candidates, device=device).repeat(images)
+    rest = torch.empty(images * num_candidates, dtype=torch.float32, device=device)
+    for start in range(0, rows_all.numel(), chunk_size):
+        rows, cols = rows_all[start : start + chunk_size], cols_all[start : start + chunk_size]
+        logits = model(
+            input_ids=padded.inputs[cols],
+            attention_mask=torch.cat([attention_mask[rows], padded.mask[cols]], dim=1),
+            position_ids=prompt_lengths[rows, None] + torch.arange(fed, device=device),
+            past_key_values=select_cache_rows(cache, rows),
+            use_cache=True,
+        ).logits.float()
+        target_logits = logits.gather(-1, padded.targets[cols, :, None]).squeeze(-1)
+        token_logprobs = target_logits - torch.logsumexp(logits, dim=-1)
+        rest[start : start + rows.numel()] = (token_logprobs * padded.mask[cols]).sum(dim=-1)
+        del logits
+    return rest.view(images, num_candidates)
 
 
 def rank_scores(scores) -> list[list[int]]:
@@ -405,15 +425,13 @@ def generate_answers(model, tokenizer, batch: dict, gen_config) -> list[str]:
 
 
 def default_batch_size(device) -> int:
-    """Images per pass for a card: a 510-token prompt's KV cache is ~0.45 GB on 31B, and larger
-    batches keep the prompt pass on the matmul units (31B nf4 on an H200: batch 64 generates
-    11.1 images/s at 52 GiB, batch 32 10.5 at 35 GiB; bench/bench_gpu.py)."""
+    """Images per pass for ``device``, from BATCH_BY_GPU_GIB on CUDA."""
     import torch
 
     if device.type != "cuda":
-        return 8
+        return CPU_BATCH
     gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-    return 64 if gib >= 75 else 16 if gib >= 38 else 4
+    return next(batch for min_gib, batch in BATCH_BY_GPU_GIB if gib >= min_gib)
 
 
 def check_inputs(config: EvaluateConfig) -> dict:
@@ -423,11 +441,11 @@ def check_inputs(config: EvaluateConfig) -> dict:
     from components.shards import read_manifest
 
     modeling.check_model_dir(config.model_dir)
-    if config.adapter_dir is not None and not (Path(config.adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--adapter-dir {config.adapter_dir}: no adapter_config.json there (not a LoRA adapter folder)")
+    if config.adapter_dir is not None and not (Path(config.adapter_dir) / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"--adapter-dir {config.adapter_dir}: no {ADAPTER_CONFIG} there (not a LoRA adapter folder)")
     try:
         manifest = read_manifest(config.dataset_dir)
-    except ValueError as err:  # a manifest.json that is not one (FileNotFoundError names the file)
+    except ValueError as err:  # a manifest that is not one (FileNotFoundError names the file)
         raise UserError(f"--dataset-dir {config.dataset_dir}: {err}") from None
     eval_split = manifest["splits"].get("eval")
     if not eval_split or not eval_split.get("shards"):
@@ -477,17 +495,39 @@ def run(config: EvaluateConfig) -> dict:
     manifest = check_inputs(config)
 
     import torch
-    from tqdm import tqdm
 
-    from components import modeling, prompting
     from components.shards import load_examples
 
     class_names = list(manifest["class_names"])
     examples = load_examples(config.dataset_dir, "eval", config.limit)
     if not examples:
         raise ValueError(f"--dataset-dir {config.dataset_dir}: no eval examples to evaluate")
-
     torch.manual_seed(config.seed)
+    loaded = _load(config, class_names)
+    predict = _predictor(config, loaded, class_names)
+    batch_size = config.batch_size or default_batch_size(loaded.device)
+    start = time.perf_counter()
+    records, rankings = _predict(config, loaded, predict, class_names, examples, batch_size)
+    result = _result(config, loaded, class_names, records, rankings, time.perf_counter() - start, batch_size)
+    _write(config, result, records)
+    return result
+
+
+@dataclass
+class _Loaded:
+    """The model under evaluation and what loading it resolved."""
+
+    model: Any
+    processor: Any
+    candidates: list[list[int]]  # each class's answer tokens, as training labels them
+    device: Any
+    quantization: str
+    dtype: Any  # of floating-point inputs
+
+
+def _load(config: EvaluateConfig, class_names: list[str]) -> _Loaded:
+    from components import modeling
+
     device = modeling.pick_device(config.device)
     quantization = modeling.resolve_quantization(config.quantization, device)
     # "auto": from_pretrained keeps the checkpoint's saved dtype (config.json's dtype)
@@ -501,85 +541,116 @@ def run(config: EvaluateConfig) -> dict:
     model.eval()
     if config.load_dtype == "saved":
         dtype = model.dtype  # the saved dtype from_pretrained resolved
+    return _Loaded(model, processor, candidates, device, quantization, dtype)
 
-    tokenizer = processor.tokenizer
-    mapper = AnswerMapper(class_names)
-    max_new_tokens = config.max_new_tokens or max(len(c) for c in candidates) + config.extra_new_tokens
-    scorer = gen_config = None
+
+def _max_new_tokens(config: EvaluateConfig, candidates: list[list[int]]) -> int:
+    return config.max_new_tokens or max(len(c) for c in candidates) + config.extra_new_tokens
+
+
+def _record(example, class_names: list[str], predicted: int, **extra) -> dict:
+    """One line of the predictions file."""
+    name = UNKNOWN_NAME if predicted == metrics.UNKNOWN else class_names[predicted]
+    return {"id": example.id, "label": example.label_name, "label_index": example.label,
+            "predicted": name, "predicted_index": predicted, **extra}
+
+
+Predictor = Callable[[list, dict], list[tuple[dict, "list[int] | None"]]]
+
+
+def _predictor(config: EvaluateConfig, loaded: _Loaded, class_names: list[str]) -> Predictor:
+    """(examples, their prompt batch on the device) -> per example its record and, in score mode,
+    its ranking of the classes (best first)."""
+    tokenizer = loaded.processor.tokenizer
     if config.mode == "score":
-        scorer = CandidateScorer(model, candidates, tokenizer.pad_token_id, device,
+        scorer = CandidateScorer(loaded.model, loaded.candidates, tokenizer.pad_token_id, loaded.device,
                                  config.score_reduction, config.score_chunk_size)
-    else:
-        gen_config = generation_config(tokenizer, max_new_tokens)
 
-    y_true, y_pred, rankings, records = [], [], [], []
-    start = time.perf_counter()
-    progress = tqdm(total=len(examples), desc=f"evaluate ({config.mode})", unit="img", file=sys.stderr)
+        def score(chunk: list, batch: dict) -> list[tuple[dict, list[int]]]:
+            scores = scorer(batch)
+            return [(_record(ex, class_names, ranked[0], top5=[class_names[i] for i in ranked[:TOP_K]],
+                             scores=dict(zip(class_names, row))), ranked)
+                    for ex, row, ranked in zip(chunk, scores.tolist(), rank_scores(scores))]
+
+        return score
+    gen_config = generation_config(tokenizer, _max_new_tokens(config, loaded.candidates))
+    mapper = AnswerMapper(class_names)
+
+    def generate(chunk: list, batch: dict) -> list[tuple[dict, None]]:
+        texts = generate_answers(loaded.model, tokenizer, batch, gen_config)
+        return [(_record(ex, class_names, mapper(text), raw_text=text), None) for ex, text in zip(chunk, texts)]
+
+    return generate
+
+
+def _predict(config: EvaluateConfig, loaded: _Loaded, predict: Predictor, class_names: list[str], examples: list,
+             batch_size: int) -> tuple[list[dict], list[list[int]]]:
+    """Every example's record, in order, and (score mode) its ranking of the classes."""
+    import torch
+    from tqdm import tqdm
+
+    from components import prompting
+
     def encode(chunk):
-        return chunk, prompting.encode_prompt_batch(processor, [ex.image() for ex in chunk], class_names)
+        return chunk, prompting.encode_prompt_batch(loaded.processor, [ex.image() for ex in chunk], class_names)
 
-    batch_size = config.batch_size or default_batch_size(device)
+    records, rankings = [], []
     chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    progress = tqdm(total=len(examples), desc=f"evaluate ({config.mode})", unit="img", file=sys.stderr)
+    start = time.perf_counter()
     # bf16 autocast on CUDA: an adapter's fp32 LoRA weights then run on the bf16 tensor cores
-    # like the base, as in training. The next batch is preprocessed on a CPU thread meanwhile.
-    autocast = device.type == "cuda" and config.load_dtype == "compute"
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    # like the base, as in training.
+    autocast = loaded.device.type == "cuda" and config.load_dtype == "compute"
+    with torch.inference_mode(), torch.autocast(loaded.device.type, dtype=torch.bfloat16, enabled=autocast):
+        # The next batch is preprocessed on a CPU thread meanwhile (docs/design.md: why not DataLoader).
         for chunk, batch in prompting.prefetched(encode, chunks):
-            batch = _to_device(batch, device, dtype)
-            if scorer is not None:
-                scores = scorer(batch)
-                for ex, row, ranked in zip(chunk, scores.tolist(), rank_scores(scores)):
+            for record, ranked in predict(chunk, _to_device(batch, loaded.device, loaded.dtype)):
+                records.append(record)
+                if ranked is not None:
                     rankings.append(ranked)
-                    y_pred.append(ranked[0])
-                    records.append({"id": ex.id, "label": ex.label_name, "label_index": ex.label,
-                                    "predicted": class_names[ranked[0]], "predicted_index": ranked[0],
-                                    "top5": [class_names[i] for i in ranked[:TOP_K]],
-                                    "scores": dict(zip(class_names, row))})
-            else:
-                for ex, text in zip(chunk, generate_answers(model, tokenizer, batch, gen_config)):
-                    predicted = mapper(text)
-                    y_pred.append(predicted)
-                    records.append({"id": ex.id, "label": ex.label_name, "label_index": ex.label,
-                                    "predicted": UNKNOWN_NAME if predicted == metrics.UNKNOWN else class_names[predicted],
-                                    "predicted_index": predicted, "raw_text": text})
-            y_true.extend(ex.label for ex in chunk)
             progress.update(len(chunk))
-            progress.set_postfix(img_per_s=f"{len(y_true) / (time.perf_counter() - start):.2f}")
+            progress.set_postfix(img_per_s=f"{len(records) / (time.perf_counter() - start):.2f}")
     progress.close()
-    seconds = time.perf_counter() - start
+    return records, rankings
 
-    result = build_metrics(y_true, y_pred, class_names, config.mode)
+
+def _result(config: EvaluateConfig, loaded: _Loaded, class_names: list[str], records: list[dict],
+            rankings: list[list[int]], seconds: float, batch_size: int) -> dict:
+    y_true = [r["label_index"] for r in records]
+    result = build_metrics(y_true, [r["predicted_index"] for r in records], class_names, config.mode)
     if config.mode == "score":
         result["top5_accuracy"] = metrics.top_k_accuracy(y_true, rankings, TOP_K)
         result["score_reduction"] = config.score_reduction
     else:
-        result["max_new_tokens"] = max_new_tokens
+        result["max_new_tokens"] = _max_new_tokens(config, loaded.candidates)
     result.update({
-        "images_per_s": len(y_true) / seconds,
+        "images_per_s": len(records) / seconds,
         "seconds": seconds,
         "batch_size": batch_size,
         "model_dir": config.model_dir,
         "adapter_dir": config.adapter_dir,
         "dataset_dir": config.dataset_dir,
-        "dataset_manifest_sha256": sha256_file(Path(config.dataset_dir) / "manifest.json"),
-        "device": str(device),
-        "quantization": quantization,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dataset_manifest_sha256": sha256_file(Path(config.dataset_dir) / DATASET_MANIFEST),
+        "device": str(loaded.device),
+        "quantization": loaded.quantization,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
         "config": dataclasses.asdict(config),
     })
+    return result
 
+
+def _write(config: EvaluateConfig, result: dict, records: list[dict]) -> None:
     output = Path(config.output_dir)
     lines = "".join(json.dumps(record) + "\n" for record in records)
-    write_bytes_atomic(output / PREDICTIONS_FILE, lines.encode())
-    write_json_atomic(output / METRICS_FILE, result)  # last: marks the evaluation complete
+    write_bytes_atomic(output / PREDICTIONS, lines.encode())
+    write_json_atomic(output / EVAL_METRICS, result)  # last: marks the evaluation complete
     summary = f"accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}"
     if config.mode == "score":
         summary += f", top-5 {result['top5_accuracy']:.4f}"
     else:
         summary += f", Unknown {result['unknown_rate']:.2%}"
-    print(f"evaluated {len(y_true)} images ({config.mode}) at {result['images_per_s']:.2f} img/s: {summary} "
-          f"-> {output / METRICS_FILE}")
-    return result
+    print(f"evaluated {result['num_examples']} images ({config.mode}) at {result['images_per_s']:.2f} img/s: "
+          f"{summary} -> {output / EVAL_METRICS}")
 
 
 @entrypoint

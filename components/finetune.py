@@ -4,12 +4,11 @@ One readable recipe:
   1. load the staged base (nf4 4-bit on CUDA by default, fp32 on CPU) and its processor;
   2. put LoRA on every linear layer of the language model and the vision tower;
   3. train on (image, class name) pairs with loss only on the answer and its closing <turn|>,
-     16 samples per optimizer step split into micro-batches as the GPU's memory preset says,
-     and over several GPUs as data-parallel processes the step launches itself (torchrun);
-  4. checkpoint every N optimizer steps and every M minutes (adapter, optimizer, scheduler, RNG,
-     data position) into a checkpoint folder outside the adapter output, copied to host memory
-     and written by a background thread; on start, resume from the newest complete checkpoint;
-  5. write the adapter (safetensors), the processor and train_metrics.json; delete the checkpoints.
+     --batch-size samples per optimizer step, split into micro-batches by the GPU's memory
+     preset and over several GPUs as data-parallel processes the step launches (torchrun);
+  4. checkpoint every N optimizer steps and every M minutes into a folder outside the adapter
+     output, written by a background thread; on start, resume from the newest complete one;
+  5. write the adapter, the processor and the metrics (last); delete the checkpoints.
 
     gemma-pets finetune --model-dir weights/ --dataset-dir data/ --output-dir adapter/
 """
@@ -31,21 +30,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
+from components.artifacts import ADAPTER_WEIGHTS, CHECKPOINT_STATE, DATASET_MANIFEST, TRAIN_METRICS
 from components.cli import UserError, entrypoint, parse_config
 from components.files import make_readable, read_json, sha256_file, write_json_atomic
 
 CHECKPOINTS_SUFFIX = ".checkpoints"  # default checkpoint folder: <output-dir>.checkpoints, beside it
-METRICS_FILE = "train_metrics.json"
-STATE_FILE = "trainer_state.json"  # written last inside a checkpoint: its presence marks it complete
-ADAPTER_FILE = "adapter_model.safetensors"  # the name PEFT's save_pretrained gives the weights
 # On SIGTERM the platform kills the task about 10 s later (Cloud Run, Vertex): a checkpoint write
 # already under way may finish within this many seconds; a new one is never started.
 PREEMPT_WAIT_S = 5.0
-# Fields that may differ between a run and the run that resumes it; every other field must match.
-# How a step is split into micro-batches and whether activations are recomputed changes memory
-# and speed, not the gradient (the loss is normalised per optimizer step), so a resume may change
-# them too, e.g. when a retry lands on a different GPU.
+# Fields a resume may change (every other field must match): where things go, how often they are
+# saved, and how a step is split, which changes memory and speed but not the gradient.
 RESUMABLE_CHANGES = ("output_dir", "checkpoint_dir", "stop_after_steps", "save_every_steps",
                      "checkpoint_every_minutes", "keep_checkpoints", "log_every_steps",
                      "micro_batch_size", "gradient_checkpointing", "memory_preset", "num_processes")
@@ -53,8 +49,7 @@ RESUMABLE_CHANGES = ("output_dir", "checkpoint_dir", "stop_after_steps", "save_e
 
 @dataclass(frozen=True)
 class MemoryPreset:
-    """How an optimizer step is split to fit a GPU. Chosen from the GPU's memory; measured on
-    random-init Gemma 4 31B, nf4, 510-token samples (bench/bench_gpu.py, docs/benchmarks.md)."""
+    """How an optimizer step is split to fit a GPU, chosen from the GPU's memory."""
 
     min_gpu_gib: float  # smallest card (total memory, GiB) the preset is meant for
     micro_batch_size: int
@@ -63,17 +58,12 @@ class MemoryPreset:
 
 
 RECOMPUTE_CHOICES = {"auto": None, "off": 0, "on": 1, "every-2": 2, "every-3": 3}
+# Recomputing every layer lets the micro-batch grow to what the matmuls need, which beat keeping
+# activations on every card measured: docs/benchmarks.md#memory-presets.
 MEMORY_PRESETS = {
-    # Measured on 31B nf4 at r=64 (bench/bench_gpu.py, H200, docs/benchmarks.md): ~18 GiB of
-    # 4-bit weights, ~8 GiB of fp32 LoRA weights and AdamW state, and per 510-token sample ~14 GiB
-    # of saved activations without recomputation (LoRA dropout's copies included) or ~0.6 GiB
-    # with it. Recomputing costs a forward pass (6N instead of 4N FLOPs per token) but lets the
-    # micro-batch grow to 16, which the matmuls need: micro-batch 16 recomputing every layer ran
-    # 2.9-3.0 samples/s at 36 GiB, faster than micro-batch 4 without recomputation (2.4-2.8 at
-    # 103-116 GiB) and than recomputing every 2nd layer (2.3-2.7 at 103-117 GiB).
-    "fast": MemoryPreset(75, 16, 1, "cards of 80 GB and more: micro-batch 16, every layer recomputed (31B: 36 GiB)"),
-    "40gb": MemoryPreset(38, 8, 1, "31B r=64 within 40 GB: micro-batch 8, every layer recomputed (32 GiB)"),
-    "24gb": MemoryPreset(0, 2, 1, "31B r=16 within 24 GB (L4): micro-batch 2, every layer recomputed (21 GiB)"),
+    "fast": MemoryPreset(75, 16, 1, "cards of 80 GB and more: micro-batch 16, every layer recomputed"),
+    "40gb": MemoryPreset(38, 8, 1, "31B r=64 within 40 GB: micro-batch 8, every layer recomputed"),
+    "24gb": MemoryPreset(0, 2, 1, "31B r=16 within 24 GB (L4): micro-batch 2, every layer recomputed"),
 }
 
 
@@ -82,7 +72,7 @@ class FinetuneConfig:
     """QLoRA fine-tuning of Gemma 4 on a prepared image-classification dataset."""
 
     model_dir: str = field(metadata={"help": "staged base model folder (config.json, safetensors, processor)"})
-    dataset_dir: str = field(metadata={"help": "prepared dataset folder (manifest.json + Parquet shards)"})
+    dataset_dir: str = field(metadata={"help": f"prepared dataset folder ({DATASET_MANIFEST} + Parquet shards)"})
     output_dir: str = field(metadata={"help": "where the adapter, processor and metrics go"})
     checkpoint_dir: str = field(
         default="",
@@ -140,37 +130,41 @@ class FinetuneConfig:
     )
 
     def __post_init__(self) -> None:
-        positive = ("lora_r", "lora_alpha", "epochs", "batch_size", "max_length",
-                    "save_every_steps", "keep_checkpoints", "log_every_steps")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.checkpoint_every_minutes < 0:
-            raise ValueError(f"--checkpoint-every-minutes must be >= 0, got {self.checkpoint_every_minutes}")
-        if self.num_processes < 0:
-            raise ValueError(f"--num-processes must be >= 0 (0: one per visible GPU), got {self.num_processes}")
-        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
-            raise ValueError(f"--micro-batch-size {self.micro_batch_size} must divide --batch-size {self.batch_size} "
-                             "(or be 0 for the memory preset's)")
-        if self.gradient_checkpointing not in RECOMPUTE_CHOICES:
-            raise ValueError(f"--gradient-checkpointing must be one of {', '.join(RECOMPUTE_CHOICES)}, "
-                             f"got {self.gradient_checkpointing!r}")
-        if self.memory_preset not in ("auto", *MEMORY_PRESETS):
-            raise ValueError(f"--memory-preset must be auto or one of {', '.join(MEMORY_PRESETS)}, got {self.memory_preset!r}")
-        for name in ("max_steps", "train_limit", "stop_after_steps"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"--learning-rate must be positive, got {self.learning_rate}")
+        _check_config(self)
 
     def hyperparameters(self) -> dict:
         """What defines the result: everything but where it is written and how often it is saved."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_CHANGES}
+
+
+def _check_config(cfg: FinetuneConfig) -> None:
+    """A ValueError naming the flag for a value no run could use."""
+    for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "max_length",
+                 "save_every_steps", "keep_checkpoints", "log_every_steps"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.checkpoint_every_minutes < 0:
+        raise ValueError(f"--checkpoint-every-minutes must be >= 0, got {cfg.checkpoint_every_minutes}")
+    if cfg.num_processes < 0:
+        raise ValueError(f"--num-processes must be >= 0 (0: one per visible GPU), got {cfg.num_processes}")
+    if cfg.micro_batch_size < 0 or (cfg.micro_batch_size and cfg.batch_size % cfg.micro_batch_size):
+        raise ValueError(f"--micro-batch-size {cfg.micro_batch_size} must divide --batch-size {cfg.batch_size} "
+                         "(or be 0 for the memory preset's)")
+    if cfg.gradient_checkpointing not in RECOMPUTE_CHOICES:
+        raise ValueError(f"--gradient-checkpointing must be one of {', '.join(RECOMPUTE_CHOICES)}, "
+                         f"got {cfg.gradient_checkpointing!r}")
+    if cfg.memory_preset not in ("auto", *MEMORY_PRESETS):
+        raise ValueError(f"--memory-preset must be auto or one of {', '.join(MEMORY_PRESETS)}, got {cfg.memory_preset!r}")
+    for name in ("max_steps", "train_limit", "stop_after_steps"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise ValueError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be positive, got {cfg.learning_rate}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +274,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:
-    return [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).is_file()]
+    return [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / CHECKPOINT_STATE).is_file()]
 
 
 def rng_state() -> dict:
@@ -306,8 +300,8 @@ def set_rng_state(state: dict) -> None:
 
 def snapshot(model, optimizer, scheduler, state: dict, rngs: list[dict]) -> dict:
     """What a checkpoint holds (``rngs``: every process's RNG state), copied to host memory so
-    training goes on while it is written. The copy is the only pause training takes for a
-    checkpoint (31B r=64: about 8 GB of LoRA weights and AdamW state, seconds over PCIe)."""
+    training goes on while it is written; the copy is training's only pause for a checkpoint
+    (docs/benchmarks.md#checkpoints)."""
     import copy
 
     import torch
@@ -330,10 +324,8 @@ def snapshot(model, optimizer, scheduler, state: dict, rngs: list[dict]) -> dict
 def write_checkpoint(root: Path, snap: dict, keep: int) -> Path:
     """Write ``snap`` as checkpoint step-N so that a reader never takes a partial one as complete.
 
-    No folder rename: on Cloud Storage FUSE (Vertex's /gcs, Cloud Run's GCS volume) a rename copies
-    object by object and can be cut off half-way. Each file is instead an object that appears
-    when closed (gcsfuse stages it on local disk and uploads it then), and the state file is
-    written last, so its presence means every other file is whole.
+    No folder rename: on Cloud Storage FUSE a rename copies object by object and can be cut off
+    half-way; each file appears whole when closed, and the state file, written last, marks the rest.
     """
     import torch
     from safetensors.torch import save_file
@@ -342,12 +334,12 @@ def write_checkpoint(root: Path, snap: dict, keep: int) -> Path:
     if final.exists():
         shutil.rmtree(final)  # a cut-off earlier write of the same step
     final.mkdir(parents=True)
-    save_file(snap["adapter"], final / ADAPTER_FILE, metadata={"format": "pt"})
+    save_file(snap["adapter"], final / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     torch.save(snap["optimizer"], final / "optimizer.pt")
     torch.save(snap["scheduler"], final / "scheduler.pt")
     for rank, rng in enumerate(snap["rng"]):
         torch.save(rng, final / rng_file(rank))
-    write_json_atomic(final / STATE_FILE, snap["state"])
+    write_json_atomic(final / CHECKPOINT_STATE, snap["state"])
     # The newest ``keep`` complete checkpoints stay; older ones and cut-off writes go.
     kept = sorted(_complete_checkpoints(root), key=lambda p: p.name)[-keep:]
     for stale in root.iterdir():
@@ -409,10 +401,10 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0) -> d
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(ckpt / ADAPTER_FILE))
+    set_peft_model_state_dict(model, load_file(ckpt / ADAPTER_WEIGHTS))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    state = read_json(ckpt / STATE_FILE)
+    state = read_json(ckpt / CHECKPOINT_STATE)
     if (ckpt / rng_file(rank)).is_file():
         set_rng_state(torch.load(ckpt / rng_file(rank), weights_only=False))
     else:
@@ -482,6 +474,20 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
+@contextlib.contextmanager
+def on_sigterm(handler: Callable[[], None]) -> Iterator[None]:
+    """Call ``handler`` on SIGTERM inside the block; Python delivers signals to the main thread
+    only, so elsewhere (a test's thread) nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: handler())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def launch_workers(cfg: FinetuneConfig, processes: int) -> dict:
     """Run this step as ``processes`` data-parallel workers under torchrun, forwarding SIGTERM
     (Cloud Run and Vertex signal only the container's first process) so they stop together."""
@@ -493,21 +499,15 @@ def launch_workers(cfg: FinetuneConfig, processes: int) -> dict:
                "-m", "components.finetune", *to_argv(dataclasses.replace(cfg, num_processes=processes))]
     print(f"launching {processes} worker processes: {' '.join(command[:6])} ...", flush=True)
     worker = subprocess.Popen(command)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = (signal.signal(signal.SIGTERM, lambda signum, frame: worker.send_signal(signal.SIGTERM))
-                if in_main_thread else None)
-    try:
+    with on_sigterm(lambda: worker.send_signal(signal.SIGTERM)):
         code = worker.wait()
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
     output_dir = Path(cfg.output_dir)
     if code != 0:
         raise SystemExit(f"finetune: {processes} worker processes exited with {code}; complete checkpoints in "
                          f"{checkpoint_root(cfg)} let a rerun resume")
-    if (output_dir / METRICS_FILE).is_file():
-        return read_json(output_dir / METRICS_FILE)
-    state = read_json(latest_checkpoint(checkpoint_root(cfg)) / STATE_FILE)  # stopped early (--stop-after-steps)
+    if (output_dir / TRAIN_METRICS).is_file():
+        return read_json(output_dir / TRAIN_METRICS)
+    state = read_json(latest_checkpoint(checkpoint_root(cfg)) / CHECKPOINT_STATE)  # stopped early (--stop-after-steps)
     return {"stopped_at_step": state["global_step"], "total_steps": state["total_steps"]}
 
 
@@ -557,9 +557,8 @@ def train_step(causal_lm, batches: list[dict], device, optimizer, scheduler, tra
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(dtype)
-        # On CUDA, bf16 autocast: PEFT keeps LoRA weights in fp32 (so small updates are not
-        # rounded away), and without autocast their matmuls would run in fp32, off the bf16
-        # tensor cores (about a quarter of the step for 31B at r=64).
+        # bf16 autocast on CUDA: PEFT keeps LoRA weights in fp32 (small updates are not rounded
+        # away), whose matmuls would otherwise miss the bf16 tensor cores (docs/benchmarks.md#autocast).
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss_sum, _ = answer_loss_sum(causal_lm, batch)
         (loss_sum / n_tokens).backward()
@@ -617,8 +616,8 @@ def run(cfg: FinetuneConfig) -> dict:
     output_dir = Path(cfg.output_dir)
     class_names, device, quantization = check_inputs(cfg)
 
-    if (output_dir / METRICS_FILE).is_file():
-        done = read_json(output_dir / METRICS_FILE)
+    if (output_dir / TRAIN_METRICS).is_file():
+        done = read_json(output_dir / TRAIN_METRICS)
         if done.get("hyperparameters") == cfg.hyperparameters():
             print(f"{output_dir} already holds a finished run with these hyperparameters; nothing to do")
             return done
@@ -647,158 +646,234 @@ def run(cfg: FinetuneConfig) -> dict:
 def _train(cfg: FinetuneConfig, output_dir: Path, class_names: list[str], device, quantization: str,
            rank: int, world_size: int) -> dict:
     """The training loop of one process (of ``world_size``); rank 0 writes what is shared."""
-    import torch
     from tqdm import tqdm
+
+    run = _setup(cfg, class_names, device, quantization, rank, world_size)
+    _resume(run)
+    writer = CheckpointWriter(checkpoint_root(cfg), cfg.keep_checkpoints)
+    progress = tqdm(total=run.steps, initial=run.state["global_step"], desc="finetune", unit="step",
+                    mininterval=2, disable=rank != 0)
+    run.model.train()
+    run.started, run.last_saved = time.perf_counter(), time.monotonic()
+    # Cloud Run and Vertex stop a task with SIGTERM and kill it about 10 s later: finish the
+    # current step and exit without starting a (multi-GB) checkpoint write; the retry resumes.
+    preempted: list[bool] = []
+    with on_sigterm(lambda: preempted.append(True)):
+        for batches in _encoded_steps(run):
+            loss = train_step(run.causal_lm, batches, device, run.optimizer, run.scheduler, run.trainable,
+                              cfg.max_grad_norm)
+            _advance(run)
+            _report(run, loss, progress)
+            if _checkpoint_or_stop(run, writer, bool(preempted)):
+                progress.close()
+                run.say(f"stopped after step {run.state['global_step']} as asked (--stop-after-steps); "
+                        "rerun to resume")
+                return {"stopped_at_step": run.state["global_step"], "total_steps": run.steps}
+        writer.wait()  # spent once the adapter is written, but let it finish before deleting
+    progress.close()
+    return _finish(run, output_dir)
+
+
+@dataclass
+class _Run:
+    """One process's training run: what the loop, the checkpoints and the final write share."""
+
+    cfg: FinetuneConfig
+    rank: int
+    world_size: int
+    device: Any
+    quantization: str
+    class_names: list[str]
+    examples: list
+    processor: Any
+    model: Any  # the PEFT model
+    targets: list[str]  # the LoRA-adapted layers
+    trainable: list
+    optimizer: Any
+    scheduler: Any
+    plan: tuple[str, int, int]  # memory_plan's (preset, micro-batch size, recompute every)
+    steps: int
+    state: dict  # the data position and log a checkpoint saves
+    attempt: int = field(default_factory=lambda: int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0")))
+    started: float = 0.0  # perf_counter at the first step of this run
+    last_saved: float = 0.0  # monotonic time of the last checkpoint (or the start)
+    samples_this_run: int = 0
+
+    @property
+    def causal_lm(self):
+        return self.model.get_base_model()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.examples) / self.cfg.batch_size)
+
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message)
+
+
+def _setup(cfg: FinetuneConfig, class_names: list[str], device, quantization: str, rank: int,
+           world_size: int) -> _Run:
+    """Data, base model with LoRA, optimizer and schedule of one process, at step 0."""
+    import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from components import modeling, prompting, shards
+    from components import modeling, shards
 
-    preset, micro_batch_size, recompute_every = memory_plan(cfg, device, world_size)
+    plan = memory_plan(cfg, device, world_size)
     examples = shards.load_examples(cfg.dataset_dir, "train", limit=cfg.train_limit)
     if not examples:
         raise ValueError(f"--dataset-dir {cfg.dataset_dir}: the train split is empty")
     steps = total_steps(len(examples), cfg)
-
-    attempt = int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))
-    say = print if rank == 0 else (lambda *args, **kwargs: None)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same LoRA init in every process
     processor = modeling.load_processor(cfg.model_dir)
-    model = modeling.load_model(cfg.model_dir, device, quantization)
-    model, targets = attach_lora(model, cfg, recompute_every)
+    model, targets = attach_lora(modeling.load_model(cfg.model_dir, device, quantization), cfg, plan[2])
     if world_size > 1:
         torch.manual_seed(cfg.seed * 1000 + rank)  # but each process its own dropout masks
-    causal_lm = model.get_base_model()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * steps), steps)
-
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "log": [], "total_steps": steps}
-    ckpt_root = checkpoint_root(cfg)
-    ckpt = latest_checkpoint(ckpt_root)
+    return _Run(cfg, rank, world_size, device, quantization, class_names, examples, processor, model, targets,
+                trainable, optimizer, scheduler, plan, steps, state)
+
+
+def _resume(run: _Run) -> None:
+    """Continue from the newest complete checkpoint, if any, and say what is trained how."""
+    cfg, root = run.cfg, checkpoint_root(run.cfg)
+    ckpt = latest_checkpoint(root)
     if ckpt is not None:
-        saved = read_json(ckpt / STATE_FILE)
+        saved = read_json(ckpt / CHECKPOINT_STATE)
         if saved.get("hyperparameters") != cfg.hyperparameters():
             raise ValueError(
                 f"{ckpt} was written with other hyperparameters; use a new --output-dir or the same flags "
                 f"(saved: {saved.get('hyperparameters')})"
             )
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, rank)
-        say(f"resuming from {ckpt} (step {state['global_step']} of {steps}, attempt {attempt})")
-    elif attempt > 0:
-        say(f"Cloud Run task attempt {attempt}: no complete checkpoint in {ckpt_root}, starting over")
+        run.state = load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler, run.rank)
+        run.say(f"resuming from {ckpt} (step {run.state['global_step']} of {run.steps}, attempt {run.attempt})")
+    elif run.attempt > 0:
+        run.say(f"Cloud Run task attempt {run.attempt}: no complete checkpoint in {root}, starting over")
+    run.state["hyperparameters"] = cfg.hyperparameters()  # a resume checks them against its own
+    run.state["total_steps"] = run.steps
+    preset, micro_batch_size, recompute_every = run.plan
+    run.say(f"training {len(run.targets)} LoRA-adapted linear layers "
+            f"({sum(p.numel() for p in run.trainable):,} trainable parameters) on {run.world_size} x "
+            f"{run.device.type}, {run.quantization}, {len(run.examples)} samples, {run.steps} optimizer steps "
+            f"of {cfg.batch_size} samples (memory preset {preset}: micro-batch {micro_batch_size}, "
+            f"recompute every {recompute_every} layers)")
 
-    state["hyperparameters"] = cfg.hyperparameters()  # a resume checks them against its own
-    state["total_steps"] = steps
-    say(f"training {len(targets)} LoRA-adapted linear layers "
-        f"({sum(p.numel() for p in trainable):,} trainable parameters) on {world_size} x {device.type}, "
-        f"{quantization}, {len(examples)} samples, {steps} optimizer steps of {cfg.batch_size} samples "
-        f"(memory preset {preset}: micro-batch {micro_batch_size}, recompute every {recompute_every} layers)")
-    # Cloud Run and Vertex stop a task with SIGTERM and kill it about 10 s later: finish the
-    # current step and exit non-zero without starting a (multi-GB) checkpoint write; the retry
-    # resumes from the last complete checkpoint, at most --checkpoint-every-minutes old.
-    preempted: list[int] = []
-    writer = CheckpointWriter(ckpt_root, cfg.keep_checkpoints)
-    last_saved = time.monotonic()
-    in_main_thread = threading.current_thread() is threading.main_thread()  # signals need the main thread
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum)) if in_main_thread else None
-    model.train()
-    progress = tqdm(total=steps, initial=state["global_step"], desc="finetune", unit="step", mininterval=2,
-                    disable=rank != 0)
-    started, samples_this_run = time.perf_counter(), 0
-    try:
-        steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-        windows: dict[int, list] = {}
 
-        def encode_position(position):
-            epoch, index = position
-            if epoch not in windows:
-                windows.clear()  # one epoch's order at a time
-                windows[epoch] = epoch_windows(len(examples), epoch, cfg, micro_batch_size, rank, world_size)
-            window = [[examples[i] for i in micro] for micro in windows[epoch][index]]
-            return encode_step(processor, window, class_names, cfg)
+def _encoded_steps(run: _Run) -> Iterator[list[dict]]:
+    """Each remaining optimizer step's encoded micro-batches, from the resumed data position on.
+    The next step's images are decoded and preprocessed on a CPU thread while this one trains
+    (docs/design.md says why not torch's DataLoader)."""
+    from components import prompting
 
-        def positions():
-            epoch, index = state["epoch"], state["step_in_epoch"]
-            for _ in range(steps - state["global_step"]):
-                yield epoch, index
-                epoch, index = (epoch, index + 1) if index + 1 < steps_per_epoch else (epoch + 1, 0)
+    windows: dict[int, list] = {}
 
-        # The next step's images are decoded and preprocessed on a CPU thread while this one runs.
-        for batches in prompting.prefetched(encode_position, positions()):
-            loss = train_step(causal_lm, batches, device, optimizer, scheduler, trainable, cfg.max_grad_norm)
-            # Samples in this step over all processes (the last step of an epoch may be short).
-            n_samples = min(cfg.batch_size, len(examples) - state["step_in_epoch"] * cfg.batch_size)
-            samples_this_run += n_samples
-            state["samples_seen"] += n_samples
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            if state["step_in_epoch"] == steps_per_epoch:
-                state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
-            rate = samples_this_run / (time.perf_counter() - started)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
-            finished = state["global_step"] >= steps
-            if state["global_step"] % cfg.log_every_steps == 0 or finished:
-                entry = {"step": state["global_step"], "loss": loss, "lr": scheduler.get_last_lr()[0],
-                         "samples_per_s": rate, "peak_memory_mb": peak_memory_mb(device)}
-                state["log"].append(entry)
-                if rank == 0:
-                    progress.write(json.dumps(entry))
-            stopping = cfg.stop_after_steps is not None and state["global_step"] >= cfg.stop_after_steps
-            due = (state["global_step"] % cfg.save_every_steps == 0 or stopping
-                   or 0 < cfg.checkpoint_every_minutes * 60 <= time.monotonic() - last_saved)
-            preempt_now, save_now = agree(bool(preempted), due and not finished, device)
-            if preempt_now and not finished:
-                done = writer.wait(PREEMPT_WAIT_S)  # a write in flight may finish; none is started
-                raise SystemExit(f"SIGTERM after step {state['global_step']}: no new checkpoint started"
-                                 f"{'' if done else ' (the one in flight is left incomplete)'}; a rerun resumes "
-                                 f"from {latest_checkpoint(ckpt_root)}")
-            if save_now:
-                rngs = all_gather_objects(rng_state())  # every process's, for rank 0 to write
-                if rank == 0:
-                    writer.submit(snapshot(model, optimizer, scheduler, state, rngs))
-                last_saved = time.monotonic()
-            if stopping and not finished:
-                writer.wait()
-                _barrier()
-                progress.close()
-                say(f"stopped after step {state['global_step']} as asked (--stop-after-steps); rerun to resume")
-                return {"stopped_at_step": state["global_step"], "total_steps": steps}
-        writer.wait()  # spent once the adapter is written, but let it finish before deleting
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_handler)
-    progress.close()
+    def encode(position: tuple[int, int]) -> list[dict]:
+        epoch, index = position
+        if epoch not in windows:
+            windows.clear()  # one epoch's order at a time
+            windows[epoch] = epoch_windows(len(run.examples), epoch, run.cfg, run.plan[1], run.rank, run.world_size)
+        window = [[run.examples[i] for i in micro] for micro in windows[epoch][index]]
+        return encode_step(run.processor, window, run.class_names, run.cfg)
 
+    def positions() -> Iterator[tuple[int, int]]:
+        epoch, index = run.state["epoch"], run.state["step_in_epoch"]
+        for _ in range(run.steps - run.state["global_step"]):
+            yield epoch, index
+            epoch, index = (epoch, index + 1) if index + 1 < run.steps_per_epoch else (epoch + 1, 0)
+
+    return prompting.prefetched(encode, positions())
+
+
+def _advance(run: _Run) -> None:
+    """Move the data position past the step just taken."""
+    state, batch_size = run.state, run.cfg.batch_size
+    # Samples in this step over all processes (the last step of an epoch may be short).
+    n_samples = min(batch_size, len(run.examples) - state["step_in_epoch"] * batch_size)
+    run.samples_this_run += n_samples
+    state["samples_seen"] += n_samples
+    state["global_step"] += 1
+    state["step_in_epoch"] += 1
+    if state["step_in_epoch"] == run.steps_per_epoch:
+        state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
+
+
+def _report(run: _Run, loss: float, progress) -> None:
+    """Progress bar every step; a log entry every --log-every-steps and at the end."""
+    rate = run.samples_this_run / (time.perf_counter() - run.started)
+    lr = run.scheduler.get_last_lr()[0]
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+    step = run.state["global_step"]
+    if step % run.cfg.log_every_steps == 0 or step >= run.steps:
+        entry = {"step": step, "loss": loss, "lr": lr, "samples_per_s": rate,
+                 "peak_memory_mb": peak_memory_mb(run.device)}
+        run.state["log"].append(entry)
+        if run.rank == 0:
+            progress.write(json.dumps(entry))
+
+
+def _checkpoint_or_stop(run: _Run, writer: CheckpointWriter, preempted: bool) -> bool:
+    """Checkpoint when due; exit at once on SIGTERM; True when --stop-after-steps stops here."""
+    cfg, step = run.cfg, run.state["global_step"]
+    finished = step >= run.steps
+    stopping = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
+    due = (step % cfg.save_every_steps == 0 or stopping
+           or 0 < cfg.checkpoint_every_minutes * 60 <= time.monotonic() - run.last_saved)
+    preempt_now, save_now = agree(preempted, due and not finished, run.device)
+    if preempt_now and not finished:
+        done = writer.wait(PREEMPT_WAIT_S)  # a write in flight may finish; none is started
+        raise SystemExit(f"SIGTERM after step {step}: no new checkpoint started"
+                         f"{'' if done else ' (the one in flight is left incomplete)'}; a rerun resumes "
+                         f"from {latest_checkpoint(writer.root)}")
+    if save_now:
+        rngs = all_gather_objects(rng_state())  # every process's, for rank 0 to write
+        if run.rank == 0:
+            writer.submit(snapshot(run.model, run.optimizer, run.scheduler, run.state, rngs))
+        run.last_saved = time.monotonic()
+    if stopping and not finished:
+        writer.wait()
+        _barrier()
+        return True
+    return False
+
+
+def _finish(run: _Run, output_dir: Path) -> dict:
+    """The run's metrics; rank 0 writes the adapter, the processor and the metrics (last)."""
+    cfg, state = run.cfg, run.state
+    preset, micro_batch_size, recompute_every = run.plan
     metrics = {
         "final_loss": state["log"][-1]["loss"] if state["log"] else None,
         "steps": state["global_step"],
         "epochs": cfg.epochs,
-        "train_samples": len(examples),
-        "samples_per_s": samples_this_run / max(time.perf_counter() - started, 1e-9),
-        "peak_memory_mb": peak_memory_mb(device),  # of rank 0's device
-        "device": str(device),
-        "num_processes": world_size,
-        "quantization": quantization,
+        "train_samples": len(run.examples),
+        "samples_per_s": run.samples_this_run / max(time.perf_counter() - run.started, 1e-9),
+        "peak_memory_mb": peak_memory_mb(run.device),  # of rank 0's device
+        "device": str(run.device),
+        "num_processes": run.world_size,
+        "quantization": run.quantization,
         "gradient_checkpointing": recompute_every > 0,
         "recompute_every": recompute_every,
         "memory_preset": preset,
         "micro_batch_size": micro_batch_size,
-        "adapted_modules": targets,
-        "trainable_parameters": sum(p.numel() for p in trainable),
-        "cloud_run_task_attempt": attempt,
-        "dataset_manifest_sha256": sha256_file(Path(cfg.dataset_dir) / "manifest.json"),
+        "adapted_modules": run.targets,
+        "trainable_parameters": sum(p.numel() for p in run.trainable),
+        "cloud_run_task_attempt": run.attempt,
+        "dataset_manifest_sha256": sha256_file(Path(cfg.dataset_dir) / DATASET_MANIFEST),
         "hyperparameters": cfg.hyperparameters(),
         "log": state["log"],
     }
-    if rank == 0:
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+    if run.rank == 0:
+        run.model.save_pretrained(output_dir)
+        run.processor.save_pretrained(output_dir)
         make_readable(output_dir)
-        write_json_atomic(output_dir / METRICS_FILE, metrics)  # last: marks the adapter folder complete
-        delete_checkpoints(ckpt_root)
+        write_json_atomic(output_dir / TRAIN_METRICS, metrics)  # last: marks the adapter folder complete
+        delete_checkpoints(checkpoint_root(cfg))
         print(f"wrote adapter to {output_dir}: final loss {metrics['final_loss']}, "
               f"{metrics['samples_per_s']:.2f} samples/s")
     _barrier()

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from components.artifacts import ADAPTER_CONFIG
+
 # Parts of Gemma4ForConditionalGeneration whose linear layers get LoRA: the language model, the
 # vision tower and the projection that feeds image soft tokens into the language model. The
 # lm_head (tied to the embeddings) and any audio tower are left alone.
@@ -122,14 +124,9 @@ def _fused_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 
 def fuse_rms_norms(model: nn.Module, enabled: bool = True) -> int:
-    """Run each Gemma4RMSNorm as torch's fused RMSNorm kernel (``enabled=False`` undoes it).
-
-    Gemma's reference norm is seven elementwise kernels with fp32 copies of its input (cast, pow,
-    mean, add, pow, mul, mul, cast back); a decoder layer has seven norms, the q/k/v norms
-    included, so on CUDA they cost about as much GPU time as the matmuls' gaps. The fused kernel
-    computes the same x * rsqrt(mean(x^2) + eps) * weight with fp32 accumulation and rounds once
-    (tests/test_modeling.py compares it with the reference). Returns the number of norms.
-    """
+    """Run each Gemma4RMSNorm as torch's fused RMSNorm kernel (``enabled=False`` undoes it);
+    returns the number of norms. Same result, one kernel instead of seven elementwise ones with
+    fp32 copies (tests/test_modeling.py compares; speed: docs/benchmarks.md#fused-rmsnorm)."""
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
     count = 0
@@ -175,7 +172,7 @@ def load_with_adapter(model_dir: str, adapter_dir: str, device: torch.device, qu
     """Base + LoRA adapter (unmerged), for evaluating a fine-tuned adapter."""
     from peft import PeftModel
 
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--adapter-dir {adapter_dir}: no adapter_config.json there")
+    if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"--adapter-dir {adapter_dir}: no {ADAPTER_CONFIG} there")
     base = load_model(model_dir, device, quantization, dtype)
     return PeftModel.from_pretrained(base, adapter_dir).eval()

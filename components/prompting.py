@@ -1,17 +1,9 @@
 """The one prompt and label recipe shared by fine-tuning and evaluation.
 
-A sample is one user turn holding the image first, then the instruction with the list of class
-names; the model's answer is the class name. Evaluation prompts with the chat template's own
-generation prompt (thinking off), as any server using the template does. A training sequence is
-that very prompt, token for token, followed by the answer's tokens and the closing ``<turn|>``
-(where generation stops), so what is measured is what was trained on every template.
-
-Why token concatenation and not a rendered conversation with the answer: the large Gemma 4
-templates (31B, 26B-A4B) render a *past* model turn as ``<|turn>model\\n{answer}<turn|>`` while
-their generation prompt ends ``<|turn>model\\n<|channel>thought\\n<channel|>``; a training
-sequence rendered from history would teach an answer right after ``<|turn>model\\n`` that the
-served prompt never asks for. Loss falls only on the answer and ``<turn|>``, at positions known
-by construction (no parsing of the rendered text).
+A sample is one user turn, the image then the instruction listing the class names; evaluation
+prompts with the chat template's own generation prompt. A training sequence is that prompt, token
+for token, then the answer's tokens and ``<turn|>``, so what is measured is what was trained on
+every template (docs/design.md says why not the template's rendering of the answer).
 """
 
 from __future__ import annotations
@@ -125,9 +117,9 @@ def check_length(attention_mask, max_length: int | None) -> None:
 
 def prefetched(fn: Callable[[T], U], items: Iterable[T]) -> Iterator[U]:
     """``fn(item)`` for each item in order, the next one computed on a background thread while
-    the caller works on the current one: image decoding and preprocessing (CPU, mostly in torch
-    and PIL, which release the GIL) overlap the GPU's forward and backward. Errors surface in the
-    caller, at the item that raised."""
+    the caller works on the current one, so image preprocessing (PIL and torch release the GIL)
+    overlaps the GPU. Errors surface in the caller, at the item that raised. A thread, not a
+    DataLoader's worker processes: docs/design.md."""
     items = iter(items)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
         first = next(items, _END)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from components import evaluate, metrics, modeling, prompting
+from components.artifacts import DATASET_MANIFEST, EVAL_METRICS, PREDICTIONS
 from components.evaluate import AnswerMapper, EvaluateConfig
 from components.files import sha256_bytes, write_json_atomic
 
@@ -63,7 +64,7 @@ def write_dataset(path, num_examples: int = 6, class_names=CLASSES) -> str:
     data = buf.getvalue()
     (path / "eval-00000-of-00001.parquet").write_bytes(data)
     shard = {"file": "eval-00000-of-00001.parquet", "sha256": sha256_bytes(data), "num_examples": num_examples}
-    write_json_atomic(path / "manifest.json", {
+    write_json_atomic(path / DATASET_MANIFEST, {
         "class_names": list(class_names),
         "num_classes": len(class_names),
         "splits": {"eval": {"num_examples": num_examples, "shards": [shard]},
@@ -279,7 +280,7 @@ def test_mean_reduction_divides_by_answer_length(tiny_model_dir):
 
 
 def read_predictions(output_dir):
-    return [json.loads(line) for line in (output_dir / "predictions.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (output_dir / PREDICTIONS).read_text().splitlines()]
 
 
 def check_consistent(result, predictions, mode):
@@ -309,7 +310,7 @@ def test_generate_mode_end_to_end_and_deterministic(varied_model_dir, dataset_di
                           "--output-dir", str(first), "--batch-size", "4"]) == 0
     result = evaluate.run(EvaluateConfig(model_dir=str(varied_model_dir), dataset_dir=dataset_dir,
                                          output_dir=str(second), batch_size=4))
-    on_disk = json.loads((first / "metrics.json").read_text())
+    on_disk = json.loads((first / EVAL_METRICS).read_text())
     predictions = read_predictions(first)
     check_consistent(on_disk, predictions, "generate")
     assert len({p["raw_text"] for p in predictions}) > 1, "answers should differ between images"

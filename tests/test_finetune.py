@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from components import finetune, modeling, prompting
+from components.artifacts import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_STATE, DATASET_MANIFEST,
+                                  TRAIN_METRICS)
 
 
 def small_config(tiny_model_dir, small_pets_dir, output_dir, **overrides) -> finetune.FinetuneConfig:
@@ -96,14 +98,13 @@ def test_gradient_checkpointing_gives_the_same_gradients_on_kv_shared_layers(tin
 def test_train_writes_adapter_processor_and_metrics(tiny_model_dir, small_pets_dir, tmp_path):
     metrics = finetune.run(small_config(tiny_model_dir, small_pets_dir, tmp_path / "adapter", epochs=1))
     out = tmp_path / "adapter"
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
-                 "train_metrics.json"):
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "tokenizer.json", "chat_template.jinja", TRAIN_METRICS):
         assert (out / name).is_file(), name
-    saved = json.loads((out / "train_metrics.json").read_text())
+    saved = json.loads((out / TRAIN_METRICS).read_text())
     assert saved["steps"] == 3 and saved["train_samples"] == 12
     # The adapter artifact holds the adapter and its processor files only; the checkpoints went
     # to their own folder beside it and were deleted once the adapter was written.
-    assert not [p for p in out.rglob("*") if p.is_dir() or p.name in ("optimizer.pt", finetune.STATE_FILE)]
+    assert not [p for p in out.rglob("*") if p.is_dir() or p.name in ("optimizer.pt", CHECKPOINT_STATE)]
     assert finetune.checkpoint_root(small_config(tiny_model_dir, small_pets_dir, out)) == tmp_path / "adapter.checkpoints"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert any("vision_tower" in m for m in saved["adapted_modules"])
@@ -123,15 +124,15 @@ def test_resume_ends_with_the_same_adapter(tiny_model_dir, small_pets_dir, tmp_p
     stopped = finetune.run(small_config(tiny_model_dir, small_pets_dir, resumed, stop_after_steps=3,
                                         checkpoint_dir=str(tmp_path / "ckpt")))
     assert stopped == {"stopped_at_step": 3, "total_steps": 6}
-    assert not (resumed / "adapter_model.safetensors").exists()
+    assert not (resumed / ADAPTER_WEIGHTS).exists()
     assert finetune.latest_checkpoint(tmp_path / "ckpt").name == "step-000003"
     # Another output folder (a retried task's new output URI), the same checkpoint folder: resumes.
     resumed = tmp_path / "resumed-retry"
     finetune.run(small_config(tiny_model_dir, small_pets_dir, resumed, checkpoint_dir=str(tmp_path / "ckpt")))
     assert f"resuming from {tmp_path / 'ckpt' / 'step-000003'}" in capsys.readouterr().out
     assert not (tmp_path / "ckpt").exists()  # spent once the adapter is written
-    a = load_file(straight / "adapter_model.safetensors")
-    b = load_file(resumed / "adapter_model.safetensors")
+    a = load_file(straight / ADAPTER_WEIGHTS)
+    b = load_file(resumed / ADAPTER_WEIGHTS)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
@@ -141,7 +142,7 @@ def test_resume_ends_with_the_same_adapter(tiny_model_dir, small_pets_dir, tmp_p
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
     (tmp_path / "step-000002").mkdir(parents=True)
-    (tmp_path / "step-000002" / finetune.STATE_FILE).write_text("{}")
+    (tmp_path / "step-000002" / CHECKPOINT_STATE).write_text("{}")
     (tmp_path / "step-000004").mkdir()  # cut off before its state file: not complete
     (tmp_path / ".step-000006.abc.partial").mkdir()
     assert finetune.latest_checkpoint(tmp_path).name == "step-000002"
@@ -167,7 +168,7 @@ def test_resume_refuses_other_hyperparameters(tiny_model_dir, small_pets_dir, tm
 def test_bad_input_fails_before_loading_the_model(tiny_model_dir, small_pets_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="--model-dir"):
         finetune.run(small_config(tmp_path / "nope", small_pets_dir, tmp_path / "o"))
-    with pytest.raises(FileNotFoundError, match="manifest.json"):
+    with pytest.raises(FileNotFoundError, match=DATASET_MANIFEST):
         finetune.run(small_config(tiny_model_dir, tmp_path, tmp_path / "o"))
     with pytest.raises(ValueError, match="--lora-r"):
         small_config(tiny_model_dir, small_pets_dir, tmp_path / "o", lora_r=0)
@@ -248,7 +249,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny_mo
         child.wait()
     root = finetune.checkpoint_root(cfg)
     cut_off = root / "step-000004"
-    assert (cut_off / finetune.ADAPTER_FILE).is_file() and not (cut_off / finetune.STATE_FILE).exists()
+    assert (cut_off / ADAPTER_WEIGHTS).is_file() and not (cut_off / CHECKPOINT_STATE).exists()
     assert finetune.latest_checkpoint(root).name == "step-000002"
     metrics = finetune.run(cfg)
     assert f"resuming from {root / 'step-000002'}" in capsys.readouterr().out
@@ -315,8 +316,8 @@ def test_two_processes_train_the_same_adapter_as_one(tiny_model_dir, small_pets_
     assert one["num_processes"] == 1 and two["num_processes"] == 2
     assert two["steps"] == one["steps"] == 3  # 10 samples: 4 + 4 + 2 (the short step gives each process one)
     assert [e["loss"] for e in two["log"]] == pytest.approx([e["loss"] for e in one["log"]], rel=1e-4)
-    a = load_file(tmp_path / "one" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    a = load_file(tmp_path / "one" / ADAPTER_WEIGHTS)
+    b = load_file(tmp_path / "two" / ADAPTER_WEIGHTS)
     moved = torch.cat([a[k].flatten() for k in a if "lora_B" in k]).norm()
     diff = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
     print(f"1 vs 2 processes: losses {[round(e['loss'], 5) for e in one['log']]} vs "
@@ -356,7 +357,7 @@ def test_sigterm_reaches_the_workers_which_checkpoint_and_the_rerun_resumes(tiny
         finetune.run(cfg)
     killer.join()
     stopped = finetune.latest_checkpoint(root)
-    assert stopped is not None and not (out / "train_metrics.json").exists()
+    assert stopped is not None and not (out / TRAIN_METRICS).exists()
     assert int(stopped.name.split("-")[1]) < 16, "the workers should stop before the end"
     # Checkpoints carry every process's RNG state; a resume with another count re-seeds the rest.
     assert (stopped / "rng.pt").is_file() and (stopped / "rng-rank1.pt").is_file()
