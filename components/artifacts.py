@@ -40,8 +40,17 @@ TINY_MODEL_INFO = "tiny_model.json"
 RANDOM_MODEL_INFO = "random_model.json"
 
 
-class ArtifactError(ValueError):
-    """An input artifact lacks a file its producer writes last: that step did not finish."""
+class LineageError(ValueError):
+    """An artifact lacks a file its producer writes (that step did not finish), or the records
+    of a run's artifacts do not agree."""
+
+
+def read(path: str | os.PathLike, what: str) -> Any:
+    """The JSON artifact file at ``path``; a clear error naming it and its artifact when missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise LineageError(f"{what}: {path} is missing (the step that writes it did not finish)")
+    return read_json(path)
 
 
 def fmt(value: Any, spec: str = ".4g", missing: str = "n/a") -> str:
@@ -54,12 +63,3 @@ def fmt(value: Any, spec: str = ".4g", missing: str = "n/a") -> str:
     if isinstance(value, (list, dict)):
         return "`" + json.dumps(value) + "`"
     return str(value)
-
-
-def read(folder: str | os.PathLike, name: str, what: str | None = None) -> Any:
-    """The JSON file ``name`` of the artifact in ``folder``; a clear error naming the file when
-    its producer did not finish."""
-    path = Path(folder) / name
-    if not path.is_file():
-        raise ArtifactError(f"{what or 'artifact'}: {path} is missing (the step that writes it did not finish)")
-    return read_json(path)

@@ -140,13 +140,20 @@ def _check_config(config: StageWeightsConfig) -> None:
         raise ValueError(f"--destination {config.destination}: exists and is not a folder")
 
 
+def _gcs_uri(path: str, flag: str, fuse_via_api: bool) -> str | None:
+    """The gs:// URI ``path`` names (itself, or a /gcs/ FUSE path moved through the API)."""
+    if gcs.is_gcs(path):
+        _check_uri(path, flag)
+        return path
+    if fuse_via_api and gcs.is_fuse_path(path):
+        return _fuse_to_uri(path, flag)
+    return None
+
+
 def _classify_source(config: StageWeightsConfig) -> tuple[str, str]:
     source = config.source.strip()
-    if gcs.is_gcs(source):
-        _check_uri(source, "--source")
-        return "gcs", source
-    if config.fuse_via_api and gcs.is_fuse_path(source):
-        return "gcs", _fuse_to_uri(source, "--source")
+    if uri := _gcs_uri(source, "--source", config.fuse_via_api):
+        return "gcs", uri
     if hub_id(source):  # owner/name and no such local path: the one shape sent to the Hub
         return "hf", source
     if source.startswith(("/", ".", "~")) or "/" in source or os.path.isdir(source):
@@ -157,11 +164,8 @@ def _classify_source(config: StageWeightsConfig) -> tuple[str, str]:
 
 def _classify_destination(config: StageWeightsConfig) -> tuple[str, str]:
     dest = config.destination.strip()
-    if gcs.is_gcs(dest):
-        _check_uri(dest, "--destination")
-        return "gcs", dest
-    if config.fuse_via_api and gcs.is_fuse_path(dest):
-        return "gcs", _fuse_to_uri(dest, "--destination")
+    if uri := _gcs_uri(dest, "--destination", config.fuse_via_api):
+        return "gcs", uri
     return "local", str(Path(dest).expanduser())
 
 

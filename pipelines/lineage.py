@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import pipeline as dag
-from pipelines.runtime import LineageError
+from components.artifacts import LineageError
 
 RECORDS_FILE = "tasks.json"  # written by pipelines.local_run
 _JOB_NAME = re.compile(r"^projects/([^/]+)/locations/([^/]+)/pipelineJobs/([^/]+)$")

@@ -40,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from components.artifacts import EVAL_METRICS
 from components.cli import entrypoint, hub_id
 from components.files import is_complete, read_json, write_json_atomic
 from components.tiny_model import CPU_DEMO_FINETUNE  # a dict; the module imports no torch
@@ -233,7 +234,7 @@ def _metrics(records: dict[str, Any], task: str) -> dict[str, Any] | None:
     evaluation = record.get("outputs", {}).get("evaluation")
     if not evaluation:
         return None
-    metrics_file = Path(evaluation["uri"]) / "metrics.json"
+    metrics_file = Path(evaluation["uri"]) / EVAL_METRICS
     if not metrics_file.is_file():  # evaluate-champion without a champion
         return None
     values = json.loads(metrics_file.read_text())

@@ -15,8 +15,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from components.artifacts import read as read_artifact
 from components.artifacts import (DATASET_MANIFEST, EVAL_METRICS, EXPORT_METADATA, NO_CHAMPION,
-                                  REGISTRATION, TRAIN_METRICS, WEIGHTS_MANIFEST, fmt)
+                                  REGISTRATION, TRAIN_METRICS, WEIGHTS_MANIFEST, fmt, LineageError)
 from components.files import read_json, sha256_file, write_bytes_atomic
 
 HF_TOKEN_ENV = "HF_TOKEN"
@@ -26,16 +27,6 @@ UNKNOWN_CLASS = "Unknown"  # the extra predicted column of generate-mode confusi
 LINEAGE_KEYS = ("base_model_id", "base_model_revision", "weights_manifest_sha256",
                 "dataset_manifest_sha256", "dataset_source", "dataset_revision", "num_classes",
                 "hyperparameters", "project_version", "git_commit", "image")
-
-
-class LineageError(ValueError):
-    """A run's lineage cannot be read (a step output lacks its manifest) or does not agree."""
-
-
-def _require(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise LineageError(f"{what}: {path} is missing (the step that writes it did not finish)")
-    return read_json(path)
 
 
 def _pick(record: Mapping[str, Any], keys: tuple[str, ...], path: Path) -> Any:
@@ -54,7 +45,7 @@ def weights_lineage(model_dir: str | os.PathLike) -> dict[str, Any]:
         manifest, path = read_json(manifest_path), manifest_path
     else:
         path = model_dir / EXPORT_METADATA
-        export = _require(path, f"model folder {model_dir} (neither {WEIGHTS_MANIFEST} nor "
+        export = read_artifact(path, f"model folder {model_dir} (neither {WEIGHTS_MANIFEST} nor "
                                 f"{EXPORT_METADATA})")
         manifest = export.get("base_model") or {}
     return {"base_model_id": _pick(manifest, ("source",), path),
@@ -65,7 +56,7 @@ def weights_lineage(model_dir: str | os.PathLike) -> dict[str, Any]:
 def dataset_lineage(dataset_dir: str | os.PathLike) -> dict[str, Any]:
     """The prepared dataset's identity: the hash of its manifest (which lists every shard's hash)."""
     manifest_path = Path(dataset_dir) / DATASET_MANIFEST
-    manifest = _require(manifest_path, "prepared dataset")
+    manifest = read_artifact(manifest_path, "prepared dataset")
     source = manifest.get("source", "")
     if not isinstance(source, dict):  # prepare-dataset records {source, format, revision, ...}
         source = {"source": source}
@@ -78,13 +69,13 @@ def dataset_lineage(dataset_dir: str | os.PathLike) -> dict[str, Any]:
 def hyperparameters_lineage(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """The fine-tune's hyperparameters as the fine-tune step recorded them."""
     path = Path(adapter_dir) / TRAIN_METRICS
-    return {"hyperparameters": dict(_pick(_require(path, "adapter"), ("hyperparameters",), path))}
+    return {"hyperparameters": dict(_pick(read_artifact(path, "adapter"), ("hyperparameters",), path))}
 
 
 def export_lineage(export_dir: str | os.PathLike) -> dict[str, Any]:
     """Lineage a merged export carries itself (export_metadata.json): dataset and hyperparameters."""
     path = Path(export_dir) / EXPORT_METADATA
-    export = _require(path, "merged export")
+    export = read_artifact(path, "merged export")
     out: dict[str, Any] = {}
     if (export.get("dataset") or {}).get("manifest_sha256"):
         out["dataset_manifest_sha256"] = export["dataset"]["manifest_sha256"]
@@ -119,7 +110,7 @@ def annotate(artifacts: list[Any], record: Mapping[str, Any]) -> None:
 
 def load_metrics(evaluation_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(evaluation_dir) / EVAL_METRICS
-    metrics = _require(path, "evaluation")
+    metrics = read_artifact(path, "evaluation")
     for key in ("accuracy", "macro_f1", "unknown_rate", "class_names", "confusion_matrix"):
         if key not in metrics:
             raise LineageError(f"{path}: key {key!r} is missing")
@@ -194,7 +185,7 @@ def publish_training_curve(adapter_dir: str, curve_artifact: Any, series_artifac
     curves drawn, which the Vertex UI renders."""
     from pipelines import charts
 
-    log = _require(Path(adapter_dir) / TRAIN_METRICS, "adapter").get("log") or []
+    log = read_artifact(Path(adapter_dir) / TRAIN_METRICS, "adapter").get("log") or []
     series = {"step": [int(e["step"]) for e in log], "loss": [float(e["loss"]) for e in log],
               "learning_rate": [float(e["lr"]) for e in log]}
     write_bytes_atomic(series_artifact.path, json.dumps(series, indent=1).encode())
