@@ -34,7 +34,7 @@ SAVE_DTYPES = ("bfloat16", "float32")
 NOISE_IMAGE_SIDE = 64  # px; verification images when no dataset is given (any size works)
 
 # Bounds of the checks; why these values, and what was measured: docs/merge.md ("The bounds").
-FP32_LOGIT_NOISE = 1e-3  # fp32 compute-order noise: the least logit bound
+FP32_LOGIT_NOISE = 1e-3  # the least logit bound, x the largest reference logit (at least 1): fp32 compute noise
 FLOOR_SHARE = 0.5  # noise floors a right merge may be off in fp32 compute
 BF16_FLOOR_SHARE = 2.0  # ... in bf16 compute, where both sides carry compute noise
 SAVE_LOAD_TOLERANCE = 1e-6
@@ -61,7 +61,7 @@ class MergeExportConfig:
         "help": "metrics.json of the evaluate step (accuracy, macro_f1, unknown_rate) for the model card"})
     tolerance: float | None = field(default=None, metadata={
         "help": f"max |logit difference| of the export versus base + adapter (default: {FLOOR_SHARE} x the "
-                f"measured noise floor, {BF16_FLOOR_SHARE} x in bf16 compute, at least {FP32_LOGIT_NOISE})"})
+                f"measured noise floor, {BF16_FLOOR_SHARE} x in bf16 compute, at least {FP32_LOGIT_NOISE} x the largest logit)"})
     verify_samples: int = field(default=4, metadata={"help": "eval samples whose logits are compared"})
     save_dtype: str = field(default="bfloat16", metadata={
         "help": "dtype of the saved weights (float32: twice the memory and disk of bfloat16)",
@@ -581,8 +581,9 @@ def verify_merge(config: MergeExportConfig, peft_model, batches, device, dtype) 
     with peft_model.disable_adapter():
         effect = compare_logits(reference, compute_logits(peft_model, batches, device))
     floor = noise_floor(peft_model, batches, device, dtype)
+    largest = max(float(r.abs().max()) for r in reference)
     bound = config.tolerance if config.tolerance is not None else max(
-        floor_share(peft_model) * floor["max_abs_logit_diff"], FP32_LOGIT_NOISE)
+        floor_share(peft_model) * floor["max_abs_logit_diff"], FP32_LOGIT_NOISE * max(largest, 1.0))
     weights = merge_lora_(peft_model, dtype)
     merged = peft_model.unload()
     merged_logits = compute_logits(merged, batches, device)
