@@ -581,9 +581,7 @@ def verify_merge(config: MergeExportConfig, peft_model, batches, device, dtype) 
     with peft_model.disable_adapter():
         effect = compare_logits(reference, compute_logits(peft_model, batches, device))
     floor = noise_floor(peft_model, batches, device, dtype)
-    largest = max(float(r.abs().max()) for r in reference)
-    bound = config.tolerance if config.tolerance is not None else max(
-        floor_share(peft_model) * floor["max_abs_logit_diff"], FP32_LOGIT_NOISE * max(largest, 1.0))
+    bound, source = logit_bound(config, peft_model, floor, reference)
     weights = merge_lora_(peft_model, dtype)
     merged = peft_model.unload()
     merged_logits = compute_logits(merged, batches, device)
@@ -592,17 +590,24 @@ def verify_merge(config: MergeExportConfig, peft_model, batches, device, dtype) 
           f"worst {weights['max_half_ulps']:.3g} half-ulps): max |logit diff| {in_memory['max_abs_logit_diff']:.3g} "
           f"versus base + adapter; noise floor {floor['max_abs_logit_diff']:.3g}; adapter effect "
           f"{effect['max_abs_logit_diff']:.3g}")
-    check_tolerance("merged model in memory versus base + adapter", in_memory, bound, bound_name(config))
+    check_tolerance("merged model in memory versus base + adapter", in_memory, bound, source)
     if effect["max_abs_logit_diff"] <= bound:
         print(f"warning: the adapter moves logits by at most {effect['max_abs_logit_diff']:.3g}, within the bound "
               f"{bound:.3g}: only the weight check can tell the merged model from the base", file=sys.stderr)
     numbers = {"reference": reference, "merged_logits": merged_logits, "effect": effect, "floor": floor,
-               "bound": bound, "weights": weights, "in_memory": in_memory}
+               "bound": bound, "bound_source": source, "weights": weights, "in_memory": in_memory}
     return merged, numbers
 
 
-def bound_name(config: MergeExportConfig) -> str:
-    return "--tolerance" if config.tolerance is not None else "the noise floor"
+def logit_bound(config: MergeExportConfig, peft_model, floor: dict, reference: list) -> tuple[float, str]:
+    """The logit bound and what set it: --tolerance, the noise floor, or the least fp32 bound."""
+    if config.tolerance is not None:
+        return config.tolerance, "--tolerance"
+    by_floor = floor_share(peft_model) * floor["max_abs_logit_diff"]
+    least = FP32_LOGIT_NOISE * max(max(float(r.abs().max()) for r in reference), 1.0)
+    if by_floor >= least:
+        return by_floor, "the noise floor"
+    return least, f"the least bound ({FP32_LOGIT_NOISE:g} x the largest logit)"
 
 
 def logit_effect_kept(final: dict, effect: dict) -> float | None:
@@ -612,12 +617,8 @@ def logit_effect_kept(final: dict, effect: dict) -> float | None:
     return 1.0 - final["max_abs_logit_diff"] / effect["max_abs_logit_diff"]
 
 
-def write_export(config: MergeExportConfig, merged, processor, tmp: Path, dtype, device, batches,
-                 numbers: dict) -> tuple[dict | None, dict, list[str]]:
-    """Save the merged weights and the base's processor files into ``tmp``; reload and check them.
-    Returns (save/load comparison, final comparison, copied files)."""
-    from components import modeling
-
+def save_export(config: MergeExportConfig, merged, processor, tmp: Path, dtype) -> list[str]:
+    """Save the merged weights and the base's processor files into ``tmp``; returns the copied files."""
     cast_weights_(merged, dtype)  # exact: the merged values are already values of ``dtype``
     merged.config.dtype = dtype  # config.json says what the shards hold
     save_weights(merged, tmp, config.max_shard_size)
@@ -627,13 +628,20 @@ def write_export(config: MergeExportConfig, merged, processor, tmp: Path, dtype,
         if (Path(config.model_dir) / name).is_file():
             shutil.copyfile(Path(config.model_dir) / name, tmp / name)
             copied.append(name)
-    del merged
-    release_memory(device)
-    bound = numbers["bound"]
+    return copied
+
+
+def check_export(config: MergeExportConfig, tmp: Path, dtype, device, batches, numbers: dict) -> tuple[dict | None, dict]:
+    """Reload the saved export and compare it with what was written and with base + adapter; call
+    it with no other model alive (two copies of a 31B model do not fit an 80 GB card).
+    Returns (save/load comparison, final comparison)."""
+    from components import modeling
+
+    bound, source = numbers["bound"], numbers["bound_source"]
     if not config.verify_saved:
         final = numbers["in_memory"]
-        check_tolerance("merged model as saved versus base + adapter", final, bound, bound_name(config))
-        return None, final, copied
+        check_tolerance("merged model as saved versus base + adapter", final, bound, source)
+        return None, final
     # Loaded in the wider of the compute and export dtypes, as the reference was computed.
     exported = modeling.load_model(str(tmp), device, quantization="none", dtype=verification_dtype(device, dtype))
     exported_logits = compute_logits(exported, batches, device)
@@ -643,8 +651,8 @@ def write_export(config: MergeExportConfig, merged, processor, tmp: Path, dtype,
     check_tolerance("saved export reloaded from disk versus the weights written", save_load,
                     SAVE_LOAD_TOLERANCE, "the save/load bound")
     final = compare_logits(numbers["reference"], exported_logits)
-    check_tolerance("saved export reloaded from disk versus base + adapter", final, bound, bound_name(config))
-    return save_load, final, copied
+    check_tolerance("saved export reloaded from disk versus base + adapter", final, bound, source)
+    return save_load, final
 
 
 def verification_dtype(device, dtype):
@@ -666,7 +674,7 @@ def verification_record(config: MergeExportConfig, numbers: dict, final: dict, s
         "compute_dtype": str(compute).removeprefix("torch."),
         "verified": "saved export reloaded from disk" if config.verify_saved else
                     "in-memory merged model holding the saved values (--no-verify-saved)",
-        "tolerance_source": "--tolerance" if config.tolerance is not None else "noise floor",
+        "tolerance_source": numbers["bound_source"],
         "argmax_agreement": final["argmax_agreement"],
         "noise_floor_max_abs_logit_diff": numbers["floor"]["max_abs_logit_diff"],
         "merge_max_abs_logit_diff": numbers["in_memory"]["max_abs_logit_diff"],
@@ -701,8 +709,10 @@ def run(config: MergeExportConfig) -> dict:
     merged, numbers = verify_merge(config, peft_model, batches, device, dtype)
     del peft_model, base
     with atomic_dir(config.output_dir) as tmp:
-        save_load, final, copied = write_export(config, merged, processor, tmp, dtype, device, batches, numbers)
-        merged = None
+        copied = save_export(config, merged, processor, tmp, dtype)
+        del merged  # the last reference: the reload must not find the merged model still in memory
+        release_memory(device)
+        save_load, final = check_export(config, tmp, dtype, device, batches, numbers)
         files = [
             {"path": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(tmp.iterdir())
