@@ -507,7 +507,7 @@ def run(config: EvaluateConfig) -> dict:
     predict = _predictor(config, loaded, class_names)
     batch_size = config.batch_size or default_batch_size(loaded.device)
     start = time.perf_counter()
-    records, rankings = _predict(config, loaded, predict, class_names, examples, batch_size)
+    records, rankings, batch_size = _predict(config, loaded, predict, class_names, examples, batch_size)
     result = _result(config, loaded, class_names, records, rankings, time.perf_counter() - start, batch_size)
     _write(config, result, records)
     return result
@@ -583,9 +583,31 @@ def _predictor(config: EvaluateConfig, loaded: _Loaded, class_names: list[str]) 
     return generate
 
 
+def _fitted(predict: Predictor, encode, loaded: _Loaded, chunk: list, batch: dict, fits: list[int]) -> list:
+    """predict() on one chunk; after a CUDA out-of-memory, the chunk again in halves, and later
+    chunks in pieces of the size that fitted (``fits[0]``): the card's default batch leaves less
+    room beside a bf16 model than beside an nf4 one (docs/rehearsal.md)."""
+    import torch
+
+    if len(chunk) > fits[0]:
+        return [out for i in range(0, len(chunk), fits[0])
+                for out in _fitted(predict, encode, loaded, *encode(chunk[i : i + fits[0]]), fits)]
+    try:
+        return predict(chunk, _to_device(batch, loaded.device, loaded.dtype))
+    except torch.OutOfMemoryError:
+        if len(chunk) == 1:
+            raise
+        fits[0] = len(chunk) // 2
+    # Retried outside the except block, whose traceback would keep the failed pass's tensors alive.
+    torch.cuda.empty_cache()
+    print(f"warning: {len(chunk)} images per pass ran out of GPU memory; going on with {fits[0]}", file=sys.stderr)
+    return _fitted(predict, encode, loaded, chunk, batch, fits)
+
+
 def _predict(config: EvaluateConfig, loaded: _Loaded, predict: Predictor, class_names: list[str], examples: list,
-             batch_size: int) -> tuple[list[dict], list[list[int]]]:
-    """Every example's record, in order, and (score mode) its ranking of the classes."""
+             batch_size: int) -> tuple[list[dict], list[list[int]], int]:
+    """Every example's record, in order, (score mode) its ranking of the classes, and the batch
+    size that fitted."""
     import torch
     from tqdm import tqdm
 
@@ -594,7 +616,7 @@ def _predict(config: EvaluateConfig, loaded: _Loaded, predict: Predictor, class_
     def encode(chunk):
         return chunk, prompting.encode_prompt_batch(loaded.processor, [ex.image() for ex in chunk], class_names)
 
-    records, rankings = [], []
+    records, rankings, fits = [], [], [batch_size]
     chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     progress = tqdm(total=len(examples), desc=f"evaluate ({config.mode})", unit="img", file=sys.stderr)
     start = time.perf_counter()
@@ -604,14 +626,14 @@ def _predict(config: EvaluateConfig, loaded: _Loaded, predict: Predictor, class_
     with torch.inference_mode(), torch.autocast(loaded.device.type, dtype=torch.bfloat16, enabled=autocast):
         # The next batch is preprocessed on a CPU thread meanwhile (docs/design.md: why not DataLoader).
         for chunk, batch in prompting.prefetched(encode, chunks):
-            for record, ranked in predict(chunk, _to_device(batch, loaded.device, loaded.dtype)):
+            for record, ranked in _fitted(predict, encode, loaded, chunk, batch, fits):
                 records.append(record)
                 if ranked is not None:
                     rankings.append(ranked)
             progress.update(len(chunk))
             progress.set_postfix(img_per_s=f"{len(records) / (time.perf_counter() - start):.2f}")
     progress.close()
-    return records, rankings
+    return records, rankings, fits[0]
 
 
 def _result(config: EvaluateConfig, loaded: _Loaded, class_names: list[str], records: list[dict],

@@ -571,6 +571,32 @@ def test_default_batch_size_comes_from_the_gpus_memory(monkeypatch):
     assert evaluate.default_batch_size(torch.device("cpu")) == 8
 
 
+def test_out_of_memory_halves_the_batch_and_loses_no_image(tiny_model_dir, dataset_dir, tmp_path, monkeypatch):
+    """A pass that runs out of GPU memory is redone in halves, later batches at the size that fitted:
+    the card's default batch (64 on 80 GB) leaves less room beside a bf16 31B than beside nf4."""
+    real_predictor, sizes = evaluate._predictor, []
+
+    def predictor(config, loaded, class_names):
+        predict = real_predictor(config, loaded, class_names)
+
+        def at_most_two(chunk, batch):
+            sizes.append(len(chunk))
+            if len(chunk) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return predict(chunk, batch)
+
+        return at_most_two
+
+    common = dict(model_dir=str(tiny_model_dir), dataset_dir=dataset_dir, mode="score")
+    monkeypatch.setattr(evaluate, "_predictor", predictor)
+    halved = evaluate.run(EvaluateConfig(output_dir=str(tmp_path / "halved"), batch_size=4, **common))
+    assert sizes == [4, 2, 2, 2] and halved["batch_size"] == 2  # 6 images: 4 -> 2 + 2, then the last 2
+    monkeypatch.setattr(evaluate, "_predictor", real_predictor)
+    plain = evaluate.run(EvaluateConfig(output_dir=str(tmp_path / "plain"), batch_size=2, **common))
+    assert read_predictions(tmp_path / "halved") == read_predictions(tmp_path / "plain")
+    assert halved["accuracy"] == plain["accuracy"] and halved["num_examples"] == 6
+
+
 def test_saved_dtype_evaluates_an_export_as_saved(tiny_model_dir, dataset_dir, tmp_path):
     """--load-dtype saved loads a bf16 export in bf16 (as vLLM/Transformers serve it), not in the
     compute dtype (fp32 on CPU); it refuses a quantised load."""
