@@ -590,6 +590,10 @@ def verify_merge(config: MergeExportConfig, peft_model, batches, device, dtype) 
           f"worst {weights['max_half_ulps']:.3g} half-ulps): max |logit diff| {in_memory['max_abs_logit_diff']:.3g} "
           f"versus base + adapter; noise floor {floor['max_abs_logit_diff']:.3g}; adapter effect "
           f"{effect['max_abs_logit_diff']:.3g}")
+    if not in_memory["max_abs_logit_diff"] <= bound:
+        # Tell an unstable forward from a wrong merge: the same model, the same inputs, once more.
+        again = compare_logits(merged_logits, compute_logits(merged, batches, device))["max_abs_logit_diff"]
+        print(f"the merged model's second forward differs from its first by {again:.3g}", file=sys.stderr)
     check_tolerance("merged model in memory versus base + adapter", in_memory, bound, source)
     if effect["max_abs_logit_diff"] <= bound:
         print(f"warning: the adapter moves logits by at most {effect['max_abs_logit_diff']:.3g}, within the bound "

@@ -245,7 +245,7 @@ def test_wrong_merge_fails_the_weight_check(wrong_merge, base_dir, adapter_dir, 
     assert list(tmp_path.iterdir()) == []  # no half-built folder left beside it either
 
 
-def test_wrong_model_after_the_merge_fails_the_logit_check(base_dir, adapter_dir, tmp_path, monkeypatch):
+def test_wrong_model_after_the_merge_fails_the_logit_check(base_dir, adapter_dir, tmp_path, monkeypatch, capsys):
     """A layer damaged outside the adapted weights (the weight check's blind spot) moves the logits
     far past the noise floor."""
     real_merge = merge_export.merge_lora_
@@ -262,6 +262,8 @@ def test_wrong_model_after_the_merge_fails_the_logit_check(base_dir, adapter_dir
     with pytest.raises(ExportVerificationError, match=r"merged model in memory versus base \+ adapter.*the noise floor"):
         merge_export.run(config)
     assert not (tmp_path / "export").exists()
+    # A wrong merge, not an unstable forward: the damaged model computes the same twice.
+    assert "second forward differs from its first by 0\n" in capsys.readouterr().err
 
 
 def test_noise_floor_restores_the_weights_bit_for_bit(base_dir, adapter_dir):
