@@ -11,6 +11,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def _threads_per_worker() -> int | None:
+    """Under pytest-xdist, the cores shared out among the workers (at least 1 each); None when
+    not run by xdist. torch's default (one intra-op thread per core in every process) makes 2
+    workers on 2 cores spin against each other: the bench's every-row test took 149 s per worker
+    with 2 threads each and 52 s with 1 (52 s alone), with the same results."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers <= 1:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+_THREADS = _threads_per_worker()
+if _THREADS is not None and "OMP_NUM_THREADS" not in os.environ:
+    # Read by torch at import here and by every subprocess the tests start (pipeline tasks,
+    # torchrun workers, CLI runs), which would otherwise each take all cores too.
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+
+
+def pytest_configure(config):
+    if _THREADS is not None and os.environ.get("OMP_NUM_THREADS") == str(_THREADS):
+        import torch
+
+        torch.set_num_threads(_THREADS)  # in case torch was imported before this file set the variable
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
