@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A Hugging Face token planted in the environment of every local pipeline run the tests start:
+# it must appear in no output and no file (tests/test_pipeline_local.py).
+PLANTED = "hf_plantedSECRETlocalrun0123456789"
+# Small enough for minutes on 2 cores: 3 classes x (2 train + 2 eval) images, 2 optimizer steps
+# (a checkpoint after the first).
+SMALL = ["--param", "finetune.max_steps=2", "--param", "finetune.epochs=1", "--param", "finetune.batch_size=4",
+         "--param", "finetune.micro_batch_size=2", "--param", "evaluate.batch_size=8",
+         "--param", "finetune.save_every_steps=1"]
+# The gate-passing run that tests/test_pipeline_local.py and tests/test_lineage.py share
+# (conftest.passing_local_run): any result passes (margin -1, no accuracy floor), so the export
+# path always runs; a LoRA rank other than the demo's shows the parameter reaching the lineage.
+PASSING = ["--margin", "-1", "--param", "gate.min_accuracy=0", "--param", "finetune.lora_r=4"]
+
+
+
+def run_pipeline(run_dir: Path, inputs: tuple[str, str], *extra: str) -> subprocess.CompletedProcess:
+    """`python -m pipelines.local_run` on the tiny inputs, SMALL settings and a planted HF_TOKEN."""
+    env = {**os.environ, "HF_TOKEN": PLANTED, "HF_HUB_OFFLINE": "1"}
+    weights, dataset = inputs
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.local_run", "--run-dir", str(run_dir),
+         "--weights-source", weights, "--dataset-source", dataset, *SMALL, *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
 
 
 def is_commit_of_this_checkout(value: str) -> bool:

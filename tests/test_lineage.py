@@ -1,6 +1,7 @@
 """Lineage of the exported model, from a real local run folder and from a (fake) Vertex AI job.
 
-The local run is the real DAG under kfp.local with tiny settings (a minute or two on 2 cores).
+The local run is the real DAG under kfp.local with tiny settings (a minute or so on 2 cores),
+the gate-passing run of tests/test_pipeline_local.py (conftest.passing_local_run).
 The Vertex case serves that run's task records
 in the v1 REST shape (jobDetail.taskDetails) from tests/fake_vertex.py and reads them back through
 google-cloud-aiplatform's PipelineJob.get: both must give the same chain.
@@ -9,9 +10,6 @@ google-cloud-aiplatform's PipelineJob.get: both must give the same chain.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import google.auth
@@ -21,30 +19,19 @@ from google.auth.credentials import AnonymousCredentials
 
 from components.files import read_json, sha256_file
 from pipelines import lineage
-from pipelines import local_run
 from pipelines import pipeline as dag
 from tests.fake_vertex import FakeVertex
 
-from tests.helpers import REPO, is_commit_of_this_checkout
+from tests.helpers import is_commit_of_this_checkout
 
 JOB = "projects/acme-ml/locations/us-central1/pipelineJobs/gemma-pets-finetune-20260101000000"
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lineage")
-    weights, dataset = local_run.demo_inputs(root, num_classes=2, images_per_class=4)
-    run = root / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "pipelines.local_run", "--run-dir", str(run), "--margin", "-1",
-         "--param", "gate.min_accuracy=0", "--weights-source", weights, "--dataset-source", dataset,
-         "--param", "finetune.max_steps=1",
-         "--param", "finetune.epochs=1", "--param", "finetune.micro_batch_size=2",
-         "--param", "finetune.lora_r=4", "--param", "evaluate.batch_size=8"],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
-        timeout=1200)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    return run
+@pytest.fixture
+def run_dir(passing_local_run) -> Path:
+    """The records of a gate-passing local run (conftest.passing_local_run, shared with
+    tests/test_pipeline_local.py), as that run wrote them; its artifacts stay where it wrote them."""
+    return passing_local_run.records
 
 
 def chain_json(argv: list[str], capsys) -> dict:
@@ -63,9 +50,9 @@ def test_local_run_chain_names_the_exact_inputs_code_and_metrics(run_dir, capsys
     assert chained["weights"]["id"] == weights_manifest["source"]
     dataset_dir = Path(summary["artifacts"]["dataset"])
     assert chained["dataset"]["manifest_sha256"] == sha256_file(dataset_dir / "manifest.json")
-    assert chained["dataset"]["num_classes"] == 2
+    assert chained["dataset"]["num_classes"] == 3
     hyper = chained["hyperparameters"]
-    assert (hyper["lora_r"], hyper["max_steps"], hyper["quantization"]) == (4, 1, "none")
+    assert (hyper["lora_r"], hyper["max_steps"], hyper["quantization"]) == (4, 2, "none")
     for row in ("baseline", "tuned", "merged"):
         assert chained["metrics"][row]["accuracy"] == pytest.approx(summary[row]["accuracy"])
     assert chained["gate"]["passed"] is True and chained["gate"]["margin"] == -1

@@ -1,15 +1,15 @@
 """The whole DAG under kfp.local, as `make demo` runs it, on a tiny model and a small synthetic set.
 
-Two runs (a few minutes each on 2 CPU cores): one whose gate passes (margin -1 and no accuracy
-floor: any result passes, so the export path always runs) and one whose gate holds the export back (margin 1.0:
-tuned can never beat baseline by a whole accuracy point). Both run as a subprocess of
-`python -m pipelines.local_run` with a planted HF_TOKEN, which must appear in no output and no
-file. The exports are fp32 (the demo's setting), verified by merge-export at its fp32 bound.
+Two runs (a minute or so each on 2 CPU cores): one whose gate passes (margin -1 and no accuracy
+floor: any result passes, so the export path always runs; conftest.passing_local_run, shared with
+tests/test_lineage.py) and one whose gate holds the export back (margin 1.0: tuned can never beat
+baseline by a whole accuracy point). Both run as a subprocess of `python -m pipelines.local_run`
+with a planted HF_TOKEN, which must appear in no output and no file. The exports are fp32 (the
+demo's setting), verified by merge-export at its fp32 bound.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,22 +20,7 @@ from components.files import read_json, sha256_file
 from pipelines import local_run
 from pipelines import pipeline as dag
 
-from tests.helpers import REPO, is_commit_of_this_checkout
-PLANTED = "hf_plantedSECRETlocalrun0123456789"
-# Small enough for minutes on 2 cores: 3 classes x (2 train + 2 eval) images, 2 optimizer steps
-# (a checkpoint after the first).
-SMALL = ["--param", "finetune.max_steps=2", "--param", "finetune.epochs=1", "--param", "finetune.batch_size=4",
-         "--param", "finetune.micro_batch_size=2", "--param", "evaluate.batch_size=8",
-         "--param", "finetune.save_every_steps=1"]
-
-
-def run_pipeline(run_dir: Path, inputs: tuple[str, str], *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_TOKEN": PLANTED, "HF_HUB_OFFLINE": "1"}
-    weights, dataset = inputs
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.local_run", "--run-dir", str(run_dir),
-         "--weights-source", weights, "--dataset-source", dataset, *SMALL, *extra],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+from tests.helpers import PASSING, PLANTED, REPO, is_commit_of_this_checkout, run_pipeline
 
 
 def assert_token_never_written(run_dir: Path, result: subprocess.CompletedProcess) -> None:
@@ -56,18 +41,16 @@ def inputs(tmp_path_factory) -> tuple[str, str]:
 
 
 @pytest.mark.slow
-def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_pipeline(run_dir, inputs, "--margin", "-1", "--param", "gate.min_accuracy=0")
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    summary = read_json(run_dir / "summary.json")
+def test_whole_dag_runs_and_exports_when_the_gate_passes(passing_local_run):
+    run_dir, result = passing_local_run.run_dir, passing_local_run.result
+    summary = read_json(passing_local_run.records / "summary.json")
     assert summary["status"] == "succeeded"
     assert set(summary["tasks"].values()) == {"SUCCEEDED"}
     assert set(summary["tasks"]) == {
         dag.RESOLVE_SOURCES, dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.EVALUATE_BASELINE,
         dag.FINETUNE, dag.EVALUATE_TUNED, dag.GATE, dag.MERGE_EXPORT, dag.EVALUATE_MERGED,
         dag.ACCEPT_EXPORT, dag.RESOLVE_CHAMPION, dag.EVALUATE_CHAMPION, dag.REGISTER}
-    records = read_json(run_dir / "tasks.json")
+    records = read_json(passing_local_run.records / "tasks.json")
     for row in ("baseline", "tuned", "merged"):
         metrics = summary[row]
         on_disk = read_json(Path(metrics["evaluation_dir"]) / "metrics.json")
@@ -143,7 +126,7 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(inputs, tmp_path):
 
     # the same sources again: ingest and training come from the cache, the sources were
     # resolved anew, and the champion was evaluated on this run's shards
-    again = run_pipeline(run_dir, inputs, "--margin", "-1", "--param", "gate.min_accuracy=0")
+    again = run_pipeline(run_dir, passing_local_run.inputs, *PASSING)
     assert again.returncode == 0, again.stdout[-6000:] + again.stderr[-2000:]
     second = read_json(run_dir / "summary.json")
     assert {dag.STAGE_WEIGHTS, dag.PREPARE_DATASET, dag.FINETUNE} <= set(second["cached"])
