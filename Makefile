@@ -28,9 +28,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# --no-compile: byte-compiling every installed module cost 46 s of a 106 s install on 2 cores;
-	# Python compiles the few it imports on first use instead.
-	$(PY) -m pip install -q --no-compile -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip check
 	rm -f $(VENV)/.installed-*
 	touch $@
