@@ -617,7 +617,14 @@ def _predict(config: EvaluateConfig, loaded: _Loaded, predict: Predictor, class_
         return chunk, prompting.encode_prompt_batch(loaded.processor, [ex.image() for ex in chunk], class_names)
 
     records, rankings, fits = [], [], [batch_size]
-    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+
+    def chunks():  # drawn one ahead by the prefetch: after an out-of-memory, at the size that fitted
+        start = 0
+        while start < len(examples):
+            chunk = examples[start : start + fits[0]]
+            start += len(chunk)
+            yield chunk
+
     progress = tqdm(total=len(examples), desc=f"evaluate ({config.mode})", unit="img", file=sys.stderr)
     start = time.perf_counter()
     # bf16 autocast on CUDA: an adapter's fp32 LoRA weights then run on the bf16 tensor cores
@@ -625,7 +632,7 @@ def _predict(config: EvaluateConfig, loaded: _Loaded, predict: Predictor, class_
     autocast = loaded.device.type == "cuda" and config.load_dtype == "compute"
     with torch.inference_mode(), torch.autocast(loaded.device.type, dtype=torch.bfloat16, enabled=autocast):
         # The next batch is preprocessed on a CPU thread meanwhile (docs/design.md: why not DataLoader).
-        for chunk, batch in prompting.prefetched(encode, chunks):
+        for chunk, batch in prompting.prefetched(encode, chunks()):
             for record, ranked in _fitted(predict, encode, loaded, chunk, batch, fits):
                 records.append(record)
                 if ranked is not None:

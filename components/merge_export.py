@@ -78,7 +78,6 @@ class MergeExportConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA if present), cuda, cuda:N or cpu"})
 
     def __post_init__(self) -> None:
-        _check_folders(self)
         if self.tolerance is not None and not self.tolerance >= 0:
             raise ValueError(f"--tolerance must be >= 0, got {self.tolerance}")
         if not 0 <= self.min_delta_kept <= 1:
@@ -91,6 +90,7 @@ class MergeExportConfig:
             raise ValueError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}")
         if not SHARD_SIZE_PATTERN.match(self.max_shard_size.strip()):
             raise ValueError(f"--max-shard-size must look like 5GB, 500MB or a byte count, got {self.max_shard_size!r}")
+        _check_folders(self)  # last: the pipeline checks the values above before any task runs
 
 
 def _check_folders(config: MergeExportConfig) -> None:

@@ -156,14 +156,16 @@ def check(step: str, values: Any) -> dict[str, Any]:
 
 def check_values(step: str, values: Mapping[str, Any]) -> None:
     """Run the step config's own checks on ``values`` before any task runs, the wired fields
-    standing in as their defaults or a path. A check of a folder is the task's to make."""
+    standing in as their defaults or a gs:// location (checked remotely in the task, not here).
+    A config checks its values before its local folders, so a folder not found ends only the
+    checks of folders, which are the task's to make."""
     cls = config_class(step)
-    stand_in = {f.name: _default(f) if _default(f) is not dataclasses.MISSING else f"/{f.name}"
+    stand_in = {f.name: _default(f) if _default(f) is not dataclasses.MISSING else f"gs://stand-in/{f.name}"
                 for f in dataclasses.fields(cls) if f.name in STEPS[step].wired}
     try:
         cls(**stand_in, **check(step, values))
     except OSError:
-        pass  # the stand-in paths do not exist: the step checks them (and what follows) in the task
+        pass
     except (ValueError, TypeError) as err:
         raise UserError(f"parameter {step}: {err}") from err
 
