@@ -354,6 +354,14 @@ def test_step_keys_are_checked_naming_the_step_and_the_key():
         step_params.check("finetune", {"epochs": None})
     with pytest.raises(ValueError, match="parameter finetune: --lora-dropout must be in"):
         step_params.check_values("finetune", {"lora_dropout": 1.5})
+    # Every step's own defaults pass the pre-run check (stage_weights' once failed on its stand-in
+    # source folder), and a bad value is refused before any task even where the step checks folders.
+    for step in step_params.STEPS:
+        step_params.check_values(step, step_params.defaults(step))
+    with pytest.raises(ValueError, match="parameter merge_export: --tolerance must be >= 0"):
+        step_params.check_values("merge_export", {"tolerance": -1.0})
+    with pytest.raises(ValueError, match="parameter stage_weights: --max-workers must be >= 1"):
+        step_params.check_values("stage_weights", {"max_workers": 0})
     # a value the 0 / "" spelling could not carry: a tolerance of 0, and null = the default
     assert step_params.check("merge_export", {"tolerance": 0, "device": "cpu"}) == {
         "tolerance": 0.0, "device": "cpu"}
