@@ -135,12 +135,12 @@ def demo_inputs(run_dir: Path, num_classes: int, images_per_class: int) -> tuple
     return str(model.resolve()), str(pets.resolve())
 
 
-def arguments_for(args: argparse.Namespace, spec: dict[str, Any], weights: str,
+def arguments_for(args: argparse.Namespace, spec: dict[str, Any], given: dict[str, Any], weights: str,
                   dataset: str) -> dict[str, Any]:
+    """The run's arguments: the demo defaults, then ``given`` (--parameters, --param), then the flags."""
     registry = (str(Path(args.run_dir).resolve() / REGISTRY_DIR) if args.registry is None
                 else args.registry)
-    values = merge_parameters(DEMO_PARAMETERS, {"registry": registry},
-                              load_parameters(args.parameters, args.param),
+    values = merge_parameters(DEMO_PARAMETERS, {"registry": registry}, given,
                               {} if args.margin is None else {"gate.margin": args.margin},
                               {"weights_source": weights, "dataset_source": dataset})
     return check_parameters(values, spec)
@@ -368,8 +368,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     compiler.Compiler().compile(pipeline_func, str(run_dir / "pipeline.yaml"))
     spec = yaml.safe_load((run_dir / "pipeline.yaml").read_text())
-    check_parameters(merge_parameters(DEMO_PARAMETERS, load_parameters(args.parameters, args.param),
-                                      {"weights_source": "x", "dataset_source": "x"}), spec)
+    given = load_parameters(args.parameters, args.param)
+    # before the demo inputs are written; checked again below with the real sources and flags
+    check_parameters(merge_parameters(DEMO_PARAMETERS, given, {"weights_source": "x", "dataset_source": "x"}), spec)
 
     def absolute(source: str | None) -> str | None:
         # tasks may run from another working directory: pass local paths absolute
@@ -381,7 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not (weights and dataset):
         demo_weights, demo_dataset = demo_inputs(run_dir, args.num_classes, args.images_per_class)
         weights, dataset = weights or demo_weights, dataset or demo_dataset
-    arguments = arguments_for(args, spec, weights, dataset)
+    arguments = arguments_for(args, spec, given, weights, dataset)
 
     kfp_root = run_dir / "kfp"
     kfp_root.mkdir(exist_ok=True)
