@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -333,7 +334,9 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
     except (RuntimeError, ValueError) as error:
         if not (compile_layers or attention):
             raise
-        # A lever this software stack cannot run (a compiler or kernel error) is a result, not a crash.
+        # A lever this software stack cannot run (a compiler or kernel error) is a result, not a crash;
+        # the row keeps the first line, the log the whole traceback.
+        traceback.print_exc()
         row = {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
     finally:
         for layer in decoder_layers(causal_lm):
