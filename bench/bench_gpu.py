@@ -322,13 +322,17 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
     row["lora_layers"] = len(targets)
     causal_lm = peft_model.get_base_model()
     if compile_layers:
-        # Inductor fuses each layer's elementwise work; CPU runs trace only (the eager backend).
+        # Inductor fuses each MLP's elementwise work (activation, gating, LoRA adds); CPU runs trace
+        # only (the eager backend). Why the MLP and not the whole layer: docs/benchmarks.md, round 4.
         row["compile_backend"] = "inductor" if device.type == "cuda" else "eager"
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         for layer in decoder_layers(causal_lm):
-            layer.compile(backend=row["compile_backend"])
+            layer.mlp.compile(backend=row["compile_backend"])
     try:
         with MemoryCap(device, cap_gib):
             row.update(time_project_steps(peft_model, ctx, ft, micro))
+        if compile_layers:  # a count near the layer count means recompiling per layer
+            row["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     except torch.OutOfMemoryError as error:
         row = out_of_memory(row, error, device)
     except (RuntimeError, ValueError) as error:
@@ -340,7 +344,7 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
         row = {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
     finally:
         for layer in decoder_layers(causal_lm):
-            layer._compiled_call_impl = None  # what nn.Module.compile set
+            layer.mlp._compiled_call_impl = None  # what nn.Module.compile set
         model = release(peft_model, device)
         if attention:
             model.set_attn_implementation(before)
@@ -600,7 +604,7 @@ def row_specs(cfg: BenchConfig) -> list[RowSpec]:
                 _train(train_row_project, name="lever: default, reference norms", fused_norms=False), "train",
                 b * (1 + t), step, "project"),
         RowSpec("lever-compile", ("train", "levers"),
-                _train(train_row_project, name="lever: default, decoder layers compiled", compile_layers=True),
+                _train(train_row_project, name="lever: default, decoder MLPs compiled", compile_layers=True),
                 "train", b * (1 + t), step + "; compiles on the first repeat", "project", compiles=True),
         RowSpec("lever-attention", ("train", "levers"), _attention_row, "train", b * (1 + t), step, "project"),
     ]

@@ -226,6 +226,7 @@ def test_harness_runs_every_row_on_the_tiny_model(tiny_model_dir, tmp_path, monk
     assert rows["preset-24gb"]["lora_r"] == 16 and rows["preset-fast"]["lora_r"] == 64  # the 24 GB preset's rank
     assert rows["keep-m4-off"]["micro_batch_size"] == 4 and rows["keep-m4-off"]["recompute_every"] == 0
     assert rows["lever-compile"]["compile_backend"] == "eager" and rows["lever-attention"]["attention"] == "eager"
+    assert 1 <= rows["lever-compile"]["compiled_graphs"] <= 2  # one MLP graph, not one per layer
     assert rows["generate-static"]["static_cache"] and rows["bf16-m2"]["phase"] == "bf16"
     summary = saved["summary"]
     assert summary["train_speedup"]["recipe"] == pytest.approx(1.0)
