@@ -45,7 +45,7 @@ demo-retrain: venv
 	$(PY) -m pipelines.local_run --run-dir $(RUN_DIR) --images-per-class 50
 
 test: venv
-	$(PY) -m pytest tests -q -n 2
+	$(PY) -m pytest tests -q -n 2 --maxschedchunk 2
 
 # On a CUDA machine (the device machine runs these; see README "GPU").
 test-gpu: venv

@@ -45,12 +45,22 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    _long_tests_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `make test-gpu` on the device machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _long_tests_first(items) -> None:
+    """Slow tests first, so that the two workers of `make test` (fed 2 tests at a time) end
+    together instead of one running a minute-long test alone at the end. The shared pipeline
+    run's later users go last: by then it exists, so no worker waits for it."""
+    users = [item for item in items if "passing_local_run" in getattr(item, "fixturenames", ())]
+    later = {id(item) for item in users[1:]}
+    items.sort(key=lambda item: 2 if id(item) in later else 0 if item.get_closest_marker("slow") else 1)
 
 
 @pytest.fixture(scope="session")

@@ -202,6 +202,7 @@ def test_presets_come_from_the_medians_and_the_card_memory():
     assert bench_gpu.derive_presets(rows, card_gib=79.2)["over-100gb"] is None  # an 80 GB card: no such preset
 
 
+@pytest.mark.slow
 def test_harness_runs_every_row_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     """Every row kind the GPU run makes (bf16 base, recipe, TRL, default, each preset, each lever,
     each evaluation row) runs on CPU, so no row can break unnoticed until device time is spent.
@@ -260,6 +261,7 @@ def test_bad_flags_are_named(flags, message, tmp_path, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 def test_scaling_harness_runs_one_and_two_processes(tiny_model_dir, tmp_path):
     """The multi-GPU measurement (issue 6) as 2 CPU processes over gloo: both counts run through
     torchrun, every process ends with the same adapter, and an efficiency comes out."""

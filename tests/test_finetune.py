@@ -306,6 +306,7 @@ def test_a_resume_may_change_the_micro_batch(tiny_model_dir, small_pets_dir, tmp
     assert metrics["steps"] == 6 and metrics["micro_batch_size"] == 4
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_adapter_as_one(tiny_model_dir, small_pets_dir, tmp_path):
     """Data parallel on CPU (gloo): the step launches 2 torchrun workers itself; each takes half
     of every optimizer step's samples and the gradients are summed, so with the same global
@@ -330,6 +331,7 @@ def test_process_count_is_checked_before_anything_runs(tiny_model_dir, small_pet
         small_config(tiny_model_dir, small_pets_dir, tmp_path / "o", num_processes=-1)
 
 
+@pytest.mark.slow
 def test_sigterm_reaches_the_workers_which_checkpoint_and_the_rerun_resumes(tiny_model_dir, small_pets_dir,
                                                                              tmp_path, capfd):
     """Cloud Run / Vertex signal only the container's first process: the step forwards SIGTERM to
