@@ -108,20 +108,34 @@ class RandomModelConfig:
             text_settings(variant["text"], self.layers)  # raises on a depth the pattern cannot take
 
 
-def run(cfg: RandomModelConfig) -> dict:
+def init_model(config, device: str):
+    """The model of ``config`` with transformers' own initialisation (normal, std
+    initializer_range), made in bf16: one copy. Built without torch's per-layer default init,
+    which that initialisation overwrites anyway (a third of the CPU time: docs/rehearsal.md)."""
     import torch
-    from transformers import Gemma4ForConditionalGeneration, GenerationConfig
+    from transformers import Gemma4ForConditionalGeneration
+    from transformers.initialization import no_init_weights
 
     from components import modeling
+
+    with modeling.pick_device(device):
+        with no_init_weights():
+            model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        model.init_weights()
+    return model.eval()
+
+
+def run(cfg: RandomModelConfig) -> dict:
+    import torch
+    from transformers import GenerationConfig
+
     from components.tiny_model import TURN_CLOSE
 
     torch.manual_seed(cfg.seed)
     processor = stand_in_processor(cfg.variant)
     tokenizer = processor.tokenizer
     config = variant_config(cfg.variant, tokenizer, cfg.layers)
-    # transformers' own initialisation (normal, std initializer_range), made in bf16: one copy.
-    with modeling.pick_device(cfg.device):
-        model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
+    model = init_model(config, cfg.device)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(TURN_CLOSE)], do_sample=False)

@@ -117,3 +117,27 @@ def test_written_checkpoint_loads_and_runs(tmp_path):
     with torch.inference_mode():
         logits = model(**batch).logits
     assert logits.shape == (1, batch["input_ids"].shape[1], 262144) and torch.isfinite(logits).all()
+
+
+def test_init_skips_only_what_transformers_overwrites():
+    """random-model builds without torch's per-layer default init and then runs transformers' own
+    (the model's _init_weights): every tensor must come out as the default construction makes it,
+    constants and buffers exactly (clip ranges, scalars, rotary tables), random weights with the
+    same spread. Skipping init_weights too would leave torch.empty memory and fail here."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    from components import tiny_model
+
+    tokenizer = tiny_model.build_tokenizer(tiny_model.TinyModelConfig(output_dir="-").vocab_size)
+    config = tiny_model.build_model_config(tiny_model.TinyModelConfig(output_dir="-", hidden_size=256), tokenizer)
+    torch.manual_seed(0)
+    reference = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16).state_dict()
+    built = random_model.init_model(config, "cpu").state_dict()
+    assert built.keys() == reference.keys()
+    for name, expected in reference.items():
+        got, expected = built[name].float(), expected.float()
+        if expected.numel() < 64 or not torch.isfinite(expected).all() or expected.std() == 0:
+            assert torch.equal(got, expected), name
+        else:
+            assert got.std() == pytest.approx(expected.std(), rel=0.25), name
+            assert abs(got.mean() - expected.mean()) < 0.25 * expected.std(), name
