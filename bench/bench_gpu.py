@@ -13,9 +13,8 @@ once, then round 2, ...), and reported as the median with its spread; docs/bench
 how. Each repeat of a row sets the row up afresh (LoRA attached, optimizer made), runs an
 untimed warm-up and then the timed steps.
 
-Training rows run the project's own code (``finetune.memory_plan``, ``attach_lora``,
-``encode_step``, ``train_step``, with the next step prefetched as ``finetune.run`` does), the
-recipe's ``transformers.Trainer`` (``bench/recipe.py``) or TRL's ``SFTTrainer`` set up at its best
+Training rows run the project's own code (``finetune.memory_plan``, ``attach_lora`` and the
+fine-tune step's Trainer, ``answer_trainer.make_trainer``), the recipe's ``transformers.Trainer`` (``bench/recipe.py``) or TRL's ``SFTTrainer`` set up at its best
 (``bench/trl_peer.py``); evaluation rows run ``evaluate``'s ``generate`` and ``score`` paths,
 image preprocessing included, on the base model. Memory presets run under a cap on the caching
 allocator (``torch.cuda.set_per_process_memory_fraction``) equal to the card they are for.
@@ -212,7 +211,7 @@ def random_photos(count: int, seed: int):
 
 @dataclass
 class Sample:
-    """The two fields ``finetune.train_step`` reads from a dataset example."""
+    """The two fields the fine-tune step reads from a dataset example."""
 
     photo: object
     label_name: str
@@ -294,7 +293,7 @@ def attention_kernel(choice: str) -> tuple[str | None, str]:
 def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None = None, fused_norms: bool = True,
                       lora_r: int | None = None, compile_layers: bool = False, attention: str | None = None,
                       **overrides) -> tuple[object, dict]:
-    """One repeat of the project's loop: one warm-up micro-batch, then ``timed_steps`` optimizer
+    """One repeat of the fine-tune step's Trainer: one warm-up optimizer step, then ``timed_steps``
     steps. ``lora_r`` (alpha the same) replaces the bench's rank; ``compile_layers`` compiles each
     decoder layer (regional torch.compile); ``attention`` switches the attention kernel;
     ``overrides`` are FinetuneConfig fields."""
@@ -330,7 +329,7 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
             layer.mlp.compile(backend=row["compile_backend"])
     try:
         with MemoryCap(device, cap_gib):
-            row.update(time_project_steps(peft_model, ctx, ft, micro))
+            row.update(time_project_steps(peft_model, ctx, ft, (preset, micro, recompute_every)))
         if compile_layers:  # a count near the layer count means recompiling per layer
             row["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     except torch.OutOfMemoryError as error:
@@ -351,36 +350,30 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
     return model, row
 
 
-def time_project_steps(peft_model, ctx: Context, ft, micro: int) -> dict:
-    """Warm-up micro-batch, then the timed optimizer steps with the next step prefetched."""
-    import torch
+def time_project_steps(peft_model, ctx: Context, ft, plan: tuple[str, int, int]) -> dict:
+    """The fine-tune step's own Trainer (components/answer_trainer.py) for 1 + ``timed_steps``
+    optimizer steps; the first is the warm-up (kernels, allocator, autotuning, compilation)."""
+    from bench import recipe
+    from components import answer_trainer
 
-    from components import finetune, prompting
-
-    cfg, device, samples = ctx.cfg, ctx.device, ctx.samples
-    peft_model.train()
-    causal_lm = peft_model.get_base_model()
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=ft.learning_rate, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-    def step(batches):
-        return finetune.train_step(causal_lm, batches, device, optimizer, scheduler, trainable, ft.max_grad_norm)
-
-    def encode(window):
-        return finetune.encode_step(processor=ctx.processor, class_names=ctx.class_names, cfg=ft,
-                                    micro_batches=[window[i : i + micro] for i in range(0, len(window), micro)])
-
-    step(encode(samples[:micro]))  # warm-up: kernels, allocator, autotuning, compilation
-    windows = [samples[(i + 1) * ft.batch_size : (i + 2) * ft.batch_size] for i in range(cfg.timed_steps)]
-    sync(device)
-    start = time.perf_counter()
-    # As finetune.run: the next step is encoded on a CPU thread while this one runs.
-    losses = [step(batches) for batches in prompting.prefetched(encode, windows)]
-    sync(device)
-    seconds = time.perf_counter() - start
-    return dict(samples_per_s=cfg.timed_steps * ft.batch_size / seconds, seconds=seconds,
-                timed_samples=cfg.timed_steps * ft.batch_size, losses=losses, **peaks(device))
+    cfg, device = ctx.cfg, ctx.device
+    steps = 1 + cfg.timed_steps
+    marks: list[float] = []  # marks[i]: end of optimizer step i (marks[0]: start)
+    with tempfile.TemporaryDirectory() as out:
+        ft = dataclasses.replace(ft, output_dir=f"{out}/adapter", max_steps=steps, log_every_steps=1,
+                                 save_every_steps=10**6, checkpoint_every_minutes=0)
+        trainer = answer_trainer.make_trainer(ft, peft_model, ctx.processor, ctx.samples[: steps * ft.batch_size],
+                                              ctx.class_names, plan, world_size=1,
+                                              callbacks=[recipe.clock(marks, device.type == "cuda", False)])
+        try:
+            trainer.train()
+        finally:
+            losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            trainer.accelerator.free_memory()
+            del trainer
+    seconds = marks[-1] - marks[1]
+    timed = cfg.timed_steps * ft.batch_size
+    return dict(samples_per_s=timed / seconds, seconds=seconds, timed_samples=timed, losses=losses, **peaks(device))
 
 
 def train_row_recipe(model, ctx: Context) -> tuple[object, dict]:
@@ -457,9 +450,9 @@ def train_row_trl(model, ctx: Context) -> tuple[object, dict]:
                                         max_steps=1 + cfg.timed_steps, learning_rate=ft.learning_rate,
                                         micro_batch_size=micro, grad_accum_steps=accum, liger=liger,
                                         workers=2 if device.type == "cuda" else 0, seed=cfg.seed)
-            marks = result["marks"]  # marks[i]: end of micro-batch i; step 1 (accum of them) is warm-up
-            seconds = marks[-1] - marks[accum]
-            timed = (len(marks) - 1 - accum) * micro
+            marks = result["marks"]  # marks[i]: end of optimizer step i; step 1 is the warm-up
+            seconds = marks[-1] - marks[1]
+            timed = (len(marks) - 2) * cfg.batch_size
             row.update(samples_per_s=timed / seconds, seconds=seconds, timed_samples=timed,
                        losses=result["losses"], **peaks(device))
             row.pop("error", None)
@@ -573,10 +566,8 @@ def _attention_row(model, ctx: Context):
 
 def row_specs(cfg: BenchConfig) -> list[RowSpec]:
     """Every row the bench knows, in the order a round runs them."""
-    from components import finetune
-
     b, t = cfg.batch_size, cfg.timed_steps
-    step = f"warm-up micro-batch + {t} step(s) of {b}"
+    step = f"1 warm-up step + {t} step(s) of {b}"
     specs = [
         RowSpec("recipe", ("train", "peers"), lambda m, c: train_row_recipe(m, c), "train", cfg.recipe_micro_batches,
                 f"{cfg.recipe_micro_batches} micro-batches of 1, first 2 untimed", "recipe"),
@@ -587,10 +578,9 @@ def row_specs(cfg: BenchConfig) -> list[RowSpec]:
     ]
     for preset, gib in PRESET_CARDS_GIB.items():
         rank = 16 if preset == "24gb" else cfg.lora_r  # the 24 GB preset is for r=16
-        micro = finetune.MEMORY_PRESETS[preset].micro_batch_size
         specs.append(RowSpec(f"preset-{preset}", ("train", "presets"),
                              _train(train_row_project, name=f"preset {preset}", cap_gib=gib, memory_preset=preset,
-                                    lora_r=rank), "train", b * t + micro, step,
+                                    lora_r=rank), "train", b * (1 + t), step,
                              "small-micro" if preset == "24gb" else "project"))
     # Configurations that keep activations (for cards over 100 GB) with the reference norms, with
     # which such rows ran faster in runs 3-5 (docs/benchmarks.md); then one lever at a time.
@@ -598,7 +588,7 @@ def row_specs(cfg: BenchConfig) -> list[RowSpec]:
         specs.append(RowSpec(f"keep-m{micro}-{recompute}", ("train", "levers", "keep"),
                              _train(train_row_project, name=f"keep: micro-batch {micro}, recompute {recompute}",
                                     micro_batch_size=micro, gradient_checkpointing=recompute, fused_norms=False),
-                             "train", b * t + micro, step, "project"))
+                             "train", b * (1 + t), step, "project"))
     specs += [
         RowSpec("lever-reference-norms", ("train", "levers"),
                 _train(train_row_project, name="lever: default, reference norms", fused_norms=False), "train",
@@ -644,7 +634,8 @@ def eval_specs(cfg: BenchConfig) -> list[RowSpec]:
         specs.append(RowSpec(f"bf16-m{micro}", ("bf16",),
                              _train(train_row_project, name=f"bf16 base, micro-batch {micro}, no recompute",
                                     micro_batch_size=micro, gradient_checkpointing="off"),
-                             "train", cfg.batch_size * cfg.timed_steps + micro, "warm-up micro-batch + steps", "project",
+                             "train", cfg.batch_size * (1 + cfg.timed_steps),
+                             f"1 warm-up step + {cfg.timed_steps} step(s) of {cfg.batch_size}", "project",
                              phase="bf16"))
     for mode in ("generate", "score"):
         specs.append(RowSpec(f"bf16-{mode}", ("bf16",), _eval(name=f"{mode}, bf16 base", mode=mode), "eval",

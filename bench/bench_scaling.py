@@ -6,9 +6,9 @@
 For each process count the harness launches that many torchrun workers, as the fine-tune step
 does. Each worker builds the model on its own GPU (a random-init real-size Gemma 4, or a model
 folder), puts LoRA on it with the project's code and memory preset, and times ``timed_steps``
-optimizer steps of ``per_process_batch`` samples per process after a warm-up step, through
-``finetune.encode_step`` and ``finetune.train_step`` (whose gradient all-reduce is what is being
-measured). Weak scaling: the per-GPU work is fixed and the global batch grows with N. Rank 0
+optimizer steps of ``per_process_batch`` samples per process after a warm-up step, through the
+fine-tune step's Trainer (``answer_trainer.make_trainer``; its DDP gradient all-reduce is what is
+being measured). Weak scaling: the per-GPU work is fixed and the global batch grows with N. Rank 0
 writes each count's row; the summary gives efficiency = rate(N) / (N x rate(1)) and each GPU's
 peak memory, and checks that every process ends with the same adapter.
 """
@@ -20,7 +20,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,15 +63,12 @@ def worker(cfg: ScalingConfig) -> dict:
     import torch
     import torch.distributed as dist
 
-    from bench import bench_gpu, real_size
-    from components import random_model
-    from components import finetune, modeling, prompting
+    from bench import bench_gpu, real_size, recipe
+    from components import answer_trainer, finetune, modeling, random_model
     from components.prepare_dataset import OXFORD_PET_CLASSES
 
     rank, world, local_rank = finetune.distributed_env() or (0, 1, 0)
     device = modeling.pick_device(cfg.device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -87,31 +83,23 @@ def worker(cfg: ScalingConfig) -> dict:
             processor = modeling.load_processor(cfg.model_dir)
             model = modeling.load_model(cfg.model_dir, device, quantization).requires_grad_(False)
         ft = bench_gpu.finetune_config(cfg.lora_r, cfg.per_process_batch * world, cfg.seed)
-        preset, micro, recompute_every = finetune.memory_plan(ft, device, world)
+        preset, micro, recompute_every = plan = finetune.memory_plan(ft, device, world)
         peft_model, targets = finetune.attach_lora(model, ft, recompute_every)
-        peft_model.train()
-        trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=ft.learning_rate, fused=device.type == "cuda")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         names = list(OXFORD_PET_CLASSES)
-        photos = bench_gpu.random_photos(cfg.per_process_batch, cfg.seed + 1 + rank)  # each process its own images
-        samples = [bench_gpu.Sample(p, names[(i + rank) % len(names)]) for i, p in enumerate(photos)]
-
-        def encode(_):
-            return finetune.encode_step(processor, [samples[i : i + micro] for i in range(0, len(samples), micro)],
-                                        names, ft)
-
-        def step(batches):
-            return finetune.train_step(peft_model.get_base_model(), batches, device, optimizer, scheduler,
-                                       trainable, ft.max_grad_norm)
-
-        step(encode(0))  # warm-up
-        bench_gpu.reset_memory(device)
-        bench_gpu.sync(device)
-        start = time.perf_counter()
-        losses = [step(batches) for batches in prompting.prefetched(encode, range(cfg.timed_steps))]
-        bench_gpu.sync(device)
-        seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        steps = 1 + cfg.timed_steps  # the first is the warm-up
+        photos = bench_gpu.random_photos(ft.batch_size * steps, cfg.seed + 1)
+        samples = [bench_gpu.Sample(p, names[i % len(names)]) for i, p in enumerate(photos)]
+        marks: list[float] = []  # marks[i]: end of optimizer step i (marks[0]: start)
+        with tempfile.TemporaryDirectory() as out:
+            ft = dataclasses.replace(ft, output_dir=f"{out}/adapter", max_steps=steps, log_every_steps=1,
+                                     save_every_steps=10**6, checkpoint_every_minutes=0)
+            # The fine-tune step's Trainer: under torchrun it wraps the model in DDP itself.
+            trainer = answer_trainer.make_trainer(ft, peft_model, processor, samples, names, plan, world,
+                                                  callbacks=[recipe.clock(marks, device.type == "cuda", False)])
+            trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        seconds = torch.tensor([marks[-1] - marks[1]], dtype=torch.float64)
         peak = torch.tensor([bench_gpu.peak_gib(device) or 0.0], dtype=torch.float64)
         checksum = torch.tensor([float(sum(p.detach().double().sum() for p in trainable))], dtype=torch.float64)
         gathered = [torch.zeros(3, dtype=torch.float64) for _ in range(world)]
@@ -134,7 +122,7 @@ def worker(cfg: ScalingConfig) -> dict:
             write_json_atomic(Path(cfg.output), row)
         return row
     finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -93,12 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     samples = [bench_gpu.Sample(p, names[i % len(names)]) for i, p in enumerate(photos)]
     peft_model, _ = finetune.attach_lora(model, ft, 0)
     peft_model.train()
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-5, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     for micro in (2, 4):
-        batches = finetune.encode_step(processor, [samples[:micro]], names, ft)
-        step = lambda: finetune.train_step(peft_model.get_base_model(), batches, device, opt, sched, trainable, 1.0)
+        batch = prompting.encode_training_batch(processor, [s.photo for s in samples[:micro]],
+                                                [s.label_name for s in samples[:micro]], names)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+
+        def step():  # the model work of a fine-tune micro-batch, as the step's Trainer runs it
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, count = finetune.answer_loss(peft_model, batch)
+            (loss / count).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
         torch.cuda.reset_peak_memory_stats(device)
         step()
         _, t = timed(device, step, 2)

@@ -69,7 +69,7 @@ def train(peft_model, processor, images, answers, class_names, output_dir: str, 
           learning_rate: float, micro_batch_size: int, grad_accum_steps: int, liger: bool, workers: int,
           max_grad_norm: float = 1.0, seed: int = 0) -> dict:
     """Train with ``trl.SFTTrainer`` on (image, answer) pairs in the given order; returns per-step
-    losses and the host clock at the end of each micro-batch (``recipe.clock``)."""
+    losses and the host clock at the end of each optimizer step (``recipe.clock``)."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -92,7 +92,7 @@ def train(peft_model, processor, images, answers, class_names, output_dir: str, 
     with patches_undone(peft_model):
         trainer = SFTTrainer(model=peft_model, args=args, train_dataset=examples, processing_class=processor,
                              data_collator=collator(processor, images, answers, class_names),
-                             callbacks=[recipe.clock(marks, cuda)])
+                             callbacks=[recipe.clock(marks, cuda, micro_batches=False)])
         # Keep the data in the given order: the project's loop is compared step for step.
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(examples)
         try:

@@ -21,7 +21,9 @@ DATASET_MANIFEST = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAIN_METRICS = "train_metrics.json"
-# finetune's resume checkpoints (outside the adapter): the trainer state is written last.
+# finetune's resume checkpoints (outside the adapter), in transformers.Trainer's format plus the
+# hyperparameters that wrote them; Trainer's state is written last.
+CHECKPOINT_HYPERPARAMETERS = "finetune_hyperparameters.json"
 CHECKPOINT_STATE = "trainer_state.json"
 # evaluate -> evaluation: per-image predictions, then the metrics, written last.
 PREDICTIONS = "predictions.jsonl"

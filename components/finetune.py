@@ -3,11 +3,13 @@
 One readable recipe:
   1. load the staged base (nf4 4-bit on CUDA by default, fp32 on CPU) and its processor;
   2. put LoRA on every linear layer of the language model and the vision tower;
-  3. train on (image, class name) pairs with loss only on the answer and its closing <turn|>,
-     --batch-size samples per optimizer step, split into micro-batches by the GPU's memory
-     preset and over several GPUs as data-parallel processes the step launches (torchrun);
+  3. train with transformers.Trainer (components/answer_trainer.py) on (image, class name)
+     pairs with loss only on the answer and its closing <turn|>, --batch-size samples per
+     optimizer step, split into micro-batches by the GPU's memory preset and over several GPUs
+     as data-parallel processes the step launches (torchrun);
   4. checkpoint every N optimizer steps and every M minutes into a folder outside the adapter
-     output, written by a background thread; on start, resume from the newest complete one;
+     output, in Trainer's format, written by a background thread; on start, resume from the
+     newest complete one;
   5. write the adapter, the processor and the metrics (last); delete the checkpoints.
 
     gemma-pets finetune --model-dir weights/ --dataset-dir data/ --output-dir adapter/
@@ -27,12 +29,12 @@ import shutil
 import signal
 import threading
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
-from components.artifacts import ADAPTER_WEIGHTS, CHECKPOINT_STATE, DATASET_MANIFEST, TRAIN_METRICS
+from components.artifacts import (ADAPTER_WEIGHTS, CHECKPOINT_HYPERPARAMETERS, CHECKPOINT_STATE, DATASET_MANIFEST,
+                                  TRAIN_METRICS)
 from components.cli import UserError, entrypoint, parse_config
 from components.files import make_readable, read_json, sha256_file, write_json_atomic
 
@@ -168,34 +170,19 @@ def _check_config(cfg: FinetuneConfig) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Data order: a fixed permutation per epoch, so a data position is just (epoch, step in epoch).
+# How a step is split
 # --------------------------------------------------------------------------------------------
-
-
-def epoch_windows(num_samples: int, epoch: int, cfg: FinetuneConfig, micro_batch_size: int,
-                  rank: int = 0, world_size: int = 1) -> list[list[list[int]]]:
-    """Sample indices of one epoch as optimizer steps -> micro-batches -> samples, for ``rank``.
-
-    Steps are cut from the permutation by --batch-size alone, so the data position (epoch, step
-    in epoch) and each step's samples do not depend on how a step is split into micro-batches or
-    across processes: rank r takes the r-th contiguous share of every step (possibly empty in a
-    short last step).
-    """
-    import torch
-
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
-    steps = [order[i : i + cfg.batch_size] for i in range(0, num_samples, cfg.batch_size)]
-    shares = []
-    for step in steps:
-        size = math.ceil(len(step) / world_size)
-        share = step[rank * size : (rank + 1) * size]
-        shares.append([share[i : i + micro_batch_size] for i in range(0, len(share), micro_batch_size)])
-    return shares
 
 
 def total_steps(num_samples: int, cfg: FinetuneConfig) -> int:
     steps = cfg.epochs * math.ceil(num_samples / cfg.batch_size)
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def samples_before(step: int, num_samples: int, cfg: FinetuneConfig) -> int:
+    """Samples trained on before optimizer step ``step`` (an epoch's last step may be short)."""
+    per_epoch = math.ceil(num_samples / cfg.batch_size)
+    return step // per_epoch * num_samples + min(step % per_epoch * cfg.batch_size, num_samples)
 
 
 def memory_plan(cfg: FinetuneConfig, device, world_size: int = 1) -> tuple[str, int, int]:
@@ -220,6 +207,9 @@ def memory_plan(cfg: FinetuneConfig, device, world_size: int = 1) -> tuple[str, 
     micro = cfg.micro_batch_size or math.gcd(per_process, micro)  # a divisor of the share
     if cfg.gradient_checkpointing != "auto":
         recompute_every = RECOMPUTE_CHOICES[cfg.gradient_checkpointing]
+    if cfg.batch_size % (micro * world_size):
+        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the micro-batch ({micro}) times the "
+                        f"processes ({world_size}): every process takes whole micro-batches of every step")
     return name, micro, recompute_every
 
 
@@ -228,34 +218,28 @@ def memory_plan(cfg: FinetuneConfig, device, world_size: int = 1) -> tuple[str, 
 # --------------------------------------------------------------------------------------------
 
 
-def answer_loss_sum(causal_lm, batch: dict):
-    """Summed cross-entropy over answer tokens, and how many there are.
-
-    The LM head runs only on positions that predict an answer token: with Gemma's 262k-entry
-    vocabulary the full [batch, seq, vocab] logits tensor would dominate memory.
-    """
+def answer_loss(model, batch: dict):
+    """Summed cross-entropy over answer tokens, and how many there are, through the model's own
+    forward (so data-parallel wrappers see it). The LM head runs only on positions that predict
+    an answer token (``logits_to_keep`` as a mask): with Gemma's 262k-entry vocabulary the full
+    [batch, seq, vocab] logits would dominate memory."""
     import torch.nn.functional as F
 
-    from components import modeling
-
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = causal_lm.model(**inputs, use_cache=False).last_hidden_state
-    # Position t predicts token t + 1.
-    targets = labels[:, 1:]
+    targets = batch["labels"][:, 1:]
     keep = targets != -100
-    logits = modeling.output_logits(causal_lm, hidden[:, :-1][keep])
-    loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    predicts = F.pad(keep, (0, 1))  # position t predicts token t + 1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=predicts).logits  # [answer tokens, vocab]
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: transformers.Trainer's checkpoint format, written on a background thread
 # --------------------------------------------------------------------------------------------
 
 
 def checkpoint_root(cfg: FinetuneConfig) -> Path:
-    """The folder the step-N checkpoints go in (see --checkpoint-dir)."""
+    """The folder the checkpoint-N checkpoints go in (see --checkpoint-dir)."""
     if not cfg.checkpoint_dir:
         output = Path(cfg.output_dir).absolute()
         return output.with_name(output.name + CHECKPOINTS_SUFFIX)
@@ -267,38 +251,36 @@ def checkpoint_root(cfg: FinetuneConfig) -> Path:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """Newest checkpoint whose state file exists (a folder without it was cut off mid-write)."""
+    """Newest checkpoint whose trainer state exists (a folder without it was cut off mid-write)."""
     if not root.is_dir():
         return None
-    return max(_complete_checkpoints(root), key=lambda p: int(p.name.split("-")[1]), default=None)
+    return max(_complete_checkpoints(root), key=_step_of, default=None)
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.rsplit("-", 1)[1])
+
+
+def _checkpoint_folders(root: Path) -> list[Path]:
+    return [p for p in root.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name)]
 
 
 def _complete_checkpoints(root: Path) -> list[Path]:
-    return [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and (p / CHECKPOINT_STATE).is_file()]
+    return [p for p in _checkpoint_folders(root) if (p / CHECKPOINT_STATE).is_file()]
 
 
-def rng_state() -> dict:
+def rng_state(distributed: bool) -> dict:
+    """This process's RNG states, as Trainer saves (and on resume restores) them."""
     import numpy as np
     import torch
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.random.get_rng_state_all() if distributed else torch.cuda.random.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def snapshot(model, optimizer, scheduler, state: dict, rngs: list[dict]) -> dict:
+def snapshot(model, optimizer, scheduler, trainer_state, rngs: list[dict], hyperparameters: dict) -> dict:
     """What a checkpoint holds (``rngs``: every process's RNG state), copied to host memory so
     training goes on while it is written; the copy is training's only pause for a checkpoint
     (docs/benchmarks.md#checkpoints)."""
@@ -313,37 +295,44 @@ def snapshot(model, optimizer, scheduler, state: dict, rngs: list[dict]) -> dict
     optim = optimizer.state_dict()
     return {
         "adapter": {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()},
+        "adapter_config": copy.deepcopy(model.peft_config["default"]),
         "optimizer": {"state": {i: {k: to_host(v) for k, v in s.items()} for i, s in optim["state"].items()},
                       "param_groups": copy.deepcopy(optim["param_groups"])},
         "scheduler": copy.deepcopy(scheduler.state_dict()),
         "rng": rngs,
-        "state": copy.deepcopy(state),
+        "hyperparameters": hyperparameters,
+        "trainer_state": json.dumps(dataclasses.asdict(trainer_state), indent=2, sort_keys=True),
+        "step": trainer_state.global_step,
     }
 
 
 def write_checkpoint(root: Path, snap: dict, keep: int) -> Path:
-    """Write ``snap`` as checkpoint step-N so that a reader never takes a partial one as complete.
+    """Write ``snap`` as checkpoint-N, in the files and names of Trainer's checkpoints (so
+    ``Trainer.train(resume_from_checkpoint=...)`` resumes from it), such that a reader never takes
+    a partial one as complete.
 
     No folder rename: on Cloud Storage FUSE a rename copies object by object and can be cut off
-    half-way; each file appears whole when closed, and the state file, written last, marks the rest.
+    half-way; each file appears whole when closed, and the trainer state, written last, marks the rest.
     """
     import torch
     from safetensors.torch import save_file
 
-    final = root / f"step-{snap['state']['global_step']:06d}"
+    final = root / f"checkpoint-{snap['step']}"
     if final.exists():
         shutil.rmtree(final)  # a cut-off earlier write of the same step
     final.mkdir(parents=True)
     save_file(snap["adapter"], final / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    snap["adapter_config"].save_pretrained(final)
     torch.save(snap["optimizer"], final / "optimizer.pt")
     torch.save(snap["scheduler"], final / "scheduler.pt")
     for rank, rng in enumerate(snap["rng"]):
-        torch.save(rng, final / rng_file(rank))
-    write_json_atomic(final / CHECKPOINT_STATE, snap["state"])
+        torch.save(rng, final / ("rng_state.pth" if len(snap["rng"]) == 1 else f"rng_state_{rank}.pth"))
+    write_json_atomic(final / CHECKPOINT_HYPERPARAMETERS, snap["hyperparameters"])
+    (final / CHECKPOINT_STATE).write_text(snap["trainer_state"])  # last: marks the checkpoint complete
     # The newest ``keep`` complete checkpoints stay; older ones and cut-off writes go.
-    kept = sorted(_complete_checkpoints(root), key=lambda p: p.name)[-keep:]
-    for stale in root.iterdir():
-        if re.fullmatch(r"step-\d+", stale.name) and stale not in kept:
+    kept = sorted(_complete_checkpoints(root), key=_step_of)[-keep:]
+    for stale in _checkpoint_folders(root):
+        if stale not in kept:
             shutil.rmtree(stale, ignore_errors=True)
     return final
 
@@ -359,7 +348,7 @@ class CheckpointWriter:
     def submit(self, snap: dict) -> None:
         self.wait()
         # A daemon thread: a process that exits (SIGTERM) leaves a write in flight unfinished,
-        # without its state file, and the resume ignores it.
+        # without its trainer state, and the resume ignores it.
         self._thread = threading.Thread(target=self._write, args=(snap,), name="checkpoint-writer", daemon=True)
         self._thread.start()
 
@@ -383,33 +372,21 @@ def delete_checkpoints(root: Path) -> None:
     """After the adapter is written: the checkpoints are spent (the folder too, once empty)."""
     if not root.is_dir():
         return
-    for stale in root.iterdir():
-        if re.fullmatch(r"step-\d+", stale.name):
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in _checkpoint_folders(root):
+        shutil.rmtree(stale, ignore_errors=True)
     with contextlib.suppress(OSError):
         root.rmdir()
 
 
-def rng_file(rank: int) -> str:
-    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
-
-
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore a checkpoint; a rank the checkpoint has no RNG state for (the run had fewer
-    processes) gets a fresh seed derived from the step."""
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(ckpt / ADAPTER_WEIGHTS))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    state = read_json(ckpt / CHECKPOINT_STATE)
-    if (ckpt / rng_file(rank)).is_file():
-        set_rng_state(torch.load(ckpt / rng_file(rank), weights_only=False))
-    else:
-        torch.manual_seed(state["global_step"] * 1000 + rank)
-    return state
+def resume_point(cfg: FinetuneConfig) -> Path | None:
+    """The newest complete checkpoint, if any; a ValueError if other hyperparameters wrote it."""
+    ckpt = latest_checkpoint(checkpoint_root(cfg))
+    if ckpt is not None:
+        saved = read_json(ckpt / CHECKPOINT_HYPERPARAMETERS)
+        if saved != cfg.hyperparameters():
+            raise ValueError(f"{ckpt} was written with other hyperparameters; use a new --output-dir or the same "
+                             f"flags (saved: {saved})")
+    return ckpt
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,19 +414,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum_(tensors) -> None:
-    """Sum ``tensors`` over all processes in place, in one collective (no-op in one process)."""
-    if not _distributed() or not tensors:
-        return
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    flat = _flatten_dense_tensors(tensors)
-    dist.all_reduce(flat)
-    for tensor, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-        tensor.copy_(reduced)
-
-
 def agree(preempted: bool, due: bool, device) -> tuple[bool, bool]:
     """(stop for SIGTERM, checkpoint now), the same in every process: a SIGTERM seen by any stops
     them all at the same step, and rank 0's clock decides when a checkpoint is due."""
@@ -459,7 +423,7 @@ def agree(preempted: bool, due: bool, device) -> tuple[bool, bool]:
     import torch.distributed as dist
 
     flags = torch.tensor([float(preempted), float(due and dist.get_rank() == 0)], device=device)
-    all_reduce_sum_([flags])
+    dist.all_reduce(flags)
     return bool(flags[0].item()), bool(flags[1].item())
 
 
@@ -508,7 +472,7 @@ def launch_workers(cfg: FinetuneConfig, processes: int) -> dict:
     if (output_dir / TRAIN_METRICS).is_file():
         return read_json(output_dir / TRAIN_METRICS)
     state = read_json(latest_checkpoint(checkpoint_root(cfg)) / CHECKPOINT_STATE)  # stopped early (--stop-after-steps)
-    return {"stopped_at_step": state["global_step"], "total_steps": state["total_steps"]}
+    return {"stopped_at_step": state["global_step"], "total_steps": state["max_steps"]}
 
 
 def attach_lora(model, cfg: FinetuneConfig, recompute_every: int):
@@ -528,54 +492,6 @@ def attach_lora(model, cfg: FinetuneConfig, recompute_every: int):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none")
     return get_peft_model(model, lora), targets
-
-
-def encode_step(processor, micro_batches, class_names, cfg: FinetuneConfig) -> list[dict]:
-    """Model inputs with labels for each micro-batch (lists of examples) of one optimizer step."""
-    from components import prompting
-
-    return [
-        prompting.encode_training_batch(processor, [ex.image() for ex in micro], [ex.label_name for ex in micro],
-                                        class_names, max_length=cfg.max_length)
-        for micro in micro_batches
-    ]
-
-
-def train_step(causal_lm, batches: list[dict], device, optimizer, scheduler, trainable, max_grad_norm: float) -> float:
-    """One optimizer step over encoded micro-batches; returns the step's loss per answer token."""
-    import torch
-
-    from components import modeling
-
-    # Normalise by the answer tokens of the whole optimizer step, on all processes, so the
-    # gradient is the same however the step is split into micro-batches and processes.
-    counts = torch.tensor([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))], device=device)
-    all_reduce_sum_([counts])
-    n_tokens = counts.item()
-    dtype = modeling.compute_dtype(device)
-    step_loss = torch.zeros(1, device=device)
-    for batch in batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(dtype)
-        # bf16 autocast on CUDA: PEFT keeps LoRA weights in fp32 (small updates are not rounded
-        # away), whose matmuls would otherwise miss the bf16 tensor cores (docs/benchmarks.md#autocast).
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss_sum, _ = answer_loss_sum(causal_lm, batch)
-        (loss_sum / n_tokens).backward()
-        step_loss += loss_sum.detach()
-    if _distributed():
-        # Every process holds the same adapter; summing the gradients once per optimizer step
-        # keeps them identical (a process with no samples in a short last step adds zeros).
-        for p in trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        all_reduce_sum_([p.grad for p in trainable] + [step_loss])
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return step_loss.item() / n_tokens  # one host sync per step, not per micro-batch
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,249 +544,83 @@ def run(cfg: FinetuneConfig) -> dict:
         if device.type == "cuda" and device.index is not None:
             processes = 1  # a named GPU (--device cuda:N) means that one GPU
         if processes > 1:
+            memory_plan(cfg, device, processes)  # a step that cannot be split fails here, not in the workers
             return launch_workers(cfg, processes)
     rank, world_size, local_rank = distributed or (0, 1, 0)
-    if distributed:
-        # NCCL between GPUs, gloo between CPU processes (the tests' 2-process run).
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if distributed else device.index or 0)
+        torch.cuda.set_device(device)  # the Trainer's "cuda" is the current device
+    plan = memory_plan(cfg, device, world_size)
+    resume_from = resume_point(cfg)  # before the model: other hyperparameters fail at once
     try:
-        return _train(cfg, output_dir, class_names, device, quantization, rank, world_size)
+        return _train(cfg, class_names, device, quantization, plan, world_size, resume_from)
     finally:
-        if distributed:
+        if _distributed():
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: FinetuneConfig, output_dir: Path, class_names: list[str], device, quantization: str,
-           rank: int, world_size: int) -> dict:
-    """The training loop of one process (of ``world_size``); rank 0 writes what is shared."""
-    from tqdm import tqdm
-
-    run = _setup(cfg, class_names, device, quantization, rank, world_size)
-    _resume(run)
-    writer = CheckpointWriter(checkpoint_root(cfg), cfg.keep_checkpoints)
-    progress = tqdm(total=run.steps, initial=run.state["global_step"], desc="finetune", unit="step",
-                    mininterval=2, disable=rank != 0)
-    run.model.train()
-    run.started, run.last_saved = time.perf_counter(), time.monotonic()
-    # Cloud Run and Vertex stop a task with SIGTERM and kill it about 10 s later: finish the
-    # current step and exit without starting a (multi-GB) checkpoint write; the retry resumes.
-    preempted: list[bool] = []
-    with on_sigterm(lambda: preempted.append(True)):
-        for batches in _encoded_steps(run):
-            loss = train_step(run.causal_lm, batches, device, run.optimizer, run.scheduler, run.trainable,
-                              cfg.max_grad_norm)
-            _advance(run)
-            _report(run, loss, progress)
-            if _checkpoint_or_stop(run, writer, bool(preempted)):
-                progress.close()
-                run.say(f"stopped after step {run.state['global_step']} as asked (--stop-after-steps); "
-                        "rerun to resume")
-                return {"stopped_at_step": run.state["global_step"], "total_steps": run.steps}
-        writer.wait()  # spent once the adapter is written, but let it finish before deleting
-    progress.close()
-    return _finish(run, output_dir)
-
-
-@dataclass
-class _Run:
-    """One process's training run: what the loop, the checkpoints and the final write share."""
-
-    cfg: FinetuneConfig
-    rank: int
-    world_size: int
-    device: Any
-    quantization: str
-    class_names: list[str]
-    examples: list
-    processor: Any
-    model: Any  # the PEFT model
-    targets: list[str]  # the LoRA-adapted layers
-    trainable: list
-    optimizer: Any
-    scheduler: Any
-    plan: tuple[str, int, int]  # memory_plan's (preset, micro-batch size, recompute every)
-    steps: int
-    state: dict  # the data position and log a checkpoint saves
-    attempt: int = field(default_factory=lambda: int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0")))
-    started: float = 0.0  # perf_counter at the first step of this run
-    last_saved: float = 0.0  # monotonic time of the last checkpoint (or the start)
-    samples_this_run: int = 0
-
-    @property
-    def causal_lm(self):
-        return self.model.get_base_model()
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.examples) / self.cfg.batch_size)
-
-    def say(self, message: str) -> None:
-        if self.rank == 0:
-            print(message)
-
-
-def _setup(cfg: FinetuneConfig, class_names: list[str], device, quantization: str, rank: int,
-           world_size: int) -> _Run:
-    """Data, base model with LoRA, optimizer and schedule of one process, at step 0."""
+def _train(cfg: FinetuneConfig, class_names: list[str], device, quantization: str, plan: tuple[str, int, int],
+           world_size: int, resume_from: Path | None) -> dict:
+    """Train with transformers.Trainer (components/answer_trainer.py); rank 0 writes what is shared."""
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
-    from components import modeling, shards
+    from components import answer_trainer, modeling, shards
 
-    plan = memory_plan(cfg, device, world_size)
     examples = shards.load_examples(cfg.dataset_dir, "train", limit=cfg.train_limit)
-    if not examples:
-        raise ValueError(f"--dataset-dir {cfg.dataset_dir}: the train split is empty")
-    steps = total_steps(len(examples), cfg)
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same LoRA init in every process
-    processor = modeling.load_processor(cfg.model_dir)
     model, targets = attach_lora(modeling.load_model(cfg.model_dir, device, quantization), cfg, plan[2])
-    if world_size > 1:
-        torch.manual_seed(cfg.seed * 1000 + rank)  # but each process its own dropout masks
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * steps), steps)
-    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "log": [], "total_steps": steps}
-    return _Run(cfg, rank, world_size, device, quantization, class_names, examples, processor, model, targets,
-                trainable, optimizer, scheduler, plan, steps, state)
+    trainer = answer_trainer.make_trainer(cfg, model, modeling.load_processor(cfg.model_dir), examples,
+                                          class_names, plan, world_size)
+    preset, micro_batch_size, recompute_every = plan
+    setup = {"train_samples": len(examples), "device": str(device), "num_processes": world_size,
+             "quantization": quantization, "gradient_checkpointing": recompute_every > 0,
+             "recompute_every": recompute_every, "memory_preset": preset, "micro_batch_size": micro_batch_size,
+             "adapted_modules": targets, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             "cloud_run_task_attempt": int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))}
+    trainer.say(_start_message(cfg, setup, trainer.args.max_steps, resume_from))
+    with on_sigterm(trainer.step_control.preempt):
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.step_control.writer.wait()  # the last checkpoint is written whole before the adapter replaces it
+    _barrier()
+    if trainer.step_control.stopped:
+        trainer.say(f"stopped after step {trainer.state.global_step} as asked (--stop-after-steps); rerun to resume")
+        return {"stopped_at_step": trainer.state.global_step, "total_steps": trainer.args.max_steps}
+    return _finish(trainer, cfg, setup)
 
 
-def _resume(run: _Run) -> None:
-    """Continue from the newest complete checkpoint, if any, and say what is trained how."""
-    cfg, root = run.cfg, checkpoint_root(run.cfg)
-    ckpt = latest_checkpoint(root)
-    if ckpt is not None:
-        saved = read_json(ckpt / CHECKPOINT_STATE)
-        if saved.get("hyperparameters") != cfg.hyperparameters():
-            raise ValueError(
-                f"{ckpt} was written with other hyperparameters; use a new --output-dir or the same flags "
-                f"(saved: {saved.get('hyperparameters')})"
-            )
-        run.state = load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler, run.rank)
-        run.say(f"resuming from {ckpt} (step {run.state['global_step']} of {run.steps}, attempt {run.attempt})")
-    elif run.attempt > 0:
-        run.say(f"Cloud Run task attempt {run.attempt}: no complete checkpoint in {root}, starting over")
-    run.state["hyperparameters"] = cfg.hyperparameters()  # a resume checks them against its own
-    run.state["total_steps"] = run.steps
-    preset, micro_batch_size, recompute_every = run.plan
-    run.say(f"training {len(run.targets)} LoRA-adapted linear layers "
-            f"({sum(p.numel() for p in run.trainable):,} trainable parameters) on {run.world_size} x "
-            f"{run.device.type}, {run.quantization}, {len(run.examples)} samples, {run.steps} optimizer steps "
-            f"of {cfg.batch_size} samples (memory preset {preset}: micro-batch {micro_batch_size}, "
-            f"recompute every {recompute_every} layers)")
+def _start_message(cfg: FinetuneConfig, setup: dict, steps: int, resume_from: Path | None) -> str:
+    if resume_from is not None:
+        where = f"resuming from {resume_from} (attempt {setup['cloud_run_task_attempt']})"
+    elif setup["cloud_run_task_attempt"] > 0:
+        where = f"Cloud Run task attempt {setup['cloud_run_task_attempt']}: no complete checkpoint, starting over"
+    else:
+        where = "starting"
+    return (f"{where}: training {len(setup['adapted_modules'])} LoRA-adapted linear layers "
+            f"({setup['trainable_parameters']:,} trainable parameters) on {setup['num_processes']} x {setup['device']}, "
+            f"{setup['quantization']}, {setup['train_samples']} samples, {steps} optimizer steps of {cfg.batch_size} "
+            f"samples (memory preset {setup['memory_preset']}: micro-batch {setup['micro_batch_size']}, "
+            f"recompute every {setup['recompute_every']} layers)")
 
 
-def _encoded_steps(run: _Run) -> Iterator[list[dict]]:
-    """Each remaining optimizer step's encoded micro-batches, from the resumed data position on.
-    The next step's images are decoded and preprocessed on a CPU thread while this one trains
-    (docs/design.md says why not torch's DataLoader)."""
-    from components import prompting
-
-    windows: dict[int, list] = {}
-
-    def encode(position: tuple[int, int]) -> list[dict]:
-        epoch, index = position
-        if epoch not in windows:
-            windows.clear()  # one epoch's order at a time
-            windows[epoch] = epoch_windows(len(run.examples), epoch, run.cfg, run.plan[1], run.rank, run.world_size)
-        window = [[run.examples[i] for i in micro] for micro in windows[epoch][index]]
-        return encode_step(run.processor, window, run.class_names, run.cfg)
-
-    def positions() -> Iterator[tuple[int, int]]:
-        epoch, index = run.state["epoch"], run.state["step_in_epoch"]
-        for _ in range(run.steps - run.state["global_step"]):
-            yield epoch, index
-            epoch, index = (epoch, index + 1) if index + 1 < run.steps_per_epoch else (epoch + 1, 0)
-
-    return prompting.prefetched(encode, positions())
-
-
-def _advance(run: _Run) -> None:
-    """Move the data position past the step just taken."""
-    state, batch_size = run.state, run.cfg.batch_size
-    # Samples in this step over all processes (the last step of an epoch may be short).
-    n_samples = min(batch_size, len(run.examples) - state["step_in_epoch"] * batch_size)
-    run.samples_this_run += n_samples
-    state["samples_seen"] += n_samples
-    state["global_step"] += 1
-    state["step_in_epoch"] += 1
-    if state["step_in_epoch"] == run.steps_per_epoch:
-        state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
-
-
-def _report(run: _Run, loss: float, progress) -> None:
-    """Progress bar every step; a log entry every --log-every-steps and at the end."""
-    rate = run.samples_this_run / (time.perf_counter() - run.started)
-    lr = run.scheduler.get_last_lr()[0]
-    progress.update(1)
-    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-    step = run.state["global_step"]
-    if step % run.cfg.log_every_steps == 0 or step >= run.steps:
-        entry = {"step": step, "loss": loss, "lr": lr, "samples_per_s": rate,
-                 "peak_memory_mb": peak_memory_mb(run.device)}
-        run.state["log"].append(entry)
-        if run.rank == 0:
-            progress.write(json.dumps(entry))
-
-
-def _checkpoint_or_stop(run: _Run, writer: CheckpointWriter, preempted: bool) -> bool:
-    """Checkpoint when due; exit at once on SIGTERM; True when --stop-after-steps stops here."""
-    cfg, step = run.cfg, run.state["global_step"]
-    finished = step >= run.steps
-    stopping = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
-    due = (step % cfg.save_every_steps == 0 or stopping
-           or 0 < cfg.checkpoint_every_minutes * 60 <= time.monotonic() - run.last_saved)
-    preempt_now, save_now = agree(preempted, due and not finished, run.device)
-    if preempt_now and not finished:
-        done = writer.wait(PREEMPT_WAIT_S)  # a write in flight may finish; none is started
-        raise SystemExit(f"SIGTERM after step {step}: no new checkpoint started"
-                         f"{'' if done else ' (the one in flight is left incomplete)'}; a rerun resumes "
-                         f"from {latest_checkpoint(writer.root)}")
-    if save_now:
-        rngs = all_gather_objects(rng_state())  # every process's, for rank 0 to write
-        if run.rank == 0:
-            writer.submit(snapshot(run.model, run.optimizer, run.scheduler, run.state, rngs))
-        run.last_saved = time.monotonic()
-    if stopping and not finished:
-        writer.wait()
-        _barrier()
-        return True
-    return False
-
-
-def _finish(run: _Run, output_dir: Path) -> dict:
+def _finish(trainer, cfg: FinetuneConfig, setup: dict) -> dict:
     """The run's metrics; rank 0 writes the adapter, the processor and the metrics (last)."""
-    cfg, state = run.cfg, run.state
-    preset, micro_batch_size, recompute_every = run.plan
+    output_dir = Path(cfg.output_dir)
+    log = [{"step": e["step"], "loss": e["loss"], "lr": e["learning_rate"], "samples_per_s": e["samples_per_s"],
+            "peak_memory_mb": e["peak_memory_mb"]} for e in trainer.state.log_history if "loss" in e]
     metrics = {
-        "final_loss": state["log"][-1]["loss"] if state["log"] else None,
-        "steps": state["global_step"],
+        "final_loss": log[-1]["loss"] if log else None,
+        "steps": trainer.state.global_step,
         "epochs": cfg.epochs,
-        "train_samples": len(run.examples),
-        "samples_per_s": run.samples_this_run / max(time.perf_counter() - run.started, 1e-9),
-        "peak_memory_mb": peak_memory_mb(run.device),  # of rank 0's device
-        "device": str(run.device),
-        "num_processes": run.world_size,
-        "quantization": run.quantization,
-        "gradient_checkpointing": recompute_every > 0,
-        "recompute_every": recompute_every,
-        "memory_preset": preset,
-        "micro_batch_size": micro_batch_size,
-        "adapted_modules": run.targets,
-        "trainable_parameters": sum(p.numel() for p in run.trainable),
-        "cloud_run_task_attempt": run.attempt,
+        "samples_per_s": trainer.step_control.samples_per_s(trainer.state),
+        "peak_memory_mb": peak_memory_mb(trainer.args.device),  # of rank 0's device
+        **setup,
         "dataset_manifest_sha256": sha256_file(Path(cfg.dataset_dir) / DATASET_MANIFEST),
         "hyperparameters": cfg.hyperparameters(),
-        "log": state["log"],
+        "log": log,
     }
-    if run.rank == 0:
-        run.model.save_pretrained(output_dir)
-        run.processor.save_pretrained(output_dir)
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(output_dir)
+        trainer.processing_class.save_pretrained(output_dir)
         make_readable(output_dir)
         write_json_atomic(output_dir / TRAIN_METRICS, metrics)  # last: marks the adapter folder complete
         delete_checkpoints(checkpoint_root(cfg))

@@ -7,13 +7,14 @@ loop, and the harness runs end to end on the tiny model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from bench import bench_gpu, real_size, recipe
-from components import finetune, modeling, random_model
+from components import answer_trainer, finetune, modeling, random_model
 
 PUBLISHED_BILLIONS = {"gemma-4-e2b": 5.10, "gemma-4-e4b": 7.94, "gemma-4-31b": 31.27, "gemma-4-26b-a4b": 25.81}
 
@@ -76,27 +77,26 @@ def _two_step_setup(tiny_model_dir):
     return names, images, answers, cfg, fresh
 
 
-def _project_losses(model, processor, samples, names, cfg) -> list[float]:
-    """The project's loop over 2 steps of 4 samples, each split into micro-batches of 2."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return [
-        finetune.train_step(model.get_base_model(),
-                            finetune.encode_step(processor, [samples[s:s + 2], samples[s + 2:s + 4]], names, cfg),
-                            torch.device("cpu"), optimizer, scheduler, trainable, cfg.max_grad_norm)
-        for s in (0, 4)
-    ]
+def _project_losses(model, processor, samples, names, cfg, out) -> list[float]:
+    """The fine-tune step's Trainer over 2 steps of 4 samples in the given order, each split into
+    micro-batches of 2, at a constant learning rate (as the recipe and TRL rows)."""
+    ft = dataclasses.replace(cfg, output_dir=str(out / "adapter"), max_steps=2, warmup_ratio=0.0, log_every_steps=1)
+    trainer = answer_trainer.make_trainer(ft, model, processor, samples, names, ("cpu", 2, 0), world_size=1)
+    trainer.args.lr_scheduler_type = "constant"
+    trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(samples)
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 def test_recipe_trainer_and_project_loop_train_the_same(tiny_model_dir, tmp_path):
-    """Same rank, targets, effective batch and data: HF Trainer at micro-batch 1 x 4 and the
-    project's loop at micro-batch 2 x 2 give the same losses and (nearly) the same adapter."""
+    """Same rank, targets, effective batch and data: the recipe's Trainer at micro-batch 1 x 4
+    (full logits, the model's own loss) and the step's Trainer at micro-batch 2 x 2 (answer
+    logits only, normalised per optimizer step) give the same losses and (nearly) the same adapter."""
     processor = modeling.load_processor(str(tiny_model_dir))
     names, images, answers, cfg, fresh = _two_step_setup(tiny_model_dir)
     ours = fresh()
     samples = [bench_gpu.Sample(image, answer) for image, answer in zip(images, answers)]
-    our_losses = _project_losses(ours, processor, samples, names, cfg)
+    our_losses = _project_losses(ours, processor, samples, names, cfg, tmp_path)
     theirs = fresh()
     start = {n: p.detach().clone() for n, p in theirs.named_parameters() if p.requires_grad}
     result = recipe.train(theirs, recipe.sample_tensors(processor, images, answers, names), str(tmp_path),
@@ -124,7 +124,7 @@ def test_trl_peer_trains_on_the_project_loss_tokens(tiny_model_dir, tmp_path):
     names, images, answers, cfg, fresh = _two_step_setup(tiny_model_dir)
     ours = fresh()
     samples = [bench_gpu.Sample(image, answer) for image, answer in zip(images, answers)]
-    our_losses = _project_losses(ours, processor, samples, names, cfg)
+    our_losses = _project_losses(ours, processor, samples, names, cfg, tmp_path)
     batch = trl_peer.collator(processor, images, answers, names)([{"index": i} for i in range(4)])
     expected = prompting.encode_training_batch(processor, images[:4], answers[:4], names)["labels"]
     assert torch.equal(batch["labels"], expected)  # -100 on the prompt: loss on answer + <turn|> only

@@ -85,7 +85,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_on_kv_shared_layers(tin
         for m in model.modules():  # dropout off: compare the arithmetic, not the masks
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-        loss, n = finetune.answer_loss_sum(model.get_base_model(), dict(batch))
+        loss, n = finetune.answer_loss(model, dict(batch))
         (loss / n).backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
     no_ckpt, ckpt = grads
@@ -125,11 +125,11 @@ def test_resume_ends_with_the_same_adapter(tiny_model_dir, small_pets_dir, tmp_p
                                         checkpoint_dir=str(tmp_path / "ckpt")))
     assert stopped == {"stopped_at_step": 3, "total_steps": 6}
     assert not (resumed / ADAPTER_WEIGHTS).exists()
-    assert finetune.latest_checkpoint(tmp_path / "ckpt").name == "step-000003"
+    assert finetune.latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-3"
     # Another output folder (a retried task's new output URI), the same checkpoint folder: resumes.
     resumed = tmp_path / "resumed-retry"
     finetune.run(small_config(tiny_model_dir, small_pets_dir, resumed, checkpoint_dir=str(tmp_path / "ckpt")))
-    assert f"resuming from {tmp_path / 'ckpt' / 'step-000003'}" in capsys.readouterr().out
+    assert f"resuming from {tmp_path / 'ckpt' / 'checkpoint-3'}" in capsys.readouterr().out
     assert not (tmp_path / "ckpt").exists()  # spent once the adapter is written
     a = load_file(straight / ADAPTER_WEIGHTS)
     b = load_file(resumed / ADAPTER_WEIGHTS)
@@ -141,11 +141,12 @@ def test_resume_ends_with_the_same_adapter(tiny_model_dir, small_pets_dir, tmp_p
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
-    (tmp_path / "step-000002").mkdir(parents=True)
-    (tmp_path / "step-000002" / CHECKPOINT_STATE).write_text("{}")
-    (tmp_path / "step-000004").mkdir()  # cut off before its state file: not complete
-    (tmp_path / ".step-000006.abc.partial").mkdir()
-    assert finetune.latest_checkpoint(tmp_path).name == "step-000002"
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / f"checkpoint-{step}" / CHECKPOINT_STATE).write_text("{}")
+    (tmp_path / "checkpoint-12").mkdir()  # cut off before its state file: not complete
+    (tmp_path / "tmp-checkpoint-14").mkdir()
+    assert finetune.latest_checkpoint(tmp_path).name == "checkpoint-10"  # by step, not by name
 
 
 def test_checkpoints_inside_the_adapter_folder_are_refused(tiny_model_dir, small_pets_dir, tmp_path):
@@ -185,15 +186,15 @@ def test_sigterm_exits_without_starting_a_checkpoint(tiny_model_dir, small_pets_
     import os
     import signal
 
-    real_step, calls = finetune.train_step, []
+    real_loss, calls = finetune.answer_loss, []
 
-    def step_then_sigterm(*args, **kwargs):
+    def loss_then_sigterm(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of step 3
-        return real_step(*args, **kwargs)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the first micro-batch of step 3
+        return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "train_step", step_then_sigterm)
+    monkeypatch.setattr(finetune, "answer_loss", loss_then_sigterm)
     handler_before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "run"
     # Steps alone would never checkpoint (100); the clock does, after every step (1e-6 minutes).
@@ -201,10 +202,10 @@ def test_sigterm_exits_without_starting_a_checkpoint(tiny_model_dir, small_pets_
     with pytest.raises(SystemExit, match="SIGTERM after step 3: no new checkpoint started; a rerun resumes from"):
         finetune.run(cfg)
     root = finetune.checkpoint_root(cfg)
-    assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002"]  # nothing of step 3
-    assert finetune.latest_checkpoint(root).name == "step-000002"
-    assert signal.getsignal(signal.SIGTERM) is handler_before and len(calls) == 3
-    monkeypatch.setattr(finetune, "train_step", real_step)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-1", "checkpoint-2"]  # nothing of step 3
+    assert finetune.latest_checkpoint(root).name == "checkpoint-2"
+    assert signal.getsignal(signal.SIGTERM) is handler_before and len(calls) == 6  # step 3 finished
+    monkeypatch.setattr(finetune, "answer_loss", real_loss)
     metrics = finetune.run(cfg)
     assert metrics["steps"] == 6
 
@@ -215,7 +216,7 @@ BLOCK_IN_WRITE = """
 import os, sys, time, torch
 real_save = torch.save
 def save(obj, path, *args, **kwargs):
-    if str(path).endswith(os.path.join("step-000004", "scheduler.pt")):
+    if str(path).endswith(os.path.join("checkpoint-4", "scheduler.pt")):
         open(os.environ["WRITING"], "w").close()
         time.sleep(3600)
     return real_save(obj, path, *args, **kwargs)
@@ -248,11 +249,11 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny_mo
         child.kill()
         child.wait()
     root = finetune.checkpoint_root(cfg)
-    cut_off = root / "step-000004"
+    cut_off = root / "checkpoint-4"
     assert (cut_off / ADAPTER_WEIGHTS).is_file() and not (cut_off / CHECKPOINT_STATE).exists()
-    assert finetune.latest_checkpoint(root).name == "step-000002"
+    assert finetune.latest_checkpoint(root).name == "checkpoint-2"
     metrics = finetune.run(cfg)
-    assert f"resuming from {root / 'step-000002'}" in capsys.readouterr().out
+    assert f"resuming from {root / 'checkpoint-2'}" in capsys.readouterr().out
     assert metrics["steps"] == 6 and not root.exists()
 
 
@@ -285,17 +286,6 @@ def dataclasses_replace(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
-def test_steps_hold_the_same_samples_however_they_are_split():
-    cfg = finetune.FinetuneConfig(model_dir="-", dataset_dir="-", output_dir="-", batch_size=8, seed=5)
-    for epoch in (0, 1):
-        whole = finetune.epoch_windows(30, epoch, cfg, micro_batch_size=8)
-        split = finetune.epoch_windows(30, epoch, cfg, micro_batch_size=2)
-        assert [sum(step, []) for step in whole] == [sum(step, []) for step in split]
-        assert all(len(m) <= 2 for step in split for m in step)
-        assert sorted(sum(sum(whole, []), [])) == list(range(30))
-    assert finetune.total_steps(30, cfg) == 3 * 4
-
-
 def test_a_resume_may_change_the_micro_batch(tiny_model_dir, small_pets_dir, tmp_path, capsys):
     """A retry on another GPU type picks another memory preset: the step's samples and its
     normalisation do not change, so the run resumes instead of refusing."""
@@ -310,12 +300,14 @@ def test_a_resume_may_change_the_micro_batch(tiny_model_dir, small_pets_dir, tmp
 def test_two_processes_train_the_same_adapter_as_one(tiny_model_dir, small_pets_dir, tmp_path):
     """Data parallel on CPU (gloo): the step launches 2 torchrun workers itself; each takes half
     of every optimizer step's samples and the gradients are summed, so with the same global
-    batch the adapter matches a 1-process run (dropout off: its masks differ per process)."""
-    common = dict(lora_dropout=0.0, device="cpu", batch_size=4, micro_batch_size=2, epochs=1, train_limit=10)
-    one = finetune.run(small_config(tiny_model_dir, small_pets_dir, tmp_path / "one", num_processes=1, **common))
-    two = finetune.run(small_config(tiny_model_dir, small_pets_dir, tmp_path / "two", num_processes=2, **common))
+    batch the adapter matches a 1-process run that takes each step whole (dropout off)."""
+    common = dict(lora_dropout=0.0, device="cpu", batch_size=4, epochs=1, train_limit=12)
+    one = finetune.run(small_config(tiny_model_dir, small_pets_dir, tmp_path / "one", num_processes=1,
+                                    micro_batch_size=4, **common))
+    two = finetune.run(small_config(tiny_model_dir, small_pets_dir, tmp_path / "two", num_processes=2,
+                                    micro_batch_size=2, **common))
     assert one["num_processes"] == 1 and two["num_processes"] == 2
-    assert two["steps"] == one["steps"] == 3  # 10 samples: 4 + 4 + 2 (the short step gives each process one)
+    assert two["steps"] == one["steps"] == 3
     assert [e["loss"] for e in two["log"]] == pytest.approx([e["loss"] for e in one["log"]], rel=1e-4)
     a = load_file(tmp_path / "one" / ADAPTER_WEIGHTS)
     b = load_file(tmp_path / "two" / ADAPTER_WEIGHTS)
@@ -362,7 +354,7 @@ def test_sigterm_reaches_the_workers_which_checkpoint_and_the_rerun_resumes(tiny
     assert stopped is not None and not (out / TRAIN_METRICS).exists()
     assert int(stopped.name.split("-")[1]) < 16, "the workers should stop before the end"
     # Checkpoints carry every process's RNG state; a resume with another count re-seeds the rest.
-    assert (stopped / "rng.pt").is_file() and (stopped / "rng-rank1.pt").is_file()
+    assert (stopped / "rng_state_0.pth").is_file() and (stopped / "rng_state_1.pth").is_file()
     capfd.readouterr()
     metrics = finetune.run(cfg)
     assert metrics["steps"] == 16
