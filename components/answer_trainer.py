@@ -40,6 +40,9 @@ def training_arguments(cfg: finetune.FinetuneConfig, plan: tuple[str, int, int],
         seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.log_every_steps,
         save_strategy="no",  # StepControl decides when; AnswerLossTrainer._save_checkpoint how
         report_to="none", remove_unused_columns=False, ddp_find_unused_parameters=False,
+        # Its NaN check reads every micro-batch's loss on the host: a sync that stops the host from
+        # queueing the next micro-batch while the GPU runs (docs/benchmarks.md, round 5).
+        logging_nan_inf_filter=False,
         activation_checkpointing=False,  # attach_lora switched recomputation on, every n-th layer
         dataloader_num_workers=DATA_WORKERS if cuda else 0, dataloader_persistent_workers=cuda,
         dataloader_pin_memory=cuda,
