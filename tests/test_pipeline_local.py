@@ -10,6 +10,7 @@ demo's setting), verified by merge-export at its fp32 bound.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,12 +33,6 @@ def assert_token_never_written(run_dir: Path, result: subprocess.CompletedProces
             assert needle not in path.read_bytes(), path
             scanned += 1
     assert scanned > 20  # the run's artifacts really were there to scan
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("inputs")
-    return local_run.demo_inputs(root, num_classes=3, images_per_class=4)
 
 
 @pytest.mark.slow
@@ -140,17 +135,21 @@ def test_whole_dag_runs_and_exports_when_the_gate_passes(passing_local_run):
 
 
 @pytest.mark.slow
-def test_gate_holds_the_export_back(inputs, tmp_path):
+def test_gate_holds_the_export_back(passing_local_run, tmp_path):
+    """The passing run's inputs and parameters but a margin no tuned model can clear. Its task
+    cache is copied over, so the steps up to the gate are served from it and the gate decides."""
     run_dir = tmp_path / "run"
-    result = run_pipeline(run_dir, inputs, "--margin", "1.0")
+    shutil.copytree(passing_local_run.run_dir / local_run.CACHE_DIR, run_dir / local_run.CACHE_DIR)
+    result = run_pipeline(run_dir, passing_local_run.inputs, *PASSING, "--margin", "1.0")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     summary = read_json(run_dir / "summary.json")
     assert summary["status"] == "succeeded"
+    assert dag.FINETUNE in summary["cached"] and dag.GATE not in summary["cached"]
     assert summary["gate"]["passed"] is False and summary["export"]["held_back"] is True
     assert summary["export"]["path"] is None and summary["merged"] is None
     assert summary["tasks"][dag.MERGE_EXPORT] == "NOT_RUN"
     assert summary["tasks"][dag.EVALUATE_MERGED] == "NOT_RUN"
-    assert summary["tasks"][dag.EVALUATE_TUNED] == "SUCCEEDED"
+    assert summary["tasks"][dag.EVALUATE_TUNED] == "CACHED"  # served from the passing run's cache
     kfp_run = Path(summary["kfp_run_dir"])
     assert not (kfp_run / "merge-export").exists() and not (kfp_run / "evaluate-3").exists()
     assert "gate: held the export back" in result.stdout
