@@ -36,6 +36,8 @@ def training_arguments(cfg: finetune.FinetuneConfig, plan: tuple[str, int, int],
         gradient_accumulation_steps=cfg.batch_size // (micro * world_size), max_steps=steps,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         lr_scheduler_type="linear", warmup_steps=math.ceil(cfg.warmup_ratio * steps),
+        # bf16 autocast on CUDA: PEFT keeps LoRA weights in fp32 (small updates are not rounded away),
+        # whose matmuls would otherwise miss the bf16 tensor cores (docs/benchmarks.md#autocast).
         optim="adamw_torch_fused" if cuda else "adamw_torch", bf16=cuda, use_cpu=not cuda,
         seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.log_every_steps,
         save_strategy="no",  # StepControl decides when; AnswerLossTrainer._save_checkpoint how
@@ -91,8 +93,9 @@ class AnswerLossTrainer(Trainer):
         memory here and written on the background thread, instead of Trainer's blocking write."""
         rngs = finetune.all_gather_objects(finetune.rng_state(self.args.world_size > 1))
         if self.is_world_process_zero():
-            self.step_control.writer.submit(finetune.snapshot(self.model, self.optimizer, self.lr_scheduler, self.state, rngs,
-                                                 self.hyperparameters))
+            snap = finetune.snapshot(self.model, self.optimizer, self.lr_scheduler, self.state, rngs,
+                                     self.hyperparameters)
+            self.step_control.writer.submit(snap)
 
     def say(self, message: str) -> None:
         if self.is_world_process_zero():

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -301,7 +300,7 @@ def snapshot(model, optimizer, scheduler, trainer_state, rngs: list[dict], hyper
         "scheduler": copy.deepcopy(scheduler.state_dict()),
         "rng": rngs,
         "hyperparameters": hyperparameters,
-        "trainer_state": json.dumps(dataclasses.asdict(trainer_state), indent=2, sort_keys=True),
+        "trainer_state": dataclasses.asdict(trainer_state),  # a deep copy
         "step": trainer_state.global_step,
     }
 
@@ -328,7 +327,7 @@ def write_checkpoint(root: Path, snap: dict, keep: int) -> Path:
     for rank, rng in enumerate(snap["rng"]):
         torch.save(rng, final / ("rng_state.pth" if len(snap["rng"]) == 1 else f"rng_state_{rank}.pth"))
     write_json_atomic(final / CHECKPOINT_HYPERPARAMETERS, snap["hyperparameters"])
-    (final / CHECKPOINT_STATE).write_text(snap["trainer_state"])  # last: marks the checkpoint complete
+    write_json_atomic(final / CHECKPOINT_STATE, snap["trainer_state"])  # last: marks the checkpoint complete
     # The newest ``keep`` complete checkpoints stay; older ones and cut-off writes go.
     kept = sorted(_complete_checkpoints(root), key=_step_of)[-keep:]
     for stale in _checkpoint_folders(root):
@@ -575,7 +574,8 @@ def _train(cfg: FinetuneConfig, class_names: list[str], device, quantization: st
     setup = {"train_samples": len(examples), "device": str(device), "num_processes": world_size,
              "quantization": quantization, "gradient_checkpointing": recompute_every > 0,
              "recompute_every": recompute_every, "memory_preset": preset, "micro_batch_size": micro_batch_size,
-             "adapted_modules": targets, "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             "adapted_modules": targets,
+             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
              "cloud_run_task_attempt": int(os.environ.get("CLOUD_RUN_TASK_ATTEMPT", "0"))}
     trainer.say(_start_message(cfg, setup, trainer.args.max_steps, resume_from))
     with on_sigterm(trainer.step_control.preempt):
