@@ -34,6 +34,38 @@ def top_kernels(fn, limit: int = 15) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=limit, max_name_column_width=60)
 
 
+def profile_training(model, processor, photos, names, device) -> None:
+    """The model work of fine-tune micro-batches of 2 and 4 on the nf4 model, as the step's
+    Trainer runs it (bf16 autocast, loss on the answer only), without recomputation."""
+    import torch
+
+    from bench import bench_gpu
+    from components import finetune, prompting
+
+    ft = bench_gpu.finetune_config(lora_r=64, batch_size=16, seed=0, micro_batch_size=2, gradient_checkpointing="off")
+    peft_model, _ = finetune.attach_lora(model, ft, 0)
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    for micro in (2, 4):
+        batch = prompting.encode_training_batch(processor, photos[:micro], names[:micro], names)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, count = finetune.answer_loss(peft_model, batch)
+            (loss / count).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _, t = timed(device, step, 2)
+        print(f"nf4 train micro-batch {micro}, no recompute: {t:.3f} s/step = {micro / t:.2f} samples/s, "
+              f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    print(top_kernels(step, 20))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="gemma-4-31b")
@@ -44,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import bench_gpu, real_size
     from components import random_model
-    from components import evaluate, finetune, prompting
+    from components import evaluate, prompting
     from components.prepare_dataset import OXFORD_PET_CLASSES
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -89,30 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.empty_cache()
 
     real_size.quantize_nf4_(model)
-    ft = bench_gpu.finetune_config(lora_r=64, batch_size=16, seed=0, micro_batch_size=2, gradient_checkpointing="off")
-    samples = [bench_gpu.Sample(p, names[i % len(names)]) for i, p in enumerate(photos)]
-    peft_model, _ = finetune.attach_lora(model, ft, 0)
-    peft_model.train()
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    for micro in (2, 4):
-        batch = prompting.encode_training_batch(processor, [s.photo for s in samples[:micro]],
-                                                [s.label_name for s in samples[:micro]], names)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-
-        def step():  # the model work of a fine-tune micro-batch, as the step's Trainer runs it
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss, count = finetune.answer_loss(peft_model, batch)
-            (loss / count).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        _, t = timed(device, step, 2)
-        print(f"nf4 train micro-batch {micro}, no recompute: {t:.3f} s/step = {micro / t:.2f} samples/s, "
-              f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-    print(top_kernels(step, 20))
+    profile_training(model, processor, photos, names, device)
     return 0
 
 
