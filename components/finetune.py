@@ -545,7 +545,7 @@ def run(cfg: FinetuneConfig) -> dict:
         if processes > 1:
             memory_plan(cfg, device, processes)  # a step that cannot be split fails here, not in the workers
             return launch_workers(cfg, processes)
-    rank, world_size, local_rank = distributed or (0, 1, 0)
+    _, world_size, local_rank = distributed or (0, 1, 0)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if distributed else device.index or 0)
         torch.cuda.set_device(device)  # the Trainer's "cuda" is the current device
