@@ -280,6 +280,22 @@ def test_memory_presets_come_from_the_gpus_memory(monkeypatch):
         dataclasses_replace(cfg, gradient_checkpointing="sometimes")
 
 
+def test_a_step_splits_into_whole_micro_batches_on_every_process():
+    """Trainer runs micro-batch x accumulation x processes samples per optimizer step: a step
+    that does not split so is refused before any process starts; samples_before counts an
+    epoch's short last step (30 samples in steps of 8: 8 + 8 + 8 + 6)."""
+    from components.cli import UserError
+
+    cfg = finetune.FinetuneConfig(model_dir="-", dataset_dir="-", output_dir="-", batch_size=6, micro_batch_size=2)
+    assert finetune.memory_plan(cfg, torch.device("cpu"), 3) == ("cpu", 2, 0)
+    with pytest.raises(UserError, match=r"--batch-size 6 must be a multiple of the micro-batch \(2\) times the "
+                                        r"processes \(2\)"):
+        finetune.memory_plan(cfg, torch.device("cpu"), 2)
+    cfg = dataclasses_replace(cfg, batch_size=8, micro_batch_size=0)
+    assert [finetune.samples_before(step, 30, cfg) for step in (0, 1, 3, 4, 5, 8)] == [0, 8, 24, 30, 38, 60]
+    assert finetune.total_steps(30, cfg) == 3 * 4
+
+
 def dataclasses_replace(cfg, **changes):
     import dataclasses
 
