@@ -14,8 +14,8 @@ how. Each repeat of a row sets the row up afresh (LoRA attached, optimizer made)
 untimed warm-up and then the timed steps.
 
 Training rows run the project's own code (``finetune.memory_plan``, ``attach_lora`` and the
-fine-tune step's Trainer, ``answer_trainer.make_trainer``), the recipe's ``transformers.Trainer`` (``bench/recipe.py``) or TRL's ``SFTTrainer`` set up at its best
-(``bench/trl_peer.py``); evaluation rows run ``evaluate``'s ``generate`` and ``score`` paths,
+fine-tune step's Trainer, ``answer_trainer.make_trainer``), the recipe's ``transformers.Trainer``
+(``bench/recipe.py``) or TRL's ``SFTTrainer`` set up at its best (``bench/trl_peer.py``); evaluation rows run ``evaluate``'s ``generate`` and ``score`` paths,
 image preprocessing included, on the base model. Memory presets run under a cap on the caching
 allocator (``torch.cuda.set_per_process_memory_fraction``) equal to the card they are for.
 
@@ -351,28 +351,36 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
 
 
 def time_project_steps(peft_model, ctx: Context, ft, plan: tuple[str, int, int]) -> dict:
-    """The fine-tune step's own Trainer (components/answer_trainer.py) for 1 + ``timed_steps``
-    optimizer steps; the first is the warm-up (kernels, allocator, autotuning, compilation)."""
+    cfg, device = ctx.cfg, ctx.device
+    seconds, losses = time_trainer_steps(ft, peft_model, ctx.processor, ctx.samples, ctx.class_names, plan,
+                                         world_size=1, timed_steps=cfg.timed_steps)
+    timed = cfg.timed_steps * ft.batch_size
+    return dict(samples_per_s=timed / seconds, seconds=seconds, timed_samples=timed, losses=losses, **peaks(device))
+
+
+def time_trainer_steps(ft, peft_model, processor, samples, class_names, plan: tuple[str, int, int],
+                       world_size: int, timed_steps: int) -> tuple[float, list[float]]:
+    """(seconds of the timed steps, per-step losses) of the fine-tune step's own Trainer
+    (components/answer_trainer.py) over 1 + ``timed_steps`` optimizer steps of ``samples``; the
+    first step is the warm-up (kernels, allocator, autotuning, compilation). Also bench_scaling's."""
     from bench import recipe
     from components import answer_trainer
 
-    cfg, device = ctx.cfg, ctx.device
-    steps = 1 + cfg.timed_steps
+    steps = 1 + timed_steps
     marks: list[float] = []  # marks[i]: end of optimizer step i (marks[0]: start)
+    cuda = next(peft_model.parameters()).device.type == "cuda"
     with tempfile.TemporaryDirectory() as out:
         ft = dataclasses.replace(ft, output_dir=f"{out}/adapter", max_steps=steps, log_every_steps=1,
                                  save_every_steps=10**6, checkpoint_every_minutes=0)
-        trainer = answer_trainer.make_trainer(ft, peft_model, ctx.processor, ctx.samples[: steps * ft.batch_size],
-                                              ctx.class_names, plan, world_size=1,
-                                              callbacks=[recipe.clock(marks, device.type == "cuda", False)])
+        trainer = answer_trainer.make_trainer(ft, peft_model, processor, samples[: steps * ft.batch_size],
+                                              class_names, plan, world_size,
+                                              callbacks=[recipe.clock(marks, cuda, micro_batches=False)])
         try:
             trainer.train()  # frees its optimizer state and collects garbage at the end
         finally:
             losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
             del trainer
-    seconds = marks[-1] - marks[1]
-    timed = cfg.timed_steps * ft.batch_size
-    return dict(samples_per_s=timed / seconds, seconds=seconds, timed_samples=timed, losses=losses, **peaks(device))
+    return marks[-1] - marks[1], losses
 
 
 def train_row_recipe(model, ctx: Context) -> tuple[object, dict]:

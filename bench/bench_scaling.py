@@ -63,8 +63,8 @@ def worker(cfg: ScalingConfig) -> dict:
     import torch
     import torch.distributed as dist
 
-    from bench import bench_gpu, real_size, recipe
-    from components import answer_trainer, finetune, modeling, random_model
+    from bench import bench_gpu, real_size
+    from components import finetune, modeling, random_model
     from components.prepare_dataset import OXFORD_PET_CLASSES
 
     rank, world, local_rank = finetune.distributed_env() or (0, 1, 0)
@@ -86,20 +86,13 @@ def worker(cfg: ScalingConfig) -> dict:
         preset, micro, recompute_every = plan = finetune.memory_plan(ft, device, world)
         peft_model, targets = finetune.attach_lora(model, ft, recompute_every)
         names = list(OXFORD_PET_CLASSES)
-        steps = 1 + cfg.timed_steps  # the first is the warm-up
-        photos = bench_gpu.random_photos(ft.batch_size * steps, cfg.seed + 1)
+        photos = bench_gpu.random_photos(ft.batch_size * (1 + cfg.timed_steps), cfg.seed + 1)
         samples = [bench_gpu.Sample(p, names[i % len(names)]) for i, p in enumerate(photos)]
-        marks: list[float] = []  # marks[i]: end of optimizer step i (marks[0]: start)
-        with tempfile.TemporaryDirectory() as out:
-            ft = dataclasses.replace(ft, output_dir=f"{out}/adapter", max_steps=steps, log_every_steps=1,
-                                     save_every_steps=10**6, checkpoint_every_minutes=0)
-            # The fine-tune step's Trainer: under torchrun it wraps the model in DDP itself.
-            trainer = answer_trainer.make_trainer(ft, peft_model, processor, samples, names, plan, world,
-                                                  callbacks=[recipe.clock(marks, device.type == "cuda", False)])
-            trainer.train()
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        # The fine-tune step's Trainer: under torchrun it wraps the model in DDP itself.
+        seconds, losses = bench_gpu.time_trainer_steps(ft, peft_model, processor, samples, names, plan, world,
+                                                       cfg.timed_steps)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        seconds = torch.tensor([marks[-1] - marks[1]], dtype=torch.float64)
+        seconds = torch.tensor([seconds], dtype=torch.float64)
         peak = torch.tensor([bench_gpu.peak_gib(device) or 0.0], dtype=torch.float64)
         checksum = torch.tensor([float(sum(p.detach().double().sum() for p in trainable))], dtype=torch.float64)
         gathered = [torch.zeros(3, dtype=torch.float64) for _ in range(world)]
