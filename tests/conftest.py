@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -40,6 +41,17 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(_THREADS)  # in case torch was imported before this file set the variable
+
+
+def pytest_collection_finish(session):
+    """What the tests import lives to the end: freeze it, so that the full garbage collections
+    Trainer (one per train()), the bench (one per row) and Python itself run skip its ~550k
+    objects (0.35 s each, a third of the bench's every-row test: docs/design.md#test-time)."""
+    import peft  # noqa: F401  (imported by nearly every worker anyway: frozen with the rest)
+    from transformers import Gemma4ForConditionalGeneration, Trainer  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
