@@ -132,6 +132,7 @@ def reset_memory(device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.reset_accumulated_memory_stats(device)  # alloc_retries counts from here
 
 
 def peak_gib(device) -> float | None:
@@ -141,11 +142,15 @@ def peak_gib(device) -> float | None:
 
 
 def peaks(device) -> dict:
-    """Peak allocated memory, and peak reserved by the caching allocator (what must fit a card)."""
+    """Peak allocated memory, peak reserved by the caching allocator (what must fit a card), and
+    how often the allocator, at the card's or the cap's limit, freed its cache and retried (each a
+    device sync: a suspect for the slow capped presets, docs/benchmarks.md round 6)."""
     import torch
 
-    reserved = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
-    return {"peak_gib": peak_gib(device), "peak_reserved_gib": reserved}
+    if device.type != "cuda":
+        return {"peak_gib": None, "peak_reserved_gib": None}
+    return {"peak_gib": peak_gib(device), "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
+            "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0)}
 
 
 class MemoryCap:
