@@ -54,7 +54,7 @@ CPU_DEMO_FINETUNE = {
     "lora_alpha": 32,
     "lora_dropout": 0.0,
     "learning_rate": 2e-3,
-    "epochs": 4,
+    "epochs": 3,
     "batch_size": 8,
 }
 

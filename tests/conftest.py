@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import gc
+import importlib
 import json
 import os
 import shutil
@@ -47,9 +48,9 @@ def pytest_collection_finish(session):
     """What the tests import lives to the end: freeze it, so that the full garbage collections
     Trainer (one per train()), the bench (one per row) and Python itself run skip its ~550k
     objects (0.35 s each, a third of the bench's every-row test: docs/design.md#test-time)."""
-    import peft  # noqa: F401  (imported by nearly every worker anyway: frozen with the rest)
-    from transformers import Gemma4ForConditionalGeneration, Trainer  # noqa: F401
-
+    # What nearly every worker imports later anyway, imported now to be frozen with the rest.
+    for module in ("peft", "transformers.trainer", "transformers.models.gemma4.modeling_gemma4"):
+        importlib.import_module(module)
     gc.collect()
     gc.freeze()
 
