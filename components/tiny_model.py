@@ -48,7 +48,8 @@ EXTRA_SPECIAL = [TURN_OPEN, TURN_CLOSE, CHANNEL_OPEN, CHANNEL_CLOSE, "<|think|>"
 # Fine-tuning settings for the tiny model on CPU (the demo and the learning test): a random-init
 # model needs a larger step than the recipe's real-checkpoint defaults; 5e-3 was at the edge of
 # stability (the result swung with the seed and the CPU), 2e-3 is not (README "It learns").
-# No LoRA dropout: its masks on every adapted layer's input cost 16% of a CPU step.
+# No LoRA dropout: its masks on every adapted layer's input cost 16% of a CPU step. 3 epochs:
+# seeds 0-2 reach >= 0.9875 on both template shapes (2 epochs still gave 0.9875-1.000).
 CPU_DEMO_FINETUNE = {
     "lora_r": 16,
     "lora_alpha": 32,
