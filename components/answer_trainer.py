@@ -73,14 +73,6 @@ class AnswerLossTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.step_control, self.hyperparameters = step_control, hyperparameters
         self.model_accepts_loss_kwargs = True  # makes Trainer count the step's answer tokens (num_items_in_batch)
-        self._flos_per_token: int | None = None
-
-    def floating_point_ops(self, inputs: dict) -> int:
-        # Trainer's own count (for total_flos) walks every module twice per micro-batch: 20-30 ms
-        # of host time at real sizes, which the GPU waits for at small micro-batches. Counted once.
-        if self._flos_per_token is None:
-            self._flos_per_token = 6 * self.model.num_parameters(exclude_embeddings=True)
-        return self._flos_per_token * inputs["input_ids"].numel()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs["pixel_values"] = inputs["pixel_values"].to(modeling.compute_dtype(self.args.device))

@@ -117,28 +117,6 @@ def test_train_writes_adapter_processor_and_metrics(tiny_model_dir, small_pets_d
     assert again["final_loss"] == saved["final_loss"]
 
 
-def test_trainer_flops_are_counted_as_trainer_counts_them_without_walking_the_model_each_time(
-        tiny_model_dir, small_pets_dir, tmp_path, monkeypatch):
-    from transformers import Trainer
-
-    from components import answer_trainer, shards
-
-    cfg = small_config(tiny_model_dir, small_pets_dir, tmp_path / "adapter")
-    plan = finetune.memory_plan(cfg, torch.device("cpu"))
-    peft_model, _ = finetune.attach_lora(modeling.load_model(cfg.model_dir, torch.device("cpu")), cfg, plan[2])
-    examples = shards.load_examples(small_pets_dir, "train")[:4]
-    trainer = answer_trainer.make_trainer(cfg, peft_model, modeling.load_processor(cfg.model_dir), examples,
-                                          ["a", "b"], plan, world_size=1)
-    walks = []
-    count = trainer.model.num_parameters
-    monkeypatch.setattr(trainer.model, "num_parameters", lambda **kw: walks.append(kw) or count(**kw))
-    batch = {"input_ids": torch.zeros(2, 7, dtype=torch.long)}
-    assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) > 0
-    longer = {"input_ids": torch.zeros(3, 7, dtype=torch.long)}
-    assert trainer.floating_point_ops(longer) == Trainer.floating_point_ops(trainer, longer)
-    assert len(walks) == 3  # Trainer's own count walked twice, the step's once for both batches
-
-
 def test_resume_ends_with_the_same_adapter(tiny_model_dir, small_pets_dir, tmp_path, capsys):
     straight = tmp_path / "straight"
     finetune.run(small_config(tiny_model_dir, small_pets_dir, straight))
