@@ -48,9 +48,11 @@ def pytest_collection_finish(session):
     """What the tests import lives to the end: freeze it, so that the full garbage collections
     Trainer (one per train()), the bench (one per row) and Python itself run skip its ~550k
     objects (0.35 s each, a third of the bench's every-row test: docs/design.md#test-time)."""
-    # What nearly every worker imports later anyway, imported now to be frozen with the rest.
-    for module in ("peft", "transformers.trainer", "transformers.models.gemma4.modeling_gemma4"):
-        importlib.import_module(module)
+    # What the slow tests import later anyway, imported now to be frozen with the rest; a run with
+    # no slow test (the compile tests alone) does not pay their 8-16 s of imports.
+    if any(item.get_closest_marker("slow") for item in session.items):
+        for module in ("peft", "transformers.trainer", "transformers.models.gemma4.modeling_gemma4"):
+            importlib.import_module(module)
     gc.collect()
     gc.freeze()
 
