@@ -15,8 +15,9 @@ untimed warm-up and then the timed steps.
 
 Training rows run the project's own code (``finetune.memory_plan``, ``attach_lora`` and the
 fine-tune step's Trainer, ``answer_trainer.make_trainer``), the recipe's ``transformers.Trainer``
-(``bench/recipe.py``) or TRL's ``SFTTrainer`` set up at its best (``bench/trl_peer.py``); evaluation rows run ``evaluate``'s ``generate`` and ``score`` paths,
-image preprocessing included, on the base model. Memory presets run under a cap on the caching
+(``bench/recipe.py``) or TRL's ``SFTTrainer`` set up at its best (``bench/trl_peer.py``);
+evaluation rows run ``evaluate``'s ``generate`` and ``score`` paths, image preprocessing
+included, on the base model. Memory presets run under a cap on the caching
 allocator (``torch.cuda.set_per_process_memory_fraction``) equal to the card they are for.
 
 Model FLOPs per training sample follow the usual 6N convention, ``6 x (language-model weights x
