@@ -155,12 +155,17 @@ def peaks(device) -> dict:
 
 
 class MemoryCap:
-    """Limit the caching allocator to ``gib`` GiB of the card (None: no limit)."""
+    """Limit the caching allocator to ``gib`` GiB of the card (None: no limit); with
+    ``expandable_segments``, the row's new allocations go to segments that grow in place instead
+    of fixed blocks, the allocator's remedy for fragmentation near a limit (PyTorch's CUDA
+    memory docs, PYTORCH_CUDA_ALLOC_CONF; set at run time as PyTorch's own
+    test_cuda_expandable_segments.py does)."""
 
-    def __init__(self, device, gib: float | None):
+    def __init__(self, device, gib: float | None, expandable_segments: bool = False):
         import torch
 
         self.device, self.gib = device, gib
+        self.expandable = expandable_segments and device.type == "cuda"
         self.index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
 
     def __enter__(self):
@@ -169,6 +174,9 @@ class MemoryCap:
         if self.device.type == "cuda" and self.gib:
             total = torch.cuda.get_device_properties(self.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.gib * GIB / total), self.index)
+        if self.expandable:
+            torch.cuda.empty_cache()
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
         return self
 
     def __exit__(self, *exc):
@@ -176,6 +184,9 @@ class MemoryCap:
 
         if self.device.type == "cuda" and self.gib:
             torch.cuda.set_per_process_memory_fraction(1.0, self.index)
+        if self.expandable:
+            torch.cuda.empty_cache()
+            torch.cuda.memory._set_allocator_settings("expandable_segments:False")
         return False
 
 
@@ -298,11 +309,11 @@ def attention_kernel(choice: str) -> tuple[str | None, str]:
 
 def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None = None, fused_norms: bool = True,
                       lora_r: int | None = None, compile_layers: bool = False, attention: str | None = None,
-                      **overrides) -> tuple[object, dict]:
+                      expandable_segments: bool = False, **overrides) -> tuple[object, dict]:
     """One repeat of the fine-tune step's Trainer: one warm-up optimizer step, then ``timed_steps``
     steps. ``lora_r`` (alpha the same) replaces the bench's rank; ``compile_layers`` compiles each
     decoder layer (regional torch.compile); ``attention`` switches the attention kernel;
-    ``overrides`` are FinetuneConfig fields."""
+    ``expandable_segments``: the allocator's (MemoryCap); ``overrides`` are FinetuneConfig fields."""
     import torch
 
     from components import finetune, modeling
@@ -313,7 +324,8 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
     preset, micro, recompute_every = finetune.memory_plan(ft, device)
     row = {"row": name, "kind": "train", "loop": "project", "memory_preset": preset, "micro_batch_size": micro,
            "batch_size": ft.batch_size, "recompute_every": recompute_every, "lora_r": ft.lora_r,
-           "memory_cap_gib": cap_gib, "fused_norms": fused_norms and device.type == "cuda"}
+           "memory_cap_gib": cap_gib, "fused_norms": fused_norms and device.type == "cuda",
+           "expandable_segments": expandable_segments and device.type == "cuda"}
     reset_memory(device)
     before = model.config._attn_implementation
     if attention:
@@ -334,7 +346,7 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
         for layer in decoder_layers(causal_lm):
             layer.mlp.compile(backend=row["compile_backend"])
     try:
-        with MemoryCap(device, cap_gib):
+        with MemoryCap(device, cap_gib, expandable_segments):
             row.update(time_project_steps(peft_model, ctx, ft, (preset, micro, recompute_every)))
         if compile_layers:  # a count near the layer count means recompiling per layer
             row["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
@@ -610,6 +622,10 @@ def row_specs(cfg: BenchConfig) -> list[RowSpec]:
                 _train(train_row_project, name="lever: default, decoder MLPs compiled", compile_layers=True),
                 "train", b * (1 + t), step + "; compiles on the first repeat", "project", compiles=True),
         RowSpec("lever-attention", ("train", "levers"), _attention_row, "train", b * (1 + t), step, "project"),
+        RowSpec("lever-24gb-expandable", ("train", "levers"),
+                _train(train_row_project, name="lever: preset 24gb, expandable segments", cap_gib=PRESET_CARDS_GIB["24gb"],
+                       memory_preset="24gb", lora_r=16, expandable_segments=True), "train", b * (1 + t), step,
+                "small-micro"),
     ]
     return specs + eval_specs(cfg)
 
@@ -668,7 +684,7 @@ def select_rows(specs: list[RowSpec], rows: str) -> list[RowSpec]:
 
 
 MEASURED = ("samples_per_s", "images_per_s", "seconds", "timed_samples", "timed_images", "losses", "peak_gib",
-            "peak_reserved_gib", "wall_s")
+            "peak_reserved_gib", "alloc_retries", "wall_s")
 
 
 def rate_key(kind: str) -> str:
@@ -695,6 +711,9 @@ def aggregate(spec: RowSpec, repeats: list[dict]) -> dict:
     reserved = [r["peak_reserved_gib"] for r in repeats if r.get("peak_reserved_gib") is not None]
     row["peak_gib"] = max(peaks_seen) if peaks_seen else None
     row["peak_reserved_gib"] = max(reserved) if reserved else None
+    retries = [r["alloc_retries"] for r in repeats if "alloc_retries" in r]
+    if retries:
+        row["alloc_retries"] = max(retries)
     return row
 
 
@@ -887,7 +906,8 @@ def derive_presets(rows: dict, card_gib: float | None) -> dict:
         presets[card] = None if best is None else {
             "row": best["id"], "samples_per_s": best["samples_per_s"], "peak_reserved_gib": best.get("peak_reserved_gib"),
             "micro_batch_size": best["micro_batch_size"], "recompute_every": best["recompute_every"],
-            "fused_norms": best.get("fused_norms"), "card_gib": gib}
+            "fused_norms": best.get("fused_norms"), "expandable_segments": best.get("expandable_segments"),
+            "card_gib": gib}
     return presets
 
 
@@ -967,6 +987,7 @@ def render_markdown(result: dict) -> str:
         speedup = summary.get("train_speedup", {}).get(r["row"])
         mfu = summary.get("mfu", {}).get(r["row"])
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+        peak += f" ({r['alloc_retries']} allocator retries)" if r.get("alloc_retries") else ""
         lines.append(f"| {r['row']} ({r.get('base', '')}) | {r['loop']} | {r['micro_batch_size']} x {accum} | "
                      f"{recompute_label(r['recompute_every'])} | {r['lora_r']} | {cap} | {rate_cell(r)} | "
                      f"{'-' if speedup is None else f'{speedup:.2f}x'} | {'-' if mfu is None else f'{mfu:.1%}'} | {peak} |")
