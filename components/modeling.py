@@ -6,6 +6,8 @@ hub checkpoint, the tiny stand-in, or a merged export) loads identically everywh
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import types
 from pathlib import Path
 
@@ -34,11 +36,14 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 def resolve_quantization(quantization: str, device: torch.device) -> str:
     if quantization == "auto":
-        return "nf4" if device.type == "cuda" else "none"
+        quantization = "nf4" if device.type == "cuda" else "none"
     if quantization == "nf4" and device.type != "cuda":
         raise ValueError("--quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit); use --quantization none on CPU")
     if quantization not in ("nf4", "none"):
         raise ValueError(f"--quantization must be auto, nf4 or none, got {quantization!r}")
+    if quantization == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--quantization nf4 needs bitsandbytes, which this install lacks: pip install "
+                         "'gemma-pets[gpu]' (the trainer image has it), or --quantization none")
     return quantization
 
 
@@ -143,12 +148,10 @@ def fuse_rms_norms(model: nn.Module, enabled: bool = True) -> int:
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
-    try:  # bitsandbytes' 4-bit layer is not an nn.Linear subclass in every release
-        import bitsandbytes as bnb
-
-        return isinstance(module, bnb.nn.Linear4bit)
-    except ImportError:
-        return False
+    # bitsandbytes' 4-bit layer is not an nn.Linear subclass in every release; one exists only
+    # once bitsandbytes is imported (CPU installs do not have it: the gpu extra).
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:

@@ -256,12 +256,14 @@ def test_requirements_split_matches_pyproject_exactly(tmp_path):
                            "--rest-out", str(rest_out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     pyproject = tomllib.loads(PYPROJECT.read_text())
-    pins = pyproject["project"]["dependencies"]
+    image = pyproject["tool"]["gemma-pets"]["trainer-image"]
+    extras = [p for extra in image["extras"] for p in pyproject["project"]["optional-dependencies"][extra]]
+    pins = pyproject["project"]["dependencies"] + extras
     torch_lines = torch_out.read_text().split()
     rest_lines = rest_out.read_text().split()
-    image_torch = pyproject["tool"]["gemma-pets"]["trainer-image"]["torch"]
-    assert torch_lines == [p + "+cu128" for p in image_torch] and torch_lines[0].startswith("torch==")
+    assert torch_lines == [p + "+cu128" for p in image["torch"]] and torch_lines[0].startswith("torch==")
     assert rest_lines == [p for p in pins if p.split("==")[0] not in ("torch", "torchvision")]
+    assert "bitsandbytes==0.50.2" in rest_lines  # nf4: the gpu extra, which only the image installs
 
 
 @pytest.mark.parametrize("dependency, message", [
@@ -271,6 +273,10 @@ def test_requirements_split_matches_pyproject_exactly(tmp_path):
     ('"torch==2.14.1+cu126"', "pinned to +cu126, but the image is built for +cu128"),
     ('"peft==1"]\n[tool.gemma-pets.trainer-image]\ntorch = ["torchvision==0.26.0"',
      "must pin the same packages as [project].dependencies does (torch)"),
+    ('"peft==1"]\n[tool.gemma-pets.trainer-image]\nextras = ["gpu"',
+     "extras names 'gpu', which [project.optional-dependencies] does not define"),
+    ('"peft==1"]\n[project.optional-dependencies]\ngpu = ["bitsandbytes>=0.50"]\n'
+     '[tool.gemma-pets.trainer-image]\nextras = ["gpu"', "[project.optional-dependencies].gpu: dependency"),
 ])
 def test_requirements_script_refuses_what_it_cannot_pin(tmp_path, dependency, message):
     pyproject = tmp_path / "pyproject.toml"
@@ -584,7 +590,9 @@ def test_committed_resolution_report_is_of_the_current_pins():
     rows = dict((canonical(m.group(1)), m.group(2))
                 for m in re.finditer(r"^\| (\S+) \| (\S+) \| [^|]+\|$", text, re.MULTILINE))
     pyproject = tomllib.loads(PYPROJECT.read_text())
-    pins = [*pyproject["project"]["dependencies"], *pyproject["tool"]["gemma-pets"]["trainer-image"]["torch"]]
+    image = pyproject["tool"]["gemma-pets"]["trainer-image"]
+    extras = [p for extra in image["extras"] for p in pyproject["project"]["optional-dependencies"][extra]]
+    pins = [*pyproject["project"]["dependencies"], *extras, *image["torch"]]
     for pin in pins:
         name, version = pin.split("==")
         if name not in ("torch", "torchvision"):  # the project's CPU torch is not the image's

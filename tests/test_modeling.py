@@ -44,3 +44,15 @@ def test_fused_norms_leave_the_tiny_models_logits_unchanged(tiny_model_dir):
         fused = model(input_ids=ids).logits
     assert norms >= 4 * model.config.text_config.num_hidden_layers
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("asked", ["auto", "nf4"])
+def test_nf4_without_bitsandbytes_names_the_extra(asked, monkeypatch):
+    """CPU installs leave the gpu extra out; nf4 asked on a GPU then fails at the flag, before
+    any model loads, instead of deep inside from_pretrained."""
+    real = modeling.importlib.util.find_spec
+    monkeypatch.setattr(modeling.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ValueError, match=r"needs bitsandbytes.*pip install 'gemma-pets\[gpu\]'"):
+        modeling.resolve_quantization(asked, torch.device("cuda"))
+    assert modeling.resolve_quantization("none", torch.device("cuda")) == "none"

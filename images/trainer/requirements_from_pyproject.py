@@ -51,10 +51,12 @@ def parse_pins(requirements, where: str) -> list[tuple[str, str, str]]:
 
 
 def read_pins(pyproject: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
-    """(``[project].dependencies``, the image's torch pins) as [(name, extras, version)].
+    """(``[project].dependencies`` and the image's extras, the image's torch pins) as
+    [(name, extras, version)].
 
-    The image's torch pins are ``[tool.gemma-pets.trainer-image].torch``; without that table,
-    the project's own torch pins.
+    The image's extras are ``[tool.gemma-pets.trainer-image].extras`` (names of
+    ``[project.optional-dependencies]``); its torch pins are that table's ``torch``, or without
+    it the project's own torch pins.
     """
     try:
         data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
@@ -64,7 +66,14 @@ def read_pins(pyproject: Path) -> tuple[list[tuple[str, str, str]], list[tuple[s
     if not isinstance(deps, list) or not deps:
         raise ValueError(f"{pyproject}: [project].dependencies is missing or empty")
     pins = parse_pins(deps, str(pyproject))
-    image = data.get("tool", {}).get("gemma-pets", {}).get("trainer-image", {}).get("torch")
+    table = data.get("tool", {}).get("gemma-pets", {}).get("trainer-image", {})
+    optional = data.get("project", {}).get("optional-dependencies", {})
+    for extra in table.get("extras", []):
+        if extra not in optional:
+            raise ValueError(f"{pyproject}: [tool.gemma-pets.trainer-image].extras names {extra!r}, "
+                             "which [project.optional-dependencies] does not define")
+        pins += parse_pins(optional[extra], f"{pyproject} [project.optional-dependencies].{extra}")
+    image = table.get("torch")
     if image is None:
         return pins, [p for p in pins if canonical(p[0]) in TORCH_PACKAGES]
     image_pins = parse_pins(image, f"{pyproject} [tool.gemma-pets.trainer-image].torch")
@@ -102,7 +111,8 @@ def with_image_torch(pyproject: Path) -> str:
     swapped textually (once, in ``[project].dependencies``) and the result read back to check.
     """
     text = pyproject.read_text(encoding="utf-8")
-    pins, image_torch = read_pins(pyproject)
+    image_torch = read_pins(pyproject)[1]
+    pins = parse_pins(tomllib.loads(text)["project"]["dependencies"], str(pyproject))
     image_by_name = {canonical(name): (name, extras, version) for name, extras, version in image_torch}
     deps_start = re.search(r"^dependencies\s*=", text, re.MULTILINE).start()  # [project]'s
     for name, extras, version in pins:
