@@ -217,7 +217,7 @@ def test_harness_runs_every_row_on_the_tiny_model(tiny_model_dir, tmp_path, monk
     saved = json.loads(out.read_text())
     rows = {r["id"]: r for r in saved["rows"]}
     assert list(rows) == [s.id for s in sorted(bench_gpu.row_specs(cfg), key=lambda s: s.phase != "bf16")]
-    assert len(rows) == len(saved["rows"]) == 23
+    assert len(rows) == len(saved["rows"]) == 24
     assert [i for i, r in rows.items() if "error" in r or "skipped" in r] == []
     assert all(len(r["repeats"]) == 1 and r["spread"]["relative"] == 0 for r in rows.values())
     assert saved["config"]["repeats"] == 1
