@@ -8,8 +8,9 @@ version is repeated in the Dockerfile). Two installs, because the CUDA build mat
   (``torch==2.11.0+cu128``), installed from that index alone. PyPI's own torch wheel of the same
   version is built for CUDA 13 and needs a newer NVIDIA driver than Cloud Run's L4 hosts have, so
   "the same version from PyPI" is not the same binary.
-* ``rest.txt``: every other pin of ``[project].dependencies``, installed from PyPI with
-  ``torch.txt`` as constraints so pip can never swap the CUDA 12.8 torch for PyPI's.
+* ``rest.txt``: every other pin of ``[project].dependencies`` and of the image's extras
+  (``[tool.gemma-pets.trainer-image].extras``: the ``gpu`` extra, bitsandbytes), installed from
+  PyPI with ``torch.txt`` as constraints so pip can never swap the CUDA 12.8 torch for PyPI's.
 
 Every dependency must be an exact ``name==version`` pin; anything else is an error naming the
 file and the requirement, so an unpinned dependency cannot slip into the image.
