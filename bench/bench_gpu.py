@@ -601,12 +601,14 @@ def row_specs(cfg: BenchConfig) -> list[RowSpec]:
         RowSpec("default", ("train",), _train(train_row_project, name="project default"), "train", b * (1 + t),
                 step, "project"),
     ]
-    for preset, gib in PRESET_CARDS_GIB.items():
-        rank = 16 if preset == "24gb" else cfg.lora_r  # the 24 GB preset is for r=16
+    def preset_args(preset: str) -> dict:  # the preset's cap and its rank (the 24 GB preset is for r=16)
+        return dict(cap_gib=PRESET_CARDS_GIB[preset], memory_preset=preset,
+                    lora_r=16 if preset == "24gb" else cfg.lora_r)
+
+    for preset in PRESET_CARDS_GIB:
         specs.append(RowSpec(f"preset-{preset}", ("train", "presets"),
-                             _train(train_row_project, name=f"preset {preset}", cap_gib=gib, memory_preset=preset,
-                                    lora_r=rank), "train", b * (1 + t), step,
-                             "small-micro" if preset == "24gb" else "project"))
+                             _train(train_row_project, name=f"preset {preset}", **preset_args(preset)),
+                             "train", b * (1 + t), step, "small-micro" if preset == "24gb" else "project"))
     # Configurations that keep activations (for cards over 100 GB) with the reference norms, with
     # which such rows ran faster in runs 3-5 (docs/benchmarks.md); then one lever at a time.
     for micro, recompute in ((8, "every-2"), (4, "off")):
@@ -623,13 +625,12 @@ def row_specs(cfg: BenchConfig) -> list[RowSpec]:
                 "train", b * (1 + t), step + "; compiles on the first repeat", "project", compiles=True),
         RowSpec("lever-attention", ("train", "levers"), _attention_row, "train", b * (1 + t), step, "project"),
         RowSpec("lever-24gb-compile", ("train", "levers"),
-                _train(train_row_project, name="lever: preset 24gb, decoder MLPs compiled", cap_gib=PRESET_CARDS_GIB["24gb"],
-                       memory_preset="24gb", lora_r=16, compile_layers=True), "train", b * (1 + t),
-                step + "; compiles on the first repeat", "small-micro", compiles=True),
+                _train(train_row_project, name="lever: preset 24gb, decoder MLPs compiled", compile_layers=True,
+                       **preset_args("24gb")), "train", b * (1 + t), step + "; compiles on the first repeat",
+                "small-micro", compiles=True),
         RowSpec("lever-24gb-expandable", ("train", "levers"),
-                _train(train_row_project, name="lever: preset 24gb, expandable segments", cap_gib=PRESET_CARDS_GIB["24gb"],
-                       memory_preset="24gb", lora_r=16, expandable_segments=True), "train", b * (1 + t), step,
-                "small-micro"),
+                _train(train_row_project, name="lever: preset 24gb, expandable segments", expandable_segments=True,
+                       **preset_args("24gb")), "train", b * (1 + t), step, "small-micro"),
     ]
     return specs + eval_specs(cfg)
 

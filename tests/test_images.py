@@ -249,6 +249,14 @@ def test_the_image_project_wheel_requires_the_image_torch(tmp_path):
     assert build.index("--image-pyproject pyproject.toml") < build.index("pip wheel")
 
 
+def image_pins(pyproject: dict) -> list[str]:
+    """[project].dependencies and the pins of the extras the image installs, read independently
+    of the script under test."""
+    extras = pyproject["tool"]["gemma-pets"]["trainer-image"]["extras"]
+    return pyproject["project"]["dependencies"] + [
+        pin for extra in extras for pin in pyproject["project"]["optional-dependencies"][extra]]
+
+
 def test_requirements_split_matches_pyproject_exactly(tmp_path):
     torch_out, rest_out = tmp_path / "torch.txt", tmp_path / "rest.txt"
     done = subprocess.run([sys.executable, str(REQUIREMENTS_SCRIPT), str(PYPROJECT),
@@ -257,8 +265,7 @@ def test_requirements_split_matches_pyproject_exactly(tmp_path):
     assert done.returncode == 0, done.stderr
     pyproject = tomllib.loads(PYPROJECT.read_text())
     image = pyproject["tool"]["gemma-pets"]["trainer-image"]
-    extras = [p for extra in image["extras"] for p in pyproject["project"]["optional-dependencies"][extra]]
-    pins = pyproject["project"]["dependencies"] + extras
+    pins = image_pins(pyproject)
     torch_lines = torch_out.read_text().split()
     rest_lines = rest_out.read_text().split()
     assert torch_lines == [p + "+cu128" for p in image["torch"]] and torch_lines[0].startswith("torch==")
@@ -590,9 +597,7 @@ def test_committed_resolution_report_is_of_the_current_pins():
     rows = dict((canonical(m.group(1)), m.group(2))
                 for m in re.finditer(r"^\| (\S+) \| (\S+) \| [^|]+\|$", text, re.MULTILINE))
     pyproject = tomllib.loads(PYPROJECT.read_text())
-    image = pyproject["tool"]["gemma-pets"]["trainer-image"]
-    extras = [p for extra in image["extras"] for p in pyproject["project"]["optional-dependencies"][extra]]
-    pins = [*pyproject["project"]["dependencies"], *extras, *image["torch"]]
+    pins = [*image_pins(pyproject), *pyproject["tool"]["gemma-pets"]["trainer-image"]["torch"]]
     for pin in pins:
         name, version = pin.split("==")
         if name not in ("torch", "torchvision"):  # the project's CPU torch is not the image's
