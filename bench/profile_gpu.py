@@ -4,8 +4,10 @@
 
 Times each phase of ``evaluate`` (image preprocessing, vision tower, prompt prefill, decoding,
 score mode's cache copies and candidate passes) on the bf16 base, then quantises to nf4 and
-profiles one training micro-batch, printing the kernels that take the most GPU time. A
-diagnostic for choosing levers; ``bench_gpu`` measures the results.
+times training micro-batches (by default 16 with every layer recomputed, as the ``fast``
+preset) with the step's fused LoRA adds and with PEFT's own LoRA forward, printing the kernels
+that take the most GPU time (``--skip-eval``: training only). A diagnostic for choosing levers;
+``bench_gpu`` measures the results.
 """
 
 from __future__ import annotations
@@ -31,22 +33,27 @@ def top_kernels(fn, limit: int = 15) -> str:
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=limit, max_name_column_width=60)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=limit, max_name_column_width=60)
 
 
-def profile_training(model, processor, photos, names, device) -> None:
-    """The model work of fine-tune micro-batches of 2 and 4 on the nf4 model, as the step's
-    Trainer runs it (bf16 autocast, loss on the answer only), without recomputation."""
+def profile_training(model, processor, photos, names, device, micros: list[int], recompute_every: int,
+                     repeats: int = 3) -> None:
+    """The model work of fine-tune micro-batches on the nf4 model, as the step's Trainer runs it
+    (bf16 autocast, loss on the answer only, every ``recompute_every``-th layer recomputed), with
+    the step's fused LoRA adds and with PEFT's own LoRA forward: timed interleaved, then the
+    kernels that take the most GPU time in each."""
+    import statistics
+
     import torch
 
     from bench import bench_gpu
-    from components import finetune, prompting
+    from components import finetune, modeling, prompting
 
-    ft = bench_gpu.finetune_config(lora_r=64, batch_size=16, seed=0, micro_batch_size=2, gradient_checkpointing="off")
-    peft_model, _ = finetune.attach_lora(model, ft, 0)
+    ft = bench_gpu.finetune_config(lora_r=64, batch_size=16, seed=0)
+    peft_model, _ = finetune.attach_lora(model, ft, recompute_every)
     peft_model.train()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    for micro in (2, 4):
+    for micro in micros:
         batch = prompting.encode_training_batch(processor, photos[:micro], names[:micro], names)
         batch = {k: v.to(device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
@@ -58,18 +65,30 @@ def profile_training(model, processor, photos, names, device) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        _, t = timed(device, step, 2)
-        print(f"nf4 train micro-batch {micro}, no recompute: {t:.3f} s/step = {micro / t:.2f} samples/s, "
-              f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-    print(top_kernels(step, 20))
+        seconds = {True: [], False: []}
+        for _ in range(repeats):
+            for fused in (True, False):
+                modeling.fuse_lora_adds(peft_model, enabled=fused)
+                step()  # warm-up after the switch
+                seconds[fused].append(timed(device, step)[1])
+        for fused, label in ((True, "fused LoRA adds"), (False, "PEFT's LoRA forward")):
+            t = statistics.median(seconds[fused])
+            print(f"nf4 train micro-batch {micro}, recompute every {recompute_every}, {label}: "
+                  f"{', '.join(f'{x:.3f}' for x in seconds[fused])} s/step, median {micro / t:.2f} samples/s")
+        for fused in (True, False):
+            modeling.fuse_lora_adds(peft_model, enabled=fused)
+            print(f"top kernels, micro-batch {micro}, fused LoRA adds {fused}:")
+            print(top_kernels(step, 25))
+    bench_gpu.release(peft_model, device)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="gemma-4-31b")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--train-micro-batches", default="16", help="comma-separated micro-batch sizes to profile")
+    parser.add_argument("--recompute-every", type=int, default=1, help="as the fine-tune step's memory plan; 0: none")
+    parser.add_argument("--skip-eval", action="store_true", help="profile training only")
     args = parser.parse_args(argv)
 
     import torch
@@ -83,8 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     names = list(OXFORD_PET_CLASSES)
     processor = random_model.stand_in_processor(args.variant)
     model = real_size.build_model(random_model.variant_config(args.variant, processor.tokenizer), device, "none")
-    photos = bench_gpu.random_photos(args.batch_size, 0)
+    micros = [int(m) for m in args.train_micro_batches.split(",")]
+    photos = bench_gpu.random_photos(max(args.batch_size, *micros), 0)
     b = args.batch_size
+    if args.skip_eval:
+        real_size.quantize_nf4_(model)
+        profile_training(model, processor, photos, names, device, micros, args.recompute_every)
+        return 0
 
     cpu_batch, t = timed(device, lambda: prompting.encode_prompt_batch(processor, photos, names))
     print(f"encode {b} prompts on CPU: {t:.3f} s ({torch.get_num_threads()} torch threads)")
@@ -121,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.empty_cache()
 
     real_size.quantize_nf4_(model)
-    profile_training(model, processor, photos, names, device)
+    profile_training(model, processor, photos, names, device, micros, args.recompute_every)
     return 0
 
 
