@@ -36,6 +36,46 @@ def top_kernels(fn, limit: int = 15) -> str:
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=limit, max_name_column_width=60)
 
 
+def time_attention_kernels(text_config, device, batch: int = 16, seq: int = 509, repeats: int = 5) -> None:
+    """Forward and forward+backward milliseconds of one attention call at the sliding and the
+    global layers' head sizes, per SDPA kernel, as transformers calls it with a mask (bool, the
+    key/value heads repeated), bf16: which kernel a layer of this width should take."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+    mask[10:276, 10:276] = True  # the image's soft tokens see each other, as Gemma 4's vision mask
+    mask = mask.expand(batch, 1, seq, seq)
+    heads = text_config.num_attention_heads
+    kernels = [("efficient", SDPBackend.EFFICIENT_ATTENTION, False), ("math fp32", SDPBackend.MATH, False),
+               ("math bf16", SDPBackend.MATH, True), ("cudnn", SDPBackend.CUDNN_ATTENTION, False),
+               ("flash", SDPBackend.FLASH_ATTENTION, False)]
+    widths = {kind: text_config.per_layer_config[i].head_dim for i, kind in enumerate(text_config.layer_types)}
+    for label, head_dim in widths.items():
+        q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        grad = torch.randn_like(q)
+        for name, backend, bf16_math in kernels:
+            torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(bf16_math)
+            try:
+                with sdpa_kernel(backend):
+                    fwd = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+                    both = lambda: fwd().backward(grad)
+                    both()
+                    times = [(timed(device, fwd)[1], timed(device, both)[1]) for _ in range(repeats)]
+                print(f"attention {label} (head dim {head_dim}), {name}: forward "
+                      f"{statistics.median(t[0] for t in times) * 1e3:.2f} ms, forward+backward "
+                      f"{statistics.median(t[1] for t in times) * 1e3:.2f} ms")
+            except RuntimeError as error:
+                print(f"attention {label} (head dim {head_dim}), {name}: not available ({str(error).splitlines()[0][:120]})")
+            finally:
+                torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
+            q.grad = k.grad = v.grad = None
+
+
 def profile_training(model, processor, photos, names, device, micros: list[int], recompute_every: int,
                      repeats: int = 3) -> None:
     """The model work of fine-tune micro-batches on the nf4 model, as the step's Trainer runs it
@@ -89,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-micro-batches", default="16", help="comma-separated micro-batch sizes to profile")
     parser.add_argument("--recompute-every", type=int, default=1, help="as the fine-tune step's memory plan; 0: none")
     parser.add_argument("--skip-eval", action="store_true", help="profile training only")
+    parser.add_argument("--attention", action="store_true", help="time the SDPA kernels at this variant's head sizes only")
     args = parser.parse_args(argv)
 
     import torch
@@ -101,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     names = list(OXFORD_PET_CLASSES)
     processor = random_model.stand_in_processor(args.variant)
+    if args.attention:
+        time_attention_kernels(random_model.variant_config(args.variant, processor.tokenizer).text_config, device)
+        return 0
     model = real_size.build_model(random_model.variant_config(args.variant, processor.tokenizer), device, "none")
     micros = [int(m) for m in args.train_micro_batches.split(",")]
     photos = bench_gpu.random_photos(max(args.batch_size, *micros), 0)

@@ -106,3 +106,62 @@ def test_fused_lora_adds_match_peft(autocast, tolerance, monkeypatch):
     assert len(calls) == 4
     modeling.fuse_lora_adds(model, enabled=False)
     assert all("forward" not in m.__dict__ for m in model.modules() if isinstance(m, Linear))
+
+
+def _wide_head_model(global_head_dim: int, device: str = "cpu", dtype=torch.float32):
+    """Gemma 4's text stack in miniature with its real head-width split: sliding layers 32 wide,
+    full-attention layers ``global_head_dim`` wide (512 in every published size)."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    config = Gemma4TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              layer_types=["sliding_attention", "full_attention"] * 2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=32, global_head_dim=global_head_dim,
+                              hidden_size_per_layer_input=0, num_kv_shared_layers=0, sliding_window=16,
+                              attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return Gemma4ForCausalLM(config).to(device, dtype)
+
+
+def test_wide_attention_routes_only_the_wide_layers_to_bf16_math(monkeypatch):
+    """The 320-wide layers run SDPA with only the math kernel allowed and bf16 reductions on;
+    the 32-wide layers see SDPA's own choice; the global flag is restored; logits unchanged."""
+    model = _wide_head_model(320).eval()
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        seen.append((query.shape[-1], torch.backends.cuda.mem_efficient_sdp_enabled(),
+                     torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()))
+        return real_sdpa(query, *args, **kwargs)
+
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44, 45]])
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        assert modeling.route_wide_attention(model) == 2
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        routed = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert sorted(seen) == [(32, True, False), (32, True, False), (320, False, True), (320, False, True)]
+    assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.testing.assert_close(routed, reference, rtol=0, atol=1e-6)
+    assert modeling.route_wide_attention(model, enabled=False) == 2
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run `make test-gpu` on the device machine)")
+def test_wide_attention_on_math_matches_the_efficient_kernel():
+    """At the real 512-wide global heads in bf16, loss and gradients through the routed layers
+    agree with SDPA's own pick (the memory-efficient kernel) to bf16 precision."""
+    model = _wide_head_model(512, "cuda", torch.bfloat16).train()
+    ids = torch.randint(3, 128, (4, 300), device="cuda")
+
+    def loss_and_grads():
+        loss = model(input_ids=ids, labels=ids).loss
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        return loss.float(), torch.cat([g.float().flatten() for g in grads])
+
+    efficient = loss_and_grads()
+    assert modeling.route_wide_attention(model) == 2
+    routed = loss_and_grads()
+    torch.testing.assert_close(routed[0], efficient[0], rtol=1e-2, atol=0)
+    assert (routed[1] - efficient[1]).norm() <= 0.02 * efficient[1].norm()
