@@ -274,7 +274,6 @@ def release(peft_model, device):
     peft_model.zero_grad(set_to_none=True)
     model = detach_lora(peft_model)
     modeling.fuse_rms_norms(model, enabled=device.type == "cuda")
-    modeling.route_wide_attention(model, enabled=device.type == "cuda")
     del peft_model
     reset_memory(device)
     return model
@@ -310,29 +309,24 @@ def attention_kernel(choice: str) -> tuple[str | None, str]:
 
 def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None = None, fused_norms: bool = True,
                       lora_r: int | None = None, compile_layers: bool = False, attention: str | None = None,
-                      expandable_segments: bool = False, fused_lora: bool = True, wide_attention: bool = True,
-                      **overrides) -> tuple[object, dict]:
+                      expandable_segments: bool = False, fused_lora: bool = True, **overrides) -> tuple[object, dict]:
     """One repeat of the fine-tune step's Trainer: one warm-up optimizer step, then ``timed_steps``
     steps. ``lora_r`` (alpha the same) replaces the bench's rank; ``compile_layers`` compiles each
     decoder layer (regional torch.compile); ``attention`` switches the attention kernel;
     ``expandable_segments``: the allocator's (MemoryCap); ``fused_lora=False`` runs PEFT's own LoRA
-    forward instead of the step's (modeling.fuse_lora_adds); ``wide_attention=False`` leaves heads
-    wider than the fused kernels on SDPA's own choice (modeling.route_wide_attention); ``overrides``
-    are FinetuneConfig fields."""
+    forward instead of the step's (modeling.fuse_lora_adds); ``overrides`` are FinetuneConfig fields."""
     import torch
 
     from components import finetune, modeling
 
     cfg, device = ctx.cfg, ctx.device
     modeling.fuse_rms_norms(model, enabled=fused_norms and device.type == "cuda")
-    modeling.route_wide_attention(model, enabled=wide_attention and device.type == "cuda")
     ft = finetune_config(lora_r or cfg.lora_r, cfg.batch_size, cfg.seed, **overrides)
     preset, micro, recompute_every = finetune.memory_plan(ft, device)
     row = {"row": name, "kind": "train", "loop": "project", "memory_preset": preset, "micro_batch_size": micro,
            "batch_size": ft.batch_size, "recompute_every": recompute_every, "lora_r": ft.lora_r,
            "memory_cap_gib": cap_gib, "fused_norms": fused_norms and device.type == "cuda",
-           "expandable_segments": expandable_segments and device.type == "cuda", "fused_lora": fused_lora,
-           "wide_attention_math": wide_attention and device.type == "cuda"}
+           "expandable_segments": expandable_segments and device.type == "cuda", "fused_lora": fused_lora}
     reset_memory(device)
     before = model.config._attn_implementation
     if attention:
@@ -427,7 +421,6 @@ def train_row_recipe(model, ctx: Context) -> tuple[object, dict]:
     peft_model, targets = finetune.attach_lora(model, ft, recompute_every=0)  # Trainer switches recomputation on
     row["lora_layers"] = len(targets)
     modeling.fuse_rms_norms(model, enabled=False)  # the recipe runs transformers' and PEFT's own modules
-    modeling.route_wide_attention(model, enabled=False)
     modeling.fuse_lora_adds(peft_model, enabled=False)
     try:
         tensors = recipe.sample_tensors(ctx.processor, [s.photo for s in samples[:n]],
@@ -476,7 +469,6 @@ def train_row_trl(model, ctx: Context) -> tuple[object, dict]:
         torch.manual_seed(cfg.seed)
         peft_model, targets = finetune.attach_lora(model, ft, recompute_every=0)  # the trainer recomputes
         modeling.fuse_rms_norms(model, enabled=False)  # transformers' own modules (Liger's, if installed)
-        modeling.route_wide_attention(model, enabled=False)
         modeling.fuse_lora_adds(peft_model, enabled=False)  # and PEFT's
         accum = cfg.batch_size // micro
         row.update(micro_batch_size=micro, lora_layers=len(targets))
@@ -508,7 +500,7 @@ def train_row_trl(model, ctx: Context) -> tuple[object, dict]:
 
 def eval_row(model, ctx: Context, *, name: str, mode: str, batch_size: int | None = None,
              max_new_tokens: int | None = None, batches: int | None = None, fused_norms: bool = True,
-             wide_attention: bool = True, static_cache: bool = False) -> dict:
+             static_cache: bool = False) -> dict:
     """Images/s of ``evaluate``'s generate or score path, preprocessing included: one warm-up
     batch, then ``batches`` timed ones. ``batch_size`` None: the card's default (evaluate)."""
     import torch
@@ -519,10 +511,9 @@ def eval_row(model, ctx: Context, *, name: str, mode: str, batch_size: int | Non
     batch_size = batch_size or evaluate.default_batch_size(device)
     max_new_tokens = (max_new_tokens or ctx.generate_cap) if mode == "generate" else None
     modeling.fuse_rms_norms(model, enabled=fused_norms and device.type == "cuda")
-    modeling.route_wide_attention(model, enabled=wide_attention and device.type == "cuda")
     model.eval()
     row = {"row": name, "kind": "eval", "mode": mode, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-           "static_cache": static_cache, "wide_attention_math": wide_attention and device.type == "cuda"}
+           "static_cache": static_cache}
     batches = batches or cfg.eval_batches
     reset_memory(device)
     dtype = modeling.compute_dtype(device)
@@ -563,7 +554,6 @@ def eval_row(model, ctx: Context, *, name: str, mode: str, batch_size: int | Non
             raise
         row = {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
     modeling.fuse_rms_norms(model, enabled=device.type == "cuda")
-    modeling.route_wide_attention(model, enabled=device.type == "cuda")
     reset_memory(device)
     return row
 
@@ -634,9 +624,6 @@ def row_specs(cfg: BenchConfig) -> list[RowSpec]:
         RowSpec("lever-reference-norms", ("train", "levers"),
                 _train(train_row_project, name="lever: default, reference norms", fused_norms=False), "train",
                 b * (1 + t), step, "project"),
-        RowSpec("lever-efficient-attention", ("train", "levers"),
-                _train(train_row_project, name="lever: default, wide heads on SDPA's efficient kernel",
-                       wide_attention=False), "train", b * (1 + t), step, "project"),
         RowSpec("lever-peft-lora", ("train", "levers"),
                 _train(train_row_project, name="lever: default, PEFT's LoRA forward", fused_lora=False), "train",
                 b * (1 + t), step, "project"),
@@ -659,7 +646,7 @@ def eval_specs(cfg: BenchConfig) -> list[RowSpec]:
     from bench import recipe
 
     n = cfg.eval_batches
-    recipe_eval = dict(mode="generate", batch_size=recipe.RECIPE_EVAL_BATCH, fused_norms=False, wide_attention=False)
+    recipe_eval = dict(mode="generate", batch_size=recipe.RECIPE_EVAL_BATCH, fused_norms=False)
     batches = f"1 warm-up + {n} batches"
     default = 64  # the images a default-batch row runs per batch on 80 GB+ (for the estimate only)
     specs = [
@@ -676,9 +663,6 @@ def eval_specs(cfg: BenchConfig) -> list[RowSpec]:
                                  _eval(name=f"project {mode} (batch {size})", mode=mode, batch_size=size), "eval",
                                  size * (1 + n), f"{batches} of {size}", "eval"))
     specs += [
-        RowSpec("lever-generate-efficient-attention", ("eval", "levers"),
-                _eval(name="lever: generate, wide heads on SDPA's efficient kernel", mode="generate",
-                      wide_attention=False), "eval", default * (1 + n), f"{batches} of the card's default", "eval"),
         RowSpec("generate-static", ("eval", "levers"),
                 _eval(name="lever: generate, static cache", mode="generate", static_cache=True), "eval",
                 default * (1 + n), f"{batches} of the card's default; compiles on CUDA", "eval", compiles=True),

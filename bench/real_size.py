@@ -30,10 +30,9 @@ def build_model(config, device, quantization: str = "none"):
         model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     model.eval().requires_grad_(False)
     if torch.device(device).type == "cuda":
-        from components.modeling import fuse_rms_norms, route_wide_attention
+        from components.modeling import fuse_rms_norms
 
         fuse_rms_norms(model)  # as modeling.load_model does on CUDA
-        route_wide_attention(model)
     if quantization == "nf4":
         quantize_nf4_(model)
     elif quantization != "none":

@@ -21,9 +21,6 @@ from components.artifacts import ADAPTER_CONFIG
 # lm_head (tied to the embeddings) and any audio tower are left alone.
 LORA_SCOPES = ("model.language_model.", "model.vision_tower.", "model.embed_vision.")
 
-# The widest attention head cuDNN's and flash attention's kernels take on Hopper (H100/H200).
-FUSED_ATTENTION_MAX_HEAD_DIM = 256
-
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -113,7 +110,6 @@ def load_model(model_dir: str, device: torch.device, quantization: str = "none",
         model.to(device)
     if device.type == "cuda":
         fuse_rms_norms(model)
-        route_wide_attention(model)
     return model
 
 
@@ -147,37 +143,6 @@ def fuse_rms_norms(model: nn.Module, enabled: bool = True) -> int:
                 module.__dict__.pop("forward", None)
             count += 1
     return count
-
-
-def route_wide_attention(model: nn.Module, enabled: bool = True) -> int:
-    """Run attention whose heads are wider than any fused kernel takes (Gemma 4's global layers:
-    512) on SDPA's math kernel in bf16, instead of the memory-efficient kernel SDPA falls back
-    to (``enabled=False`` undoes it); returns the number of such layers. Speed:
-    docs/benchmarks.md, round 8; tests/test_gpu.py compares the two on a GPU."""
-    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextAttention
-
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Gemma4TextAttention) and module.head_dim > FUSED_ATTENTION_MAX_HEAD_DIM:
-            if enabled:
-                module.forward = types.MethodType(_math_attention_forward, module)
-            else:
-                module.__dict__.pop("forward", None)
-            count += 1
-    return count
-
-
-def _math_attention_forward(self, *args, **kwargs):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    # bf16 reductions: otherwise the math kernel upcasts q, k and v to fp32 (no tensor cores).
-    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
-    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            return type(self).forward(self, *args, **kwargs)
-    finally:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
 
 
 def fuse_lora_adds(model: nn.Module, enabled: bool = True) -> int:
