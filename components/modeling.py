@@ -149,7 +149,7 @@ def fuse_lora_adds(model: nn.Module, enabled: bool = True) -> int:
     """Run each LoRA layer's update as one matmul that adds into the base layer's output
     (``torch.addmm``) instead of PEFT's copy, scale and add, each a pass over the layer's output
     (``enabled=False`` undoes it); returns the number of LoRA layers. Same sum, one rounding
-    instead of three (tests/test_modeling.py compares; speed: docs/benchmarks.md, round 8)."""
+    instead of three (tests/test_modeling.py compares; speed: docs/benchmarks.md#fused-lora-adds)."""
     from peft.tuners.lora import LoraLayer
 
     count = 0
