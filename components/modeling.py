@@ -134,15 +134,8 @@ def fuse_rms_norms(model: nn.Module, enabled: bool = True) -> int:
     fp32 copies (tests/test_modeling.py compares; speed: docs/benchmarks.md#fused-rmsnorm)."""
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Gemma4RMSNorm):
-            if enabled:
-                module.forward = types.MethodType(_fused_rms_norm, module)
-            else:
-                module.__dict__.pop("forward", None)
-            count += 1
-    return count
+    norms = [m for m in model.modules() if isinstance(m, Gemma4RMSNorm)]
+    return _bind_forward(norms, _fused_rms_norm, enabled)
 
 
 def fuse_lora_adds(model: nn.Module, enabled: bool = True) -> int:
@@ -152,15 +145,18 @@ def fuse_lora_adds(model: nn.Module, enabled: bool = True) -> int:
     instead of three (tests/test_modeling.py compares; speed: docs/benchmarks.md#fused-lora-adds)."""
     from peft.tuners.lora import LoraLayer
 
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and _is_linear(module.get_base_layer()):
-            if enabled:
-                module.forward = types.MethodType(_fused_lora_forward, module)
-            else:
-                module.__dict__.pop("forward", None)
-            count += 1
-    return count
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and _is_linear(m.get_base_layer())]
+    return _bind_forward(layers, _fused_lora_forward, enabled)
+
+
+def _bind_forward(modules: list[nn.Module], forward, enabled: bool) -> int:
+    """``forward`` as each module's own (``enabled=False``: back to its class's); the count."""
+    for module in modules:
+        if enabled:
+            module.forward = types.MethodType(forward, module)
+        else:
+            module.__dict__.pop("forward", None)
+    return len(modules)
 
 
 def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
