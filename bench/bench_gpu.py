@@ -309,14 +309,15 @@ def attention_kernel(choice: str) -> tuple[str | None, str]:
 
 def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None = None, fused_norms: bool = True,
                       lora_r: int | None = None, compile_layers: bool = False, attention: str | None = None,
-                      expandable_segments: bool = False, fused_lora: bool = True, **overrides) -> tuple[object, dict]:
+                      expandable_segments: bool = False, fused_lora: bool = False, **overrides) -> tuple[object, dict]:
     """One repeat of the fine-tune step's Trainer: one warm-up optimizer step, then ``timed_steps``
     steps. ``lora_r`` (alpha the same) replaces the bench's rank; ``compile_layers`` compiles each
     decoder layer (regional torch.compile); ``attention`` switches the attention kernel;
-    ``expandable_segments``: the allocator's (MemoryCap); ``fused_lora=False`` runs PEFT's own LoRA
-    forward instead of the step's (modeling.fuse_lora_adds); ``overrides`` are FinetuneConfig fields."""
+    ``expandable_segments``: the allocator's (MemoryCap); ``fused_lora``: LoRA's update as one addmm
+    (bench/fused_lora.py); ``overrides`` are FinetuneConfig fields."""
     import torch
 
+    from bench import fused_lora as fused_lora_lever
     from components import finetune, modeling
 
     cfg, device = ctx.cfg, ctx.device
@@ -338,7 +339,8 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
     torch.manual_seed(cfg.seed)
     peft_model, targets = finetune.attach_lora(model, ft, recompute_every)
     row["lora_layers"] = len(targets)
-    modeling.fuse_lora_adds(peft_model, enabled=fused_lora)
+    if fused_lora:
+        fused_lora_lever.fuse_lora_adds(peft_model)
     causal_lm = peft_model.get_base_model()
     if compile_layers:
         # Inductor fuses each MLP's elementwise work (activation, gating, LoRA adds); CPU runs trace
@@ -420,8 +422,7 @@ def train_row_recipe(model, ctx: Context) -> tuple[object, dict]:
     # LoRA placed by the same function, so rank, targets and alpha are the project's exactly.
     peft_model, targets = finetune.attach_lora(model, ft, recompute_every=0)  # Trainer switches recomputation on
     row["lora_layers"] = len(targets)
-    modeling.fuse_rms_norms(model, enabled=False)  # the recipe runs transformers' and PEFT's own modules
-    modeling.fuse_lora_adds(peft_model, enabled=False)
+    modeling.fuse_rms_norms(model, enabled=False)  # the recipe runs transformers' own modules
     try:
         tensors = recipe.sample_tensors(ctx.processor, [s.photo for s in samples[:n]],
                                         [s.label_name for s in samples[:n]], ctx.class_names)
@@ -469,7 +470,6 @@ def train_row_trl(model, ctx: Context) -> tuple[object, dict]:
         torch.manual_seed(cfg.seed)
         peft_model, targets = finetune.attach_lora(model, ft, recompute_every=0)  # the trainer recomputes
         modeling.fuse_rms_norms(model, enabled=False)  # transformers' own modules (Liger's, if installed)
-        modeling.fuse_lora_adds(peft_model, enabled=False)  # and PEFT's
         accum = cfg.batch_size // micro
         row.update(micro_batch_size=micro, lora_layers=len(targets))
         try:
@@ -624,8 +624,8 @@ def row_specs(cfg: BenchConfig) -> list[RowSpec]:
         RowSpec("lever-reference-norms", ("train", "levers"),
                 _train(train_row_project, name="lever: default, reference norms", fused_norms=False), "train",
                 b * (1 + t), step, "project"),
-        RowSpec("lever-peft-lora", ("train", "levers"),
-                _train(train_row_project, name="lever: default, PEFT's LoRA forward", fused_lora=False), "train",
+        RowSpec("lever-fused-lora", ("train", "levers"),
+                _train(train_row_project, name="lever: default, LoRA's update as one addmm", fused_lora=True), "train",
                 b * (1 + t), step, "project"),
         RowSpec("lever-compile", ("train", "levers"),
                 _train(train_row_project, name="lever: default, decoder MLPs compiled", compile_layers=True),

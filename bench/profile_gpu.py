@@ -5,7 +5,8 @@
 Times each phase of ``evaluate`` (image preprocessing, vision tower, prompt prefill, decoding,
 score mode's cache copies and candidate passes) on the bf16 base, then quantises to nf4 and
 times training micro-batches (by default 16 with every layer recomputed, as the ``fast``
-preset) with the step's fused LoRA adds and with PEFT's own LoRA forward, printing the kernels
+preset) with the fused LoRA adds lever (bench/fused_lora.py) and with PEFT's own LoRA forward
+(the step's), printing the kernels
 that take the most GPU time (``--skip-eval``: training only). A diagnostic for choosing levers;
 ``bench_gpu`` measures the results.
 """
@@ -80,14 +81,14 @@ def profile_training(model, processor, photos, names, device, micros: list[int],
                      repeats: int = 3) -> None:
     """The model work of fine-tune micro-batches on the nf4 model, as the step's Trainer runs it
     (bf16 autocast, loss on the answer only, every ``recompute_every``-th layer recomputed), with
-    the step's fused LoRA adds and with PEFT's own LoRA forward: timed interleaved, then the
-    kernels that take the most GPU time in each."""
+    the fused LoRA adds lever and with PEFT's own LoRA forward (the step's): timed interleaved,
+    then the kernels that take the most GPU time in each."""
     import statistics
 
     import torch
 
-    from bench import bench_gpu
-    from components import finetune, modeling, prompting
+    from bench import bench_gpu, fused_lora
+    from components import finetune, prompting
 
     ft = bench_gpu.finetune_config(lora_r=64, batch_size=16, seed=0)
     peft_model, _ = finetune.attach_lora(model, ft, recompute_every)
@@ -108,7 +109,7 @@ def profile_training(model, processor, photos, names, device, micros: list[int],
         seconds = {True: [], False: []}
         for _ in range(repeats):
             for fused in (True, False):
-                modeling.fuse_lora_adds(peft_model, enabled=fused)
+                fused_lora.fuse_lora_adds(peft_model, enabled=fused)
                 step()  # warm-up after the switch
                 seconds[fused].append(timed(device, step)[1])
         for fused, label in ((True, "fused LoRA adds"), (False, "PEFT's LoRA forward")):
@@ -116,7 +117,7 @@ def profile_training(model, processor, photos, names, device, micros: list[int],
             print(f"nf4 train micro-batch {micro}, recompute every {recompute_every}, {label}: "
                   f"{', '.join(f'{x:.3f}' for x in seconds[fused])} s/step, median {micro / t:.2f} samples/s")
         for fused in (True, False):
-            modeling.fuse_lora_adds(peft_model, enabled=fused)
+            fused_lora.fuse_lora_adds(peft_model, enabled=fused)
             print(f"top kernels, micro-batch {micro}, fused LoRA adds {fused}:")
             print(top_kernels(step, 25))
     bench_gpu.release(peft_model, device)

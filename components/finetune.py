@@ -490,9 +490,7 @@ def attach_lora(model, cfg: FinetuneConfig, recompute_every: int):
     targets = modeling.lora_target_modules(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, bias="none")
-    peft_model = get_peft_model(model, lora)
-    modeling.fuse_lora_adds(peft_model)
-    return peft_model, targets
+    return get_peft_model(model, lora), targets
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,45 +134,15 @@ def fuse_rms_norms(model: nn.Module, enabled: bool = True) -> int:
     fp32 copies (tests/test_modeling.py compares; speed: docs/benchmarks.md#fused-rmsnorm)."""
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
-    norms = [m for m in model.modules() if isinstance(m, Gemma4RMSNorm)]
-    return _bind_forward(norms, _fused_rms_norm, enabled)
-
-
-def fuse_lora_adds(model: nn.Module, enabled: bool = True) -> int:
-    """Run each LoRA layer's update as one matmul that adds into the base layer's output
-    (``torch.addmm``) instead of PEFT's copy, scale and add, each a pass over the layer's output
-    (``enabled=False`` undoes it); returns the number of LoRA layers. Same sum, one rounding
-    instead of three (tests/test_modeling.py compares; speed: docs/benchmarks.md#fused-lora-adds)."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and _is_linear(m.get_base_layer())]
-    return _bind_forward(layers, _fused_lora_forward, enabled)
-
-
-def _bind_forward(modules: list[nn.Module], forward, enabled: bool) -> int:
-    """``forward`` as each module's own (``enabled=False``: back to its class's); the count."""
-    for module in modules:
-        if enabled:
-            module.forward = types.MethodType(forward, module)
-        else:
-            module.__dict__.pop("forward", None)
-    return len(modules)
-
-
-def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    # One plain adapter only; anything else (adapters off or merged, several adapters, DoRA, a
-    # bias on B, per-call kwargs, mixed dtypes without autocast) takes PEFT's own forward.
-    active = [name for name in self.active_adapters if name in self.lora_A]
-    name = active[0] if len(active) == 1 else None
-    if (name is None or kwargs or self.disable_adapters or self.merged or name in self.lora_variant
-            or self.lora_B[name].bias is not None
-            or not (torch.is_autocast_enabled(x.device.type) or x.dtype == self.lora_A[name].weight.dtype)):
-        return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x, *args)
-    down = self.lora_A[name](self.lora_dropout[name](x))
-    update = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
-                         self.lora_B[name].weight.t(), alpha=self.scaling[name])
-    return update.view(result.shape)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Gemma4RMSNorm):
+            if enabled:
+                module.forward = types.MethodType(_fused_rms_norm, module)
+            else:
+                module.__dict__.pop("forward", None)
+            count += 1
+    return count
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -208,6 +178,4 @@ def load_with_adapter(model_dir: str, adapter_dir: str, device: torch.device, qu
     if not (Path(adapter_dir) / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"--adapter-dir {adapter_dir}: no {ADAPTER_CONFIG} there")
     base = load_model(model_dir, device, quantization, dtype)
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    fuse_lora_adds(model)
-    return model
+    return PeftModel.from_pretrained(base, adapter_dir).eval()

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from bench import bench_gpu, real_size, recipe
+from bench import bench_gpu, fused_lora, real_size, recipe
 from components import answer_trainer, finetune, modeling, random_model
 
 PUBLISHED_BILLIONS = {"gemma-4-e2b": 5.10, "gemma-4-e4b": 7.94, "gemma-4-31b": 31.27, "gemma-4-26b-a4b": 25.81}
@@ -228,7 +228,7 @@ def test_harness_runs_every_row_on_the_tiny_model(tiny_model_dir, tmp_path, monk
     lever, preset = rows["lever-24gb-expandable"], rows["preset-24gb"]  # the allocator setting is CUDA's
     assert [lever[k] for k in ("lora_r", "micro_batch_size", "memory_cap_gib")] == [
         preset[k] for k in ("lora_r", "micro_batch_size", "memory_cap_gib")] and lever["expandable_segments"] is False
-    assert rows["default"]["fused_lora"] and not rows["lever-peft-lora"]["fused_lora"]
+    assert rows["lever-fused-lora"]["fused_lora"] and not rows["default"]["fused_lora"]
     assert rows["keep-m4-off"]["micro_batch_size"] == 4 and rows["keep-m4-off"]["recompute_every"] == 0
     assert rows["lever-compile"]["compile_backend"] == "eager" and rows["lever-attention"]["attention"] == "eager"
     assert 1 <= rows["lever-compile"]["compiled_graphs"] <= 2  # one MLP graph, not one per layer
@@ -300,3 +300,54 @@ def test_a_lever_the_stack_cannot_run_is_recorded_not_fatal(tiny_model_dir, tmp_
     ctx = bench_gpu.Context(cfg, torch.device("cpu"), None, [], [], [], 3)
     model, row = bench_gpu.train_row_project(model, ctx, name="lever", attention="no-such-kernel")
     assert row["skipped"].startswith("no-such-kernel: ") and model.config._attn_implementation == before
+
+
+def _lora_stack(dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.GELU(), torch.nn.Linear(24, 8))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["0", "2"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, where the update would vanish from the comparison
+            torch.nn.init.normal_(param, std=0.5)
+    return model
+
+
+def _forward_backward(model, x, autocast: bool):
+    torch.manual_seed(1)  # the same dropout masks in both runs
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    out.float().square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out, x.grad, grads
+
+
+@pytest.mark.parametrize("autocast, tolerance", [(False, 1e-5), (True, 2**-6)])
+def test_fused_lora_adds_match_peft(autocast, tolerance, monkeypatch):
+    """The fused LoRA adds lever (bench/fused_lora.py): output and every gradient as PEFT's
+    forward (dropout on, same masks), without PEFT's forward running; adapters switched off
+    still fall back to it."""
+    from peft.tuners.lora.layer import Linear
+
+    calls = []
+    peft_forward = Linear.forward
+    monkeypatch.setattr(Linear, "forward", lambda self, *a, **k: calls.append(1) or peft_forward(self, *a, **k))
+    model, x = _lora_stack(dropout=0.1), torch.randn(3, 5, 16)
+    reference = _forward_backward(model, x, autocast)
+    assert len(calls) == 2
+    assert fused_lora.fuse_lora_adds(model) == 2
+    fused = _forward_backward(model, x, autocast)
+    assert len(calls) == 2, "the fused forward must not call PEFT's"
+    assert fused[0].dtype == reference[0].dtype
+    for got, want in [(fused[0], reference[0]), (fused[1], reference[1])] + [
+            (fused[2][n], reference[2][n]) for n in reference[2]]:
+        torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance * want.abs().max().item())
+    first, act, last = model.get_base_model()
+    with model.disable_adapter(), torch.no_grad():
+        assert torch.equal(model(x), last.get_base_layer()(act(first.get_base_layer()(x))))
+    assert len(calls) == 4
+    fused_lora.fuse_lora_adds(model, enabled=False)
+    assert all("forward" not in m.__dict__ for m in model.modules() if isinstance(m, Linear))
