@@ -5,10 +5,10 @@
 Times each phase of ``evaluate`` (image preprocessing, vision tower, prompt prefill, decoding,
 score mode's cache copies and candidate passes) on the bf16 base, then quantises to nf4 and
 times training micro-batches (by default 16 with every layer recomputed, as the ``fast``
-preset) with the fused LoRA adds lever (bench/fused_lora.py) and with PEFT's own LoRA forward
-(the step's), printing the kernels
-that take the most GPU time (``--skip-eval``: training only). A diagnostic for choosing levers;
-``bench_gpu`` measures the results.
+preset) with PEFT's own LoRA forward (the step's) and with the fused LoRA adds lever
+(bench/fused_lora.py), printing the kernels that take the most GPU time (``--skip-eval``:
+training only). ``--attention`` times each SDPA kernel at the variant's head sizes instead. A
+diagnostic for choosing levers; ``bench_gpu`` measures the results.
 """
 
 from __future__ import annotations
