@@ -2,13 +2,14 @@
 
     python -m bench.profile_gpu --variant gemma-4-31b
 
-Times each phase of ``evaluate`` (image preprocessing, vision tower, prompt prefill, decoding,
-score mode's cache copies and candidate passes) on the bf16 base, then quantises to nf4 and
-times training micro-batches (by default 16 with every layer recomputed, as the ``fast``
-preset) with PEFT's own LoRA forward (the step's) and with the fused LoRA adds lever
-(bench/fused_lora.py), printing the kernels that take the most GPU time (``--skip-eval``:
-training only). ``--attention`` times each SDPA kernel at the variant's head sizes instead. A
-diagnostic for choosing levers; ``bench_gpu`` measures the results.
+Times each phase of ``evaluate`` at one batch (vision tower, prompt pass, a whole generate,
+score mode) on the nf4 base as the bench's evaluation rows run it (``--eval-bf16``: on the bf16
+base), with ``--compile`` also generate with the vision encoder layers and the language model's
+MLPs compiled; then times training micro-batches (by default 16 with every layer recomputed,
+as the ``fast`` preset) with PEFT's own LoRA forward (the step's) and with the fused LoRA adds
+lever (bench/fused_lora.py), printing the kernels that take the most GPU time (``--skip-eval``:
+training only; ``--skip-train``: evaluation only). ``--attention`` times each SDPA kernel at the
+variant's head sizes instead. A diagnostic for choosing levers; ``bench_gpu`` measures the results.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import time
 def timed(device, fn, repeats: int = 1):
     import torch
 
-    torch.cuda.synchronize(device)
+    from bench.bench_gpu import sync
+
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         out = fn()
-    torch.cuda.synchronize(device)
+    sync(device)
     return out, (time.perf_counter() - start) / repeats
 
 
@@ -123,13 +126,91 @@ def profile_training(model, processor, photos, names, device, micros: list[int],
     bench_gpu.release(peft_model, device)
 
 
+def profile_evaluation(model, processor, photos, names, device, repeats: int = 3) -> None:
+    """Phases of ``evaluate``'s paths at one batch as the bench's rows run them (inference mode,
+    bf16 autocast): the vision tower, the prompt pass, a whole generate of 9 tokens and score
+    mode, each the median of ``repeats``; then the kernels that take the most GPU time in each."""
+    import statistics
+
+    import torch
+
+    from components import evaluate, prompting
+
+    b = len(photos)
+    cpu_batch, t = timed(device, lambda: prompting.encode_prompt_batch(processor, photos, names))
+    print(f"encode {b} prompts on CPU: {t:.3f} s ({torch.get_num_threads()} torch threads)")
+    batch = evaluate._to_device(cpu_batch, device, torch.bfloat16)
+    gen = evaluate.generation_config(processor.tokenizer, 9)
+    gen.min_new_tokens = 9  # as the bench's rows: every image runs to the cap
+    scorer = evaluate.CandidateScorer(model, evaluate.answer_token_ids(processor, names),
+                                      processor.tokenizer.pad_token_id, device)
+    phases = {
+        "vision tower": lambda: model.model.get_image_features(batch["pixel_values"], batch["image_position_ids"]),
+        "prompt pass (cache, last logits)": lambda: model(**batch, use_cache=True, logits_to_keep=1),
+        "generate 9 tokens": lambda: model.generate(**batch, generation_config=gen),
+        "score": lambda: scorer(batch),
+    }
+    tokens = int(batch["attention_mask"].sum())
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for name, fn in phases.items():
+            fn()
+            t = statistics.median(timed(device, fn)[1] for _ in range(repeats))
+            print(f"{name}, batch {b} ({tokens} prompt tokens): {t:.3f} s, {b / t:.2f} images/s")
+        for name in ("vision tower", "prompt pass (cache, last logits)", "generate 9 tokens"):
+            print(f"top kernels, {name}, batch {b}:")
+            print(top_kernels(phases[name], 20))
+
+
+def compile_ab(model, processor, photos, names, device, repeats: int = 3) -> None:
+    """Generate at one batch, eager against each vision encoder layer compiled (fixed shapes:
+    every image is padded to the same patch count) and against the language model's MLPs
+    compiled too: interleaved repeats, medians. A diagnostic: a lever is a bench row."""
+    import statistics
+
+    import torch
+
+    from components import evaluate, prompting
+
+    batch = evaluate._to_device(prompting.encode_prompt_batch(processor, photos, names), device, torch.bfloat16)
+    gen = evaluate.generation_config(processor.tokenizer, 9)
+    gen.min_new_tokens = 9
+    vision = list(model.model.vision_tower.encoder.layers)
+    mlps = [layer.mlp for layer in model.model.language_model.layers]
+    variants = {"eager": [], "vision layers compiled": vision, "vision layers and MLPs compiled": vision + mlps}
+    compiled = {}
+    for module in vision + mlps:
+        module.compile()
+        compiled[module] = module._compiled_call_impl
+    generate = lambda: model.generate(**batch, generation_config=gen)
+    features = lambda: model.model.get_image_features(batch["pixel_values"], batch["image_position_ids"])
+    seconds = {name: [] for name in variants}
+    vision_seconds = {name: [] for name in variants}
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for _ in range(repeats + 1):  # the first round compiles and is not counted
+            for name, on in variants.items():
+                for module in vision + mlps:
+                    module._compiled_call_impl = compiled[module] if module in on else None
+                vision_seconds[name].append(timed(device, features)[1])
+                seconds[name].append(timed(device, generate)[1])
+    for module in vision + mlps:
+        module._compiled_call_impl = None
+    b = len(photos)
+    for name in variants:
+        t, v = statistics.median(seconds[name][1:]), statistics.median(vision_seconds[name][1:])
+        print(f"generate, {name}: {', '.join(f'{x:.3f}' for x in seconds[name][1:])} s "
+              f"(compiling round {seconds[name][0]:.1f} s), median {b / t:.2f} images/s; vision tower {v:.3f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="gemma-4-31b")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64, help="evaluation images per pass (64: the default on 80 GB+)")
     parser.add_argument("--train-micro-batches", default="16", help="comma-separated micro-batch sizes to profile")
     parser.add_argument("--recompute-every", type=int, default=1, help="as the fine-tune step's memory plan; 0: none")
     parser.add_argument("--skip-eval", action="store_true", help="profile training only")
+    parser.add_argument("--skip-train", action="store_true", help="profile evaluation only")
+    parser.add_argument("--eval-bf16", action="store_true", help="profile evaluation on the bf16 base (default: nf4)")
+    parser.add_argument("--compile", action="store_true", help="also time generate with vision layers / MLPs compiled")
     parser.add_argument("--attention", action="store_true", help="time the SDPA kernels at this variant's head sizes only")
     args = parser.parse_args(argv)
 
@@ -137,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import bench_gpu, real_size
     from components import random_model
-    from components import evaluate, prompting
     from components.prepare_dataset import OXFORD_PET_CLASSES
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -149,50 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     model = real_size.build_model(random_model.variant_config(args.variant, processor.tokenizer), device, "none")
     micros = [int(m) for m in args.train_micro_batches.split(",")]
     photos = bench_gpu.random_photos(max(args.batch_size, *micros), 0)
-    b = args.batch_size
-    if args.skip_eval:
-        real_size.quantize_nf4_(model)
-        profile_training(model, processor, photos, names, device, micros, args.recompute_every)
+    if not args.skip_eval:
+        if not args.eval_bf16:
+            real_size.quantize_nf4_(model)  # as the bench's evaluation rows, and evaluate on CUDA
+        profile_evaluation(model, processor, photos[:args.batch_size], names, device)
+        if args.compile:
+            compile_ab(model, processor, photos[:args.batch_size], names, device)
+        torch.cuda.empty_cache()
+    if args.skip_train:
         return 0
-
-    cpu_batch, t = timed(device, lambda: prompting.encode_prompt_batch(processor, photos, names))
-    print(f"encode {b} prompts on CPU: {t:.3f} s ({torch.get_num_threads()} torch threads)")
-    batch = evaluate._to_device(cpu_batch, device, torch.bfloat16)
-    with torch.inference_mode():
-        features = lambda: model.model.get_image_features(batch["pixel_values"], batch["image_position_ids"])
-        timed(device, features)
-        _, t = timed(device, features, 3)
-        print(f"vision tower, {b} images: {t:.3f} s")
-        prefill = lambda: model(**batch, logits_to_keep=1, use_cache=False)
-        timed(device, prefill)
-        _, t = timed(device, prefill, 3)
-        tokens = int(batch["attention_mask"].sum())
-        print(f"prefill (no cache), {b} x {batch['input_ids'].shape[1]}: {t:.3f} s, "
-              f"{2 * 29.3e9 * tokens / t / 1e12:.0f} TFLOP/s on the language model's weights")
-        print(top_kernels(prefill))
-        gen = evaluate.generation_config(processor.tokenizer, 9)
-        gen.min_new_tokens = 9
-        _, t = timed(device, lambda: model.generate(**batch, generation_config=gen))
-        print(f"generate 9 tokens, batch {b}: {t:.3f} s")
-        scorer = evaluate.CandidateScorer(model, evaluate.answer_token_ids(processor, names),
-                                          processor.tokenizer.pad_token_id, device)
-        scorer(batch)
-        _, t = timed(device, lambda: scorer(batch))
-        print(f"score, batch {b}: {t:.3f} s")
-        out, t = timed(device, lambda: model(**batch, position_ids=evaluate.prompt_position_ids(batch["attention_mask"]),
-                                              use_cache=True, logits_to_keep=1))
-        print(f"  prompt pass with cache: {t:.3f} s")
-        rows = torch.arange(min(64, b), device=device)
-        _, t = timed(device, lambda: evaluate.select_cache_rows(out.past_key_values, rows.repeat(64 // len(rows))))
-        print(f"  select_cache_rows (64 rows): {t:.3f} s")
-        print(top_kernels(lambda: scorer(batch)))
-    out = scorer = None  # the prompt cache and the scorer's buffers: freed before quantising
-    torch.cuda.empty_cache()
-
-    real_size.quantize_nf4_(model)
+    if args.skip_eval or args.eval_bf16:
+        real_size.quantize_nf4_(model)
     profile_training(model, processor, photos, names, device, micros, args.recompute_every)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
