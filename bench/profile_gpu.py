@@ -20,8 +20,6 @@ import time
 
 
 def timed(device, fn, repeats: int = 1):
-    import torch
-
     from bench.bench_gpu import sync
 
     sync(device)
