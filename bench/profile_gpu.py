@@ -38,44 +38,59 @@ def top_kernels(fn, limit: int = 15) -> str:
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=limit, max_name_column_width=60)
 
 
-def time_attention_kernels(text_config, device, batch: int = 16, seq: int = 509, repeats: int = 5) -> None:
-    """Forward and forward+backward milliseconds of one attention call at the sliding and the
-    global layers' head sizes, per SDPA kernel, as transformers calls it with a mask (bool, the
-    key/value heads repeated), bf16: which kernel a layer of this width should take."""
+SDPA_KERNELS = [("efficient", "EFFICIENT_ATTENTION", False), ("math fp32", "MATH", False), ("math bf16", "MATH", True),
+                ("cudnn", "CUDNN_ATTENTION", False), ("flash", "FLASH_ATTENTION", False)]
+
+
+def time_sdpa_kernels(label: str, shape: tuple[int, int, int, int], mask, device, repeats: int = 5) -> None:
+    """Forward and forward+backward milliseconds of one bf16 attention call of ``shape`` (batch,
+    heads, tokens, head dim) with ``mask`` (bool, or None), on each SDPA kernel: medians."""
     import statistics
 
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    q, k, v = (torch.randn(*shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    for name, backend, bf16_math in SDPA_KERNELS:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(bf16_math)
+        try:
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                fwd = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+                both = lambda: fwd().backward(grad)
+                both()
+                times = [(timed(device, fwd)[1], timed(device, both)[1]) for _ in range(repeats)]
+            print(f"attention {label}, {name}: forward {statistics.median(t[0] for t in times) * 1e3:.2f} ms, "
+                  f"forward+backward {statistics.median(t[1] for t in times) * 1e3:.2f} ms")
+        except RuntimeError as error:
+            print(f"attention {label}, {name}: not available ({str(error).splitlines()[0][:120]})")
+        finally:
+            torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
+
+
+def time_attention_kernels(config, device, batch: int = 16, seq: int = 509, soft_tokens: int = 266) -> None:
+    """Each SDPA kernel at the language model's sliding and global head sizes, as transformers
+    calls it (bool mask, key/value heads repeated), and at the vision tower's: every image padded
+    to the same patch count with the padding masked, and the real patches alone without a mask
+    (what a tower that dropped the padding would run). Which kernel a layer of this width should take."""
+    import torch
+
+    text = config.text_config
     mask = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
-    mask[10:276, 10:276] = True  # the image's soft tokens see each other, as Gemma 4's vision mask
-    mask = mask.expand(batch, 1, seq, seq)
-    heads = text_config.num_attention_heads
-    kernels = [("efficient", SDPBackend.EFFICIENT_ATTENTION, False), ("math fp32", SDPBackend.MATH, False),
-               ("math bf16", SDPBackend.MATH, True), ("cudnn", SDPBackend.CUDNN_ATTENTION, False),
-               ("flash", SDPBackend.FLASH_ATTENTION, False)]
-    widths = {kind: text_config.per_layer_config[i].head_dim for i, kind in enumerate(text_config.layer_types)}
-    for label, head_dim in widths.items():
-        q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        grad = torch.randn_like(q)
-        for name, backend, bf16_math in kernels:
-            torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(bf16_math)
-            try:
-                with sdpa_kernel(backend):
-                    fwd = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-                    both = lambda: fwd().backward(grad)
-                    both()
-                    times = [(timed(device, fwd)[1], timed(device, both)[1]) for _ in range(repeats)]
-                print(f"attention {label} (head dim {head_dim}), {name}: forward "
-                      f"{statistics.median(t[0] for t in times) * 1e3:.2f} ms, forward+backward "
-                      f"{statistics.median(t[1] for t in times) * 1e3:.2f} ms")
-            except RuntimeError as error:
-                print(f"attention {label} (head dim {head_dim}), {name}: not available ({str(error).splitlines()[0][:120]})")
-            finally:
-                torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
-            q.grad = k.grad = v.grad = None
+    mask[10:10 + soft_tokens, 10:10 + soft_tokens] = True  # the image's soft tokens see each other (Gemma 4)
+    widths = {kind: text.per_layer_config[i].head_dim for i, kind in enumerate(text.layer_types)}
+    for kind, head_dim in widths.items():
+        time_sdpa_kernels(f"{kind} (head dim {head_dim})", (batch, text.num_attention_heads, seq, head_dim),
+                          mask.expand(batch, 1, seq, seq), device)
+    vision = config.vision_config
+    patches = vision.default_output_length * vision.pooling_kernel_size**2  # every image is padded to this
+    real = soft_tokens * vision.pooling_kernel_size**2  # a 500x375 photo's
+    keys = torch.arange(patches, device=device) < real
+    shape = (batch, vision.num_attention_heads, patches, vision.head_dim)
+    time_sdpa_kernels(f"vision (head dim {vision.head_dim}), {patches} patches, padding masked", shape,
+                      keys.expand(batch, 1, patches, patches), device)
+    time_sdpa_kernels(f"vision, the {real} real patches, no mask", (*shape[:2], real, shape[3]), None, device)
 
 
 def profile_training(model, processor, photos, names, device, micros: list[int], recompute_every: int,
@@ -222,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(OXFORD_PET_CLASSES)
     processor = random_model.stand_in_processor(args.variant)
     if args.attention:
-        time_attention_kernels(random_model.variant_config(args.variant, processor.tokenizer).text_config, device)
+        time_attention_kernels(random_model.variant_config(args.variant, processor.tokenizer), device)
         return 0
     model = real_size.build_model(random_model.variant_config(args.variant, processor.tokenizer), device, "none")
     micros = [int(m) for m in args.train_micro_batches.split(",")]
