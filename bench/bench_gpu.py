@@ -648,7 +648,7 @@ def eval_specs(cfg: BenchConfig) -> list[RowSpec]:
     n = cfg.eval_batches
     recipe_eval = dict(mode="generate", batch_size=recipe.RECIPE_EVAL_BATCH, fused_norms=False)
     batches = f"1 warm-up + {n} batches"
-    default = 64  # the images a default-batch row runs per batch on 80 GB+ (for the estimate only)
+    default = 128  # the images a default-batch row runs per batch on the H200 (for the estimate only)
     specs = [
         RowSpec("recipe-generate", ("eval", "peers"), _eval(name="recipe generate", **recipe_eval), "eval",
                 recipe.RECIPE_EVAL_BATCH * (1 + n), f"{batches} of {recipe.RECIPE_EVAL_BATCH}", "recipe-eval"),

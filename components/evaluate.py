@@ -35,7 +35,7 @@ UNKNOWN_NAME = "Unknown"
 TOP_K = 5
 # Images per pass by the card's total memory (GiB, at least): the larger the batch, the more the
 # prompt pass runs on the matmul units (docs/benchmarks.md#evaluation-batch).
-BATCH_BY_GPU_GIB = ((75, 64), (38, 16), (0, 4))
+BATCH_BY_GPU_GIB = ((120, 128), (75, 64), (38, 16), (0, 4))
 CPU_BATCH = 8
 
 

@@ -564,7 +564,7 @@ def test_cuda_nf4_cached_scores_and_both_modes(tiny_model_dir, dataset_dir, tmp_
 def test_default_batch_size_comes_from_the_gpus_memory(monkeypatch):
     from types import SimpleNamespace
 
-    for gib, expected in ((141, 64), (80, 64), (48, 16), (24, 4)):
+    for gib, expected in ((141, 128), (94, 64), (80, 64), (48, 16), (24, 4)):
         total = int((gib - 1.5) * 2**30)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, t=total: SimpleNamespace(total_memory=t))
         assert evaluate.default_batch_size(torch.device("cuda", 0)) == expected, gib
