@@ -500,9 +500,11 @@ def train_row_trl(model, ctx: Context) -> tuple[object, dict]:
 
 def eval_row(model, ctx: Context, *, name: str, mode: str, batch_size: int | None = None,
              max_new_tokens: int | None = None, batches: int | None = None, fused_norms: bool = True,
-             static_cache: bool = False) -> dict:
+             static_cache: bool = False, compile_vision: bool = False) -> dict:
     """Images/s of ``evaluate``'s generate or score path, preprocessing included: one warm-up
-    batch, then ``batches`` timed ones. ``batch_size`` None: the card's default (evaluate)."""
+    batch (its seconds kept: a compiling row pays the compile there), then ``batches`` timed
+    ones. ``batch_size`` None: the card's default (evaluate). ``compile_vision``: each vision
+    encoder layer compiled (Inductor; every image has the same patch count, so one shape)."""
     import torch
 
     from components import evaluate, modeling, prompting
@@ -513,7 +515,10 @@ def eval_row(model, ctx: Context, *, name: str, mode: str, batch_size: int | Non
     modeling.fuse_rms_norms(model, enabled=fused_norms and device.type == "cuda")
     model.eval()
     row = {"row": name, "kind": "eval", "mode": mode, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-           "static_cache": static_cache}
+           "static_cache": static_cache, "compile_vision": compile_vision}
+    vision_layers = list(model.model.vision_tower.encoder.layers) if compile_vision else []
+    for layer in vision_layers:
+        layer.compile(backend="inductor" if device.type == "cuda" else "eager")
     batches = batches or cfg.eval_batches
     reset_memory(device)
     dtype = modeling.compute_dtype(device)
@@ -538,8 +543,10 @@ def eval_row(model, ctx: Context, *, name: str, mode: str, batch_size: int | Non
     try:
         # As evaluate.run: inference mode, bf16 autocast on CUDA, the next batch encoded on a thread.
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            start = time.perf_counter()
             run_batch(evaluate._to_device(encode(0), device, dtype))  # warm-up
             sync(device)
+            row["warmup_s"] = time.perf_counter() - start
             start = time.perf_counter()
             for batch in prompting.prefetched(encode, range(1, batches + 1)):
                 run_batch(evaluate._to_device(batch, device, dtype))
@@ -550,9 +557,12 @@ def eval_row(model, ctx: Context, *, name: str, mode: str, batch_size: int | Non
     except torch.OutOfMemoryError as error:
         row = out_of_memory(row, error, device)
     except (RuntimeError, ValueError) as error:
-        if not static_cache:
+        if not (static_cache or compile_vision):
             raise
+        traceback.print_exc()
         row = {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
+    for layer in vision_layers:
+        layer._compiled_call_impl = None  # what nn.Module.compile set
     modeling.fuse_rms_norms(model, enabled=device.type == "cuda")
     reset_memory(device)
     return row
@@ -666,6 +676,10 @@ def eval_specs(cfg: BenchConfig) -> list[RowSpec]:
         RowSpec("generate-static", ("eval", "levers"),
                 _eval(name="lever: generate, static cache", mode="generate", static_cache=True), "eval",
                 default * (1 + n), f"{batches} of the card's default; compiles on CUDA", "eval", compiles=True),
+        RowSpec("lever-generate-compile-vision", ("eval", "levers"),
+                _eval(name="lever: generate, vision encoder layers compiled", mode="generate", compile_vision=True),
+                "eval", default * (1 + n), f"{batches} of the card's default; compiles in the first warm-up", "eval",
+                compiles=True),
         RowSpec("recipe-generate-128", ("extra",), _eval(name="recipe generate, 128 tokens", max_new_tokens=recipe.RECIPE_MAX_NEW_TOKENS,
                                                           batches=1, **recipe_eval), "eval",
                 recipe.RECIPE_EVAL_BATCH * 2, f"1 warm-up + 1 batch of {recipe.RECIPE_EVAL_BATCH}, 128 tokens", "long-eval"),
@@ -696,7 +710,7 @@ def select_rows(specs: list[RowSpec], rows: str) -> list[RowSpec]:
 
 
 MEASURED = ("samples_per_s", "images_per_s", "seconds", "timed_samples", "timed_images", "losses", "peak_gib",
-            "peak_reserved_gib", "alloc_retries", "wall_s")
+            "peak_reserved_gib", "alloc_retries", "wall_s", "warmup_s")
 
 
 def rate_key(kind: str) -> str:

@@ -217,7 +217,7 @@ def test_harness_runs_every_row_on_the_tiny_model(tiny_model_dir, tmp_path, monk
     saved = json.loads(out.read_text())
     rows = {r["id"]: r for r in saved["rows"]}
     assert list(rows) == [s.id for s in sorted(bench_gpu.row_specs(cfg), key=lambda s: s.phase != "bf16")]
-    assert len(rows) == len(saved["rows"]) == 25
+    assert len(rows) == len(saved["rows"]) == 26
     assert [i for i, r in rows.items() if "error" in r or "skipped" in r] == []
     assert all(len(r["repeats"]) == 1 and r["spread"]["relative"] == 0 for r in rows.values())
     assert saved["config"]["repeats"] == 1
@@ -233,6 +233,8 @@ def test_harness_runs_every_row_on_the_tiny_model(tiny_model_dir, tmp_path, monk
     assert rows["lever-compile"]["compile_backend"] == "eager" and rows["lever-attention"]["attention"] == "eager"
     assert 1 <= rows["lever-compile"]["compiled_graphs"] <= 2  # one MLP graph, not one per layer
     assert rows["generate-static"]["static_cache"] and rows["bf16-m2"]["phase"] == "bf16"
+    assert rows["lever-generate-compile-vision"]["compile_vision"] and not rows["generate"]["compile_vision"]
+    assert all(r["repeats"][0]["warmup_s"] > 0 for r in rows.values() if r["kind"] == "eval")  # compile shows there
     summary = saved["summary"]
     assert summary["train_speedup"]["recipe"] == pytest.approx(1.0)
     assert result["summary"]["recipe_job_minutes"] > 0 and "ratio" in summary["trl_vs_project"]
