@@ -328,6 +328,11 @@ def train_row_project(model, ctx: Context, *, name: str, cap_gib: float | None =
            "batch_size": ft.batch_size, "recompute_every": recompute_every, "lora_r": ft.lora_r,
            "memory_cap_gib": cap_gib, "fused_norms": fused_norms and device.type == "cuda",
            "expandable_segments": expandable_segments and device.type == "cuda", "fused_lora": fused_lora}
+    # What the fine-tune step cannot run as configured (levers measured here only): never a preset.
+    row["bench_levers"] = [lever for lever, on in (
+        ("reference norms", not fused_norms and device.type == "cuda"), ("LoRA's update as one addmm", fused_lora),
+        ("decoder MLPs compiled", compile_layers), ("attention kernel", bool(attention)),
+        ("expandable segments", row["expandable_segments"])) if on]
     reset_memory(device)
     before = model.config._attn_implementation
     if attention:
@@ -623,12 +628,12 @@ def row_specs(cfg: BenchConfig) -> list[RowSpec]:
         specs.append(RowSpec(f"preset-{preset}", ("train", "presets"),
                              _train(train_row_project, name=f"preset {preset}", **preset_args(preset)),
                              "train", b * (1 + t), step, "small-micro" if preset == "24gb" else "project"))
-    # Configurations that keep activations (for cards over 100 GB) with the reference norms, with
-    # which such rows ran faster in runs 3-5 (docs/benchmarks.md); then one lever at a time.
+    # Configurations that keep activations (for cards over 100 GB), as the step runs them (fused
+    # norms; with the reference norms until round 9, docs/benchmarks.md); then one lever at a time.
     for micro, recompute in ((8, "every-2"), (4, "off")):
         specs.append(RowSpec(f"keep-m{micro}-{recompute}", ("train", "levers", "keep"),
                              _train(train_row_project, name=f"keep: micro-batch {micro}, recompute {recompute}",
-                                    micro_batch_size=micro, gradient_checkpointing=recompute, fused_norms=False),
+                                    micro_batch_size=micro, gradient_checkpointing=recompute),
                              "train", b * (1 + t), step, "project"))
     specs += [
         RowSpec("lever-reference-norms", ("train", "levers"),
@@ -919,21 +924,19 @@ def run(cfg: BenchConfig) -> dict:
 
 def derive_presets(rows: dict, card_gib: float | None) -> dict:
     """For each card, the fastest project-loop row (median) on the quantised base whose peak
-    reserved memory fits it and that trains at the card's rank; the card the bench ran on counts
-    when over 100 GB."""
+    reserved memory fits it, that trains at the card's rank and that the fine-tune step can run
+    as configured (no bench-only lever); the card the bench ran on counts when over 100 GB."""
     presets = {}
     for card, (gib, rank) in CARDS.items():
         if gib is None:
             gib = card_gib if card_gib and card_gib > 100 else None
         fits = [r for r in rows.values() if r["kind"] == "train" and r.get("loop") == "project" and r["phase"] == "main"
-                and r["lora_r"] == rank and gib is not None
+                and r["lora_r"] == rank and gib is not None and not r.get("bench_levers")
                 and (r.get("peak_reserved_gib") is None or r["peak_reserved_gib"] <= gib)]
         best = max(fits, key=lambda r: r["samples_per_s"], default=None)
         presets[card] = None if best is None else {
             "row": best["id"], "samples_per_s": best["samples_per_s"], "peak_reserved_gib": best.get("peak_reserved_gib"),
-            "micro_batch_size": best["micro_batch_size"], "recompute_every": best["recompute_every"],
-            "fused_norms": best.get("fused_norms"), "expandable_segments": best.get("expandable_segments"),
-            "card_gib": gib}
+            "micro_batch_size": best["micro_batch_size"], "recompute_every": best["recompute_every"], "card_gib": gib}
     return presets
 
 

@@ -200,6 +200,9 @@ def test_presets_come_from_the_medians_and_the_card_memory():
     assert {card: p["row"] for card, p in presets.items()} == {"over-100gb": "keep", "80gb": "default",
                                                                "40gb": "40", "24gb": "24"}
     assert bench_gpu.derive_presets(rows, card_gib=79.2)["over-100gb"] is None  # an 80 GB card: no such preset
+    # A faster row the fine-tune step cannot run as configured (a bench-only lever) is never a preset.
+    rows["lever"] = {**rows["default"], "id": "lever", "samples_per_s": 5.0, "bench_levers": ["decoder MLPs compiled"]}
+    assert bench_gpu.derive_presets(rows, card_gib=139.8)["80gb"]["row"] == "default"
 
 
 @pytest.mark.slow
@@ -229,6 +232,8 @@ def test_harness_runs_every_row_on_the_tiny_model(tiny_model_dir, tmp_path, monk
     assert [lever[k] for k in ("lora_r", "micro_batch_size", "memory_cap_gib")] == [
         preset[k] for k in ("lora_r", "micro_batch_size", "memory_cap_gib")] and lever["expandable_segments"] is False
     assert rows["lever-fused-lora"]["fused_lora"] and not rows["default"]["fused_lora"]
+    assert rows["lever-fused-lora"]["bench_levers"] and rows["lever-compile"]["bench_levers"]
+    assert not any(rows[i]["bench_levers"] for i in ("default", "preset-fast", "preset-40gb", "preset-24gb", "keep-m4-off"))
     assert rows["keep-m4-off"]["micro_batch_size"] == 4 and rows["keep-m4-off"]["recompute_every"] == 0
     assert rows["lever-compile"]["compile_backend"] == "eager" and rows["lever-attention"]["attention"] == "eager"
     assert 1 <= rows["lever-compile"]["compiled_graphs"] <= 2  # one MLP graph, not one per layer
