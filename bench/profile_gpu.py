@@ -256,5 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     profile_training(model, processor, photos, names, device, micros, args.recompute_every)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
