@@ -297,6 +297,10 @@ def decoder_layers(causal_lm):
     return causal_lm.model.language_model.layers
 
 
+def vision_layers(causal_lm):
+    return causal_lm.model.vision_tower.encoder.layers
+
+
 def attention_kernel(choice: str) -> tuple[str | None, str]:
     """(implementation, why): the attention lever's kernel, or None and the reason it is skipped."""
     if choice != "auto":
@@ -521,8 +525,8 @@ def eval_row(model, ctx: Context, *, name: str, mode: str, batch_size: int | Non
     model.eval()
     row = {"row": name, "kind": "eval", "mode": mode, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
            "static_cache": static_cache, "compile_vision": compile_vision}
-    vision_layers = list(model.model.vision_tower.encoder.layers) if compile_vision else []
-    for layer in vision_layers:
+    compiled = list(vision_layers(model)) if compile_vision else []
+    for layer in compiled:
         layer.compile(backend="inductor" if device.type == "cuda" else "eager")
     batches = batches or cfg.eval_batches
     reset_memory(device)
@@ -566,7 +570,7 @@ def eval_row(model, ctx: Context, *, name: str, mode: str, batch_size: int | Non
             raise
         traceback.print_exc()
         row = {**row, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]}
-    for layer in vision_layers:
+    for layer in compiled:
         layer._compiled_call_impl = None  # what nn.Module.compile set
     modeling.fuse_rms_norms(model, enabled=device.type == "cuda")
     reset_memory(device)

@@ -139,7 +139,20 @@ def profile_training(model, processor, photos, names, device, micros: list[int],
     bench_gpu.release(peft_model, device)
 
 
-def profile_evaluation(model, processor, photos, names, device, repeats: int = 3) -> None:
+def eval_inputs(processor, photos, names, device):
+    """(one prompt batch on ``device``, the generation config of the bench's generate rows)."""
+    import torch
+
+    from components import evaluate, prompting
+
+    cpu_batch, t = timed(device, lambda: prompting.encode_prompt_batch(processor, photos, names))
+    print(f"encode {len(photos)} prompts on CPU: {t:.3f} s ({torch.get_num_threads()} torch threads)")
+    gen = evaluate.generation_config(processor.tokenizer, 9)
+    gen.min_new_tokens = 9  # as the bench's rows: every image runs to the cap
+    return evaluate._to_device(cpu_batch, device, torch.bfloat16), gen
+
+
+def profile_evaluation(model, processor, names, device, batch, gen, repeats: int = 3) -> None:
     """Phases of ``evaluate``'s paths at one batch as the bench's rows run them (inference mode,
     bf16 autocast): the vision tower, the prompt pass, a whole generate of 9 tokens and score
     mode, each the median of ``repeats``; then the kernels that take the most GPU time in each."""
@@ -147,14 +160,9 @@ def profile_evaluation(model, processor, photos, names, device, repeats: int = 3
 
     import torch
 
-    from components import evaluate, prompting
+    from components import evaluate
 
-    b = len(photos)
-    cpu_batch, t = timed(device, lambda: prompting.encode_prompt_batch(processor, photos, names))
-    print(f"encode {b} prompts on CPU: {t:.3f} s ({torch.get_num_threads()} torch threads)")
-    batch = evaluate._to_device(cpu_batch, device, torch.bfloat16)
-    gen = evaluate.generation_config(processor.tokenizer, 9)
-    gen.min_new_tokens = 9  # as the bench's rows: every image runs to the cap
+    b = len(batch["input_ids"])
     scorer = evaluate.CandidateScorer(model, evaluate.answer_token_ids(processor, names),
                                       processor.tokenizer.pad_token_id, device)
     phases = {
@@ -174,7 +182,7 @@ def profile_evaluation(model, processor, photos, names, device, repeats: int = 3
             print(top_kernels(phases[name], 20))
 
 
-def compile_ab(model, processor, photos, names, device, repeats: int = 3) -> None:
+def compile_ab(model, device, batch, gen, repeats: int = 3) -> None:
     """Generate at one batch, eager against each vision encoder layer compiled (fixed shapes:
     every image is padded to the same patch count) and against the language model's MLPs
     compiled too: interleaved repeats, medians. A diagnostic: a lever is a bench row."""
@@ -182,13 +190,10 @@ def compile_ab(model, processor, photos, names, device, repeats: int = 3) -> Non
 
     import torch
 
-    from components import evaluate, prompting
+    from bench.bench_gpu import decoder_layers, vision_layers
 
-    batch = evaluate._to_device(prompting.encode_prompt_batch(processor, photos, names), device, torch.bfloat16)
-    gen = evaluate.generation_config(processor.tokenizer, 9)
-    gen.min_new_tokens = 9
-    vision = list(model.model.vision_tower.encoder.layers)
-    mlps = [layer.mlp for layer in model.model.language_model.layers]
+    vision = list(vision_layers(model))
+    mlps = [layer.mlp for layer in decoder_layers(model)]
     variants = {"eager": [], "vision layers compiled": vision, "vision layers and MLPs compiled": vision + mlps}
     compiled = {}
     for module in vision + mlps:
@@ -207,7 +212,7 @@ def compile_ab(model, processor, photos, names, device, repeats: int = 3) -> Non
                 seconds[name].append(timed(device, generate)[1])
     for module in vision + mlps:
         module._compiled_call_impl = None
-    b = len(photos)
+    b = len(batch["input_ids"])
     for name in variants:
         t, v = statistics.median(seconds[name][1:]), statistics.median(vision_seconds[name][1:])
         print(f"generate, {name}: {', '.join(f'{x:.3f}' for x in seconds[name][1:])} s "
@@ -245,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_eval:
         if not args.eval_bf16:
             real_size.quantize_nf4_(model)  # as the bench's evaluation rows, and evaluate on CUDA
-        profile_evaluation(model, processor, photos[:args.batch_size], names, device)
+        batch, gen = eval_inputs(processor, photos[:args.batch_size], names, device)
+        profile_evaluation(model, processor, names, device, batch, gen)
         if args.compile:
-            compile_ab(model, processor, photos[:args.batch_size], names, device)
+            compile_ab(model, device, batch, gen)
+        batch = None  # freed before training
         torch.cuda.empty_cache()
     if args.skip_train:
         return 0
