@@ -28,6 +28,7 @@ over a frozen base needs only about 4N of it (no weight gradients for the base).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import importlib.util
 import json
@@ -188,6 +189,68 @@ class MemoryCap:
             torch.cuda.empty_cache()
             torch.cuda.memory._set_allocator_settings("expandable_segments:False")
         return False
+
+
+class GpuClocks:
+    """The card's SM clock, temperature, power and clock-event reasons sampled by nvidia-smi every
+    500 ms during one repeat: the first suspect when one row's repeats, or the evaluation rows
+    after the training rows, run slower (docs/benchmarks.md round 9). Nothing without nvidia-smi."""
+
+    def __init__(self, device):
+        import os
+        import shutil
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+        index = device.index or 0
+        self.gpu = visible[index] if index < len(visible) and visible[index].strip() else str(index)
+        self.on = device.type == "cuda" and shutil.which("nvidia-smi") is not None
+        self.process, self.summary = None, {}
+
+    def __enter__(self):
+        import subprocess
+
+        if self.on:
+            self.process = subprocess.Popen(
+                ["nvidia-smi", f"--id={self.gpu}", f"--query-gpu={clock_query()}", "--format=csv,noheader,nounits",
+                 "-lms", "500"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.process is not None:
+            self.process.terminate()
+            self.summary = summarize_clocks(self.process.communicate(timeout=30)[0].splitlines())
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def clock_query() -> str:
+    """nvidia-smi's fields; the reasons field was renamed from clocks_throttle_reasons in driver 535."""
+    import subprocess
+
+    fields = subprocess.run(["nvidia-smi", "--help-query-gpu"], capture_output=True, text=True, timeout=30).stdout
+    reasons = "clocks_event_reasons.active" if "clocks_event_reasons.active" in fields else "clocks_throttle_reasons.active"
+    return f"clocks.sm,temperature.gpu,power.draw,{reasons}"
+
+
+def summarize_clocks(lines: list[str]) -> dict:
+    """nvidia-smi's CSV samples -> medians and extremes; unreadable fields ([N/A]) are skipped."""
+    clocks, temps, watts, reasons = [], [], [], set()
+    for line in lines:
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 4:
+            continue
+        for values, text in ((clocks, fields[0]), (temps, fields[1]), (watts, fields[2])):
+            try:
+                values.append(float(text))
+            except ValueError:
+                pass
+        if fields[3].startswith("0x") and int(fields[3], 16):
+            reasons.add(fields[3])
+    if not clocks:
+        return {}
+    return {"gpu_samples": len(clocks), "sm_mhz_median": statistics.median(clocks), "sm_mhz_min": min(clocks),
+            "temperature_c_max": max(temps, default=None),
+            "power_w_median": statistics.median(watts) if watts else None, "clock_event_reasons": sorted(reasons)}
 
 
 def environment(device) -> dict:
@@ -719,7 +782,8 @@ def select_rows(specs: list[RowSpec], rows: str) -> list[RowSpec]:
 
 
 MEASURED = ("samples_per_s", "images_per_s", "seconds", "timed_samples", "timed_images", "losses", "peak_gib",
-            "peak_reserved_gib", "alloc_retries", "wall_s", "warmup_s")
+            "peak_reserved_gib", "alloc_retries", "wall_s", "warmup_s", "gpu_samples", "sm_mhz_median", "sm_mhz_min",
+            "temperature_c_max", "power_w_median", "clock_event_reasons")
 
 
 def rate_key(kind: str) -> str:
@@ -762,8 +826,10 @@ def run_rounds(specs: list[RowSpec], model, ctx, repeats: int, record: Callable[
             if any("error" in m or "skipped" in m for m in done):
                 continue
             started = time.perf_counter()
-            model, m = spec.measure(model, ctx)
+            with GpuClocks(ctx.device) as clocks:
+                model, m = spec.measure(model, ctx)
             m["wall_s"] = time.perf_counter() - started
+            m.update(clocks.summary)
             done.append(m)
             log({"id": spec.id, "repeat": round_index + 1, **m})
         record([aggregate(s, measured[s.id]) for s in specs if measured[s.id]], round_index)

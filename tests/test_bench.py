@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 
 import pytest
 import torch
@@ -171,7 +172,7 @@ def test_repeats_are_interleaved_and_reported_as_medians():
 
     specs = [bench_gpu.RowSpec(i, ("train",), measure(i), "train", 16, "-", "project") for i in "abc"]
     rounds = []
-    bench_gpu.run_rounds(specs, "model", None, 3, lambda rows, r: rounds.append((r, rows)))
+    bench_gpu.run_rounds(specs, "model", types.SimpleNamespace(device=torch.device("cpu")), 3, lambda rows, r: rounds.append((r, rows)))
     assert calls == ["a", "b", "c", "a", "b", "a", "b"]
     final = {row["id"]: row for row in rounds[-1][1]}
     assert [r for r, _ in rounds] == [0, 1, 2]
@@ -179,6 +180,18 @@ def test_repeats_are_interleaved_and_reported_as_medians():
     assert final["b"]["samples_per_s"] == 10.0 and final["b"]["spread"]["relative"] == pytest.approx(0.6)
     assert final["a"]["seconds"] == 8.0 and final["a"]["peak_gib"] == 3.0 and len(final["a"]["repeats"]) == 3
     assert final["c"]["error"].startswith("out of memory") and "samples_per_s" not in final["c"]
+
+
+def test_gpu_clock_samples_are_summarized_and_unreadable_fields_skipped():
+    lines = ["1980, 41, 402.50, 0x0000000000000000", "1755, 47, [N/A], 0x0000000000000004",
+             "1980, 45, 398.10, 0x0000000000000001", "Field \"clocks.sm\" is not a valid field to query.", ""]
+    summary = bench_gpu.summarize_clocks(lines)
+    assert summary == {"gpu_samples": 3, "sm_mhz_median": 1980.0, "sm_mhz_min": 1755.0, "temperature_c_max": 47.0,
+                       "power_w_median": 400.3, "clock_event_reasons": ["0x0000000000000001", "0x0000000000000004"]}
+    assert bench_gpu.summarize_clocks(["[N/A], [N/A], [N/A], [N/A]"]) == {}
+    with bench_gpu.GpuClocks(torch.device("cpu")) as clocks:  # no card: nothing sampled
+        pass
+    assert clocks.summary == {} and clocks.process is None
 
 
 def test_presets_come_from_the_medians_and_the_card_memory():
