@@ -194,7 +194,7 @@ class MemoryCap:
 class GpuClocks:
     """The card's SM clock, temperature, power and clock-event reasons sampled by nvidia-smi every
     500 ms during one repeat: the first suspect when one row's repeats, or the evaluation rows
-    after the training rows, run slower (docs/benchmarks.md round 9). Nothing without nvidia-smi."""
+    after the training rows, run slower (docs/benchmarks.md round 10). Nothing without nvidia-smi."""
 
     def __init__(self, device):
         import os
